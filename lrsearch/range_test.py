@@ -1,0 +1,434 @@
+"""The LR range test (Smith, 2017): sweep the LR up over a short run and read the loss curve.
+
+:func:`lr_range_test` runs the sweep and returns a :class:`RangeTestResult`; the suggestions and the
+``(low, high)`` bounds for the ``max_lr`` search are pure functions of that result.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["SUGGESTION_METHODS", "RangeTestResult", "lr_range_test", "move_to_device", "forward"]
+
+SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
+MODES = ("exp", "linear")
+
+
+# --------------------------------------------------------------------------------------------
+# Result and suggestions (pure functions of the recorded curve)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RangeTestResult:
+    """What a range test recorded.
+
+    Attributes:
+        lrs: the LR of each completed step (the peak group's LR when groups differ).
+        losses: bias-corrected EMA of the loss at each step.
+        raw_losses: the loss at each step as measured (training batch, or validation set).
+        stop_reason: ``"completed"``, ``"diverged"`` (smoothed loss above ``diverge_factor`` x best)
+            or ``"non_finite"`` (loss was NaN or inf; that step is not recorded).
+        diverged_lr: the LR at which the test stopped early, or ``None``.
+        settings: the arguments the test ran with.
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    raw_losses: list[float]
+    stop_reason: str = "completed"
+    diverged_lr: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    # ---- suggestions -------------------------------------------------------------------------
+
+    def suggest(self, method: str = "steepest") -> float | None:
+        """One LR suggestion; ``None`` when the curve is too short or flat for the method.
+
+        Methods:
+            - ``steepest``: where the smoothed loss falls fastest against log(lr), ignoring the
+              first 10 % and last 5 % of points (the noisy ends).
+            - ``valley``: the middle, on the log axis, of the descent: from the last point within
+              10 % of the total drop of the starting plateau to the lowest point.
+            - ``minimum``: the LR at the lowest smoothed loss, divided by 10.
+            - ``slide``: walking back from the right end of the curve, the first point where the
+              slope over a window of points flattens below 5 % of the loss range per decade.
+        """
+        if method not in SUGGESTION_METHODS:
+            raise ValueError(
+                f"unknown suggestion method {method!r}; allowed: {', '.join(SUGGESTION_METHODS)}"
+            )
+        lrs, losses = self._usable()
+        if len(lrs) < 5:
+            return None
+        return _SUGGESTERS[method](lrs, losses)
+
+    def suggestions(self) -> dict[str, float | None]:
+        """Every method's suggestion by name."""
+        return {m: self.suggest(m) for m in SUGGESTION_METHODS}
+
+    def bounds(self) -> tuple[float, float]:
+        """``(low, high)`` bounds for a log-uniform ``max_lr`` search.
+
+        Rule (single-point suggestions are unreliable on noisy curves, so none decides alone):
+
+        1. ``edge`` = the LR at the lowest smoothed loss. Past it the loss rises: it is the upper
+           limit of the useful region. ``high`` never exceeds ``edge``, so the range never reaches
+           into the region where the loss climbs or diverges.
+        2. ``center`` = the geometric median of the suggestions that exist and lie at or below
+           ``edge`` (``steepest``, ``valley``, ``minimum``, ``slide``).
+        3. ``high = min(edge, 3 * center)`` and ``low = min(center, high) / 30``: about two decades,
+           skewed low, because a full fine-tuning run trains best below the LR at which a
+           100-step sweep makes the fastest progress.
+        4. Degenerate curves (fewer than 5 usable points, or no suggestion) fall back to
+           ``(edge / 100, edge)``; ``low < high`` always holds.
+        """
+        lrs, losses = self._usable()
+        if not lrs:
+            start = float(self.settings.get("start_lr", 1e-7))
+            return (start, start * 10.0)
+        edge = lrs[int(np.argmin(losses))]
+        if edge <= lrs[0]:
+            # the loss only rose: nothing to the right of the start is safe
+            edge = lrs[0]
+        found = [s for s in self.suggestions().values() if s is not None and 0 < s <= edge]
+        if not found:
+            low, high = edge / 100.0, edge
+        else:
+            center = float(np.exp(np.median(np.log(found))))
+            high = min(edge, center * 3.0)
+            low = min(center, high) / 30.0
+        if not low < high:
+            low = high / 10.0
+        return (float(low), float(high))
+
+    def _usable(self) -> tuple[list[float], list[float]]:
+        """The points before divergence (a diverged last point is shown, never suggested)."""
+        n = len(self.lrs)
+        if self.stop_reason == "diverged" and n:
+            n -= 1
+        return self.lrs[:n], self.losses[:n]
+
+    # ---- output ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary: curve, suggestions, bounds and settings."""
+        low, high = self.bounds()
+        data = asdict(self)
+        data["suggestions"] = self.suggestions()
+        data["bounds"] = [low, high]
+        return data
+
+    def plot(self, path: str, *, title: str | None = None) -> str:
+        """Write a PNG of loss against LR (log axis) with each suggestion and the bounds marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        try:
+            ax.plot(self.lrs, self.raw_losses, color="0.75", lw=1, label="loss")
+            ax.plot(self.lrs, self.losses, color="C0", lw=2, label="smoothed loss")
+            low, high = self.bounds()
+            ax.axvspan(low, high, color="C2", alpha=0.15, label=f"bounds [{low:.2g}, {high:.2g}]")
+            for i, (method, lr) in enumerate(self.suggestions().items()):
+                if lr is not None:
+                    ax.axvline(lr, color=f"C{i + 3}", ls="--", lw=1, label=f"{method} {lr:.2g}")
+            if self.diverged_lr is not None:
+                ax.axvline(self.diverged_lr, color="C1", lw=1, label=f"stopped {self.diverged_lr:.2g}")
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel("loss")
+            finite = [x for x in self.losses if math.isfinite(x)]
+            if finite:
+                lo, hi = min(finite), max(finite[: max(1, len(finite) // 10)] + [min(finite)])
+                span = max(hi - lo, 1e-12)
+                ax.set_ylim(lo - 0.1 * span, max(self.losses[0], hi) + 0.5 * span)
+            ax.set_title(title or "LR range test")
+            ax.legend(loc="best", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(path, dpi=110)
+        finally:
+            plt.close(fig)
+        return path
+
+
+def _suggest_steepest(lrs: list[float], losses: list[float]) -> float | None:
+    n = len(lrs)
+    start, end = int(0.1 * n), n - max(1, int(0.05 * n))
+    if end - start < 3:
+        start, end = 0, n
+    x = np.log10(np.asarray(lrs[start:end]))
+    y = np.asarray(losses[start:end])
+    grad = np.gradient(y, x)
+    return float(lrs[start + int(np.argmin(grad))])
+
+
+def _suggest_minimum(lrs: list[float], losses: list[float]) -> float | None:
+    return float(lrs[int(np.argmin(losses))] / 10.0)
+
+
+def _suggest_valley(lrs: list[float], losses: list[float]) -> float | None:
+    # The descent runs from the last point still near the starting plateau (less than 10 % of the
+    # total drop below it) to the minimum; the valley suggestion is its middle on the log axis.
+    y = np.asarray(losses)
+    bottom = int(np.argmin(y))
+    plateau = float(np.median(y[: max(1, len(y) // 10)]))
+    drop = plateau - float(y[bottom])
+    if bottom < 2 or drop <= 0:
+        return None
+    top = 0
+    for i in range(bottom):
+        if y[i] > plateau - 0.1 * drop:
+            top = i
+    if bottom - top < 2:
+        return None
+    return float(np.sqrt(lrs[top] * lrs[bottom]))
+
+
+def _suggest_slide(lrs: list[float], losses: list[float]) -> float | None:
+    x = np.log10(np.asarray(lrs))
+    y = np.asarray(losses)
+    span = float(np.ptp(y))
+    if span <= 0:
+        return None
+    slope = np.gradient(y / span, x)  # loss range per decade
+    window = max(2, len(lrs) // 7)
+    right = int(np.argmin(y))  # start left of where the loss rises
+    while right - window >= 0:
+        left = right - window
+        if abs(slope[right] - slope[left]) < 0.05:
+            return float(lrs[left])
+        right -= 1
+    return None
+
+
+_SUGGESTERS: dict[str, Callable[[list[float], list[float]], float | None]] = {
+    "steepest": _suggest_steepest,
+    "valley": _suggest_valley,
+    "minimum": _suggest_minimum,
+    "slide": _suggest_slide,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------------
+
+
+def move_to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move a tensor, or tensors nested in dicts/lists/tuples, to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(move_to_device(v, device) for v in obj)
+    return obj
+
+
+def forward(model: nn.Module, criterion: Callable, batch: Any, device: torch.device | str) -> torch.Tensor:
+    """Loss of one ``(inputs, targets)`` batch.
+
+    ``inputs`` is a tensor (``model(inputs)``) or a mapping (``model(**inputs)``, as for Hugging
+    Face models); an output with ``.logits`` is reduced to its logits before ``criterion``.
+    """
+    if not isinstance(batch, list | tuple) or len(batch) != 2:
+        raise ValueError(
+            f"a batch must be an (inputs, targets) pair; got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else "")
+        )
+    inputs, targets = move_to_device(batch, device)
+    outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if hasattr(outputs, "logits"):
+        outputs = outputs.logits
+    return criterion(outputs, targets)
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("train_loader yielded no batches")
+
+
+def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed; {name} must be {allowed}")
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def lr_range_test(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: Callable,
+    train_loader: Iterable,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_steps: int = 100,
+    mode: str = "exp",
+    smooth: float = 0.05,
+    diverge_factor: float = 4.0,
+    val_loader: Iterable | None = None,
+    accumulation_steps: int = 1,
+    device: torch.device | str | None = None,
+    amp: bool = False,
+    progress: Callable[[int, int, float, float], None] | None = None,
+) -> RangeTestResult:
+    """Run an LR range test: raise the LR from ``start_lr`` to ``end_lr`` over ``num_steps`` steps.
+
+    The model and optimizer are snapshotted first and restored exactly afterwards (parameters,
+    buffers, optimizer state and LRs, train/eval mode), also when the test fails. The LR is set on
+    the optimizer directly: no scheduler is attached.
+
+    Args:
+        model: the network; moved to ``device`` for the test and back afterwards.
+        optimizer: a torch optimizer over ``model``'s parameters, with no scheduler attached. With
+            several parameter groups the sweep keeps their LR ratios; the peak group gets the swept LR.
+        criterion: ``criterion(outputs, targets) -> loss``.
+        train_loader: yields ``(inputs, targets)`` batches; restarted if it runs out.
+        start_lr: first LR (> 0).
+        end_lr: last LR (> start_lr).
+        num_steps: optimizer steps in the sweep (>= 2).
+        mode: ``"exp"`` (geometric steps) or ``"linear"``.
+        smooth: weight of the newest loss in the bias-corrected EMA, in (0, 1]; 1 disables smoothing.
+        diverge_factor: stop once the smoothed loss exceeds this multiple of the best (> 1).
+        val_loader: if given, each step's loss is the mean loss over this loader instead of the
+            training batch's.
+        accumulation_steps: batches accumulated per optimizer step (>= 1).
+        device: where to run; defaults to the model's device.
+        amp: use mixed precision (float16 autocast and a gradient scaler); only on CUDA.
+        progress: called as ``progress(step, num_steps, lr, smoothed_loss)`` after each step.
+
+    Returns:
+        A :class:`RangeTestResult`.
+
+    Raises:
+        ValueError: an argument out of range, an optimizer with a scheduler attached, or a loader
+            that yields no batches.
+    """
+    _check("start_lr", _num(start_lr) and start_lr > 0, start_lr, "a number > 0")
+    _check("end_lr", _num(end_lr) and end_lr > start_lr, end_lr, f"a number > start_lr ({start_lr!r})")
+    _check("num_steps", isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 2,
+           num_steps, "an integer >= 2")
+    _check("mode", mode in MODES, mode, "one of " + ", ".join(MODES))
+    _check("smooth", _num(smooth) and 0 < smooth <= 1, smooth, "a number with 0 < smooth <= 1")
+    _check("diverge_factor", _num(diverge_factor) and diverge_factor > 1, diverge_factor, "a number > 1")
+    _check("accumulation_steps",
+           isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool)
+           and accumulation_steps >= 1, accumulation_steps, "an integer >= 1")
+    if any("initial_lr" in g for g in optimizer.param_groups):
+        raise ValueError(
+            "optimizer has a learning-rate scheduler attached (param group has 'initial_lr'); "
+            "run the range test on a fresh optimizer"
+        )
+
+    original_device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device) if device is not None else original_device
+    if amp and device.type != "cuda":
+        raise ValueError(f"amp=True is not allowed on device {str(device)!r}; amp needs a CUDA device")
+
+    # snapshot on the CPU: a second copy of a large model on the GPU could run it out of memory
+    model_state = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+    optim_state = copy.deepcopy(optimizer.state_dict())
+    was_training = model.training
+    peak = max(float(g["lr"]) for g in optimizer.param_groups)
+    ratios = [float(g["lr"]) / peak if peak > 0 else 1.0 for g in optimizer.param_groups]
+
+    def lr_at(i: int) -> float:
+        t = i / (num_steps - 1)
+        if mode == "exp":
+            return start_lr * (end_lr / start_lr) ** t
+        return start_lr + (end_lr - start_lr) * t
+
+    settings = dict(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, mode=mode, smooth=smooth,
+                    diverge_factor=diverge_factor, accumulation_steps=accumulation_steps,
+                    validation=val_loader is not None, device=str(device), amp=amp)
+    result = RangeTestResult(lrs=[], losses=[], raw_losses=[], settings=settings)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else _null_context
+
+    model.to(device)
+    batches = _cycle(train_loader)
+    avg, best = 0.0, math.inf
+    try:
+        for i in range(num_steps):
+            lr = lr_at(i)
+            for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+                group["lr"] = lr * ratio
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for _ in range(accumulation_steps):
+                with autocast():
+                    loss = forward(model, criterion, next(batches), device) / accumulation_steps
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += float(loss.detach())
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if val_loader is not None:
+                step_loss = _evaluate(model, criterion, val_loader, device, autocast)
+
+            if not math.isfinite(step_loss):
+                result.stop_reason, result.diverged_lr = "non_finite", lr
+                break
+            avg = (1 - smooth) * avg + smooth * step_loss
+            smoothed = avg / (1 - (1 - smooth) ** (i + 1))
+            result.lrs.append(lr)
+            result.raw_losses.append(step_loss)
+            result.losses.append(smoothed)
+            if progress is not None:
+                progress(i + 1, num_steps, lr, smoothed)
+            best = min(best, smoothed)
+            if smoothed > diverge_factor * best:
+                result.stop_reason, result.diverged_lr = "diverged", lr
+                break
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        model.to(original_device)
+        model.train(was_training)
+    return result
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, criterion: Callable, loader: Iterable, device: torch.device,
+              autocast: Callable) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        with autocast():
+            total += float(forward(model, criterion, batch, device))
+        count += 1
+    model.train()
+    if count == 0:
+        raise ValueError("val_loader yielded no batches")
+    return total / count

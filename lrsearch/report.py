@@ -1,0 +1,82 @@
+"""Tables and plots shown to users (rich renderables and PNG files)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from lrsearch.schedules import SCHEDULES, lr_curve
+
+
+def schedules_json() -> list[dict[str, Any]]:
+    """Every schedule with its parameters, defaults and allowed values."""
+    return [
+        {
+            "name": s.name,
+            "summary": s.summary,
+            "reference": s.reference or None,
+            "params": [
+                {"name": p.name, "default": p.default_doc, "allowed": p.allowed(), "doc": p.doc}
+                for p in s.params
+            ],
+        }
+        for s in SCHEDULES.values()
+    ]
+
+
+def schedules_table() -> Table:
+    table = Table(title="LR schedules (the optimizer's lr is the peak, max_lr)", show_lines=True)
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("what it does")
+    table.add_column("parameters (default)")
+    for s in SCHEDULES.values():
+        params = "\n".join(f"{p.name} = {p.default_doc}" for p in s.params) or "-"
+        what = s.summary + (f"\n[dim]same as {s.reference}[/]" if s.reference else "")
+        table.add_row(s.name, what, params)
+    return table
+
+
+def plot_schedules(path: str, *, total_steps: int = 1000, max_lr: float = 1e-3) -> str:
+    """Write a PNG with every schedule's LR curve, one panel each, at its default parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(SCHEDULES)
+    cols = 3
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), sharex=True)
+    try:
+        for ax, name in zip(axes.flat, names, strict=False):
+            ax.plot(lr_curve(name, total_steps, max_lr), color="C0")
+            ax.set_title(name, fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        fig.suptitle(f"lrsearch schedules, defaults (total_steps={total_steps}, max_lr={max_lr:g})")
+        fig.supxlabel("optimizer step")
+        fig.supylabel("learning rate")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def range_test_table(data: dict[str, Any], title: str = "LR range test") -> Table:
+    """Suggestions and bounds of a ``RangeTestResult.to_dict()``."""
+    table = Table(title=title)
+    table.add_column("what", style="bold")
+    table.add_column("learning rate", justify="right")
+    for method, lr in data["suggestions"].items():
+        table.add_row(f"suggestion: {method}", "-" if lr is None else f"{lr:.3g}")
+    low, high = data["bounds"]
+    table.add_row("[green]max_lr search bounds[/]", f"[green]{low:.3g} .. {high:.3g}[/]")
+    stopped = data["stop_reason"]
+    if data.get("diverged_lr") is not None:
+        stopped += f" at lr {data['diverged_lr']:.3g}"
+    table.caption = f"{len(data['lrs'])} steps, {stopped}"
+    return table

@@ -1,0 +1,52 @@
+"""The Task interface shared by the range test, trials and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrsearch.range_test import move_to_device
+
+
+@dataclass
+class Task:
+    """A fine-tuning problem.
+
+    Attributes:
+        name: shown in tables and plots.
+        build_model: returns a fresh model (pretrained weights loaded) on each call.
+        train_loader: yields ``(inputs, targets)`` batches.
+        val_loader: yields ``(inputs, targets)`` batches for evaluation.
+        criterion: ``criterion(outputs, targets) -> loss``.
+        metric: name of the validation metric (``"accuracy"`` or ``"loss"``).
+        mode: ``"max"`` if a larger metric is better, else ``"min"``.
+    """
+
+    name: str
+    build_model: Callable[[], nn.Module]
+    train_loader: Iterable
+    val_loader: Iterable
+    criterion: Callable[[Any, torch.Tensor], torch.Tensor]
+    metric: str = "accuracy"
+    mode: str = "max"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean validation loss and accuracy of ``model`` on ``task.val_loader``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for batch in task.val_loader:
+        inputs, targets = move_to_device(batch, device)
+        outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        logits = getattr(outputs, "logits", outputs)
+        loss_sum += float(task.criterion(logits, targets)) * len(targets)
+        correct += int((logits.argmax(dim=-1) == targets).sum())
+        count += len(targets)
+    model.train(was_training)
+    return {"loss": loss_sum / max(1, count), "accuracy": correct / max(1, count)}

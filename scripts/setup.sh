@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up lrsearch on a fresh Debian machine: system packages (apt) and .venv (pip).
+# Idempotent: a machine that already has everything does nothing but check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the built-in tasks read their data from.
+APT_PACKAGES=(fortunes dataset-fashion-mnist)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -ne 0 ] && ! command -v sudo >/dev/null; then
+    echo "lrsearch needs: apt-get install ${missing[*]} (run as root)" >&2
+    exit 1
+  fi
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  echo "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+STAMP=.venv/.lrsearch-installed
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# Reinstall only when the dependency list changed since the last install.
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  touch "$STAMP"
+fi

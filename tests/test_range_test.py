@@ -1,0 +1,307 @@
+"""The LR range test on small real models: sweeps, stops, state restore, suggestions, bounds."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lrsearch.range_test import RangeTestResult, lr_range_test
+from lrsearch.tasks import evaluate, synthetic_task
+
+
+@pytest.fixture(scope="module")
+def task():
+    return synthetic_task(num_train=1024, num_val=512, seed=0)
+
+
+def _adam_with_state(model: nn.Module, task) -> torch.optim.Optimizer:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    for i, (x, y) in enumerate(task.train_loader):  # give Adam real moment estimates
+        opt.zero_grad()
+        task.criterion(model(x), y).backward()
+        opt.step()
+        if i == 3:
+            break
+    return opt
+
+
+def test_exp_sweep_records_geometric_lrs(task):
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_range_test(model, opt, task.criterion, task.train_loader,
+                           start_lr=1e-5, end_lr=1e-1, num_steps=20, diverge_factor=1e9)
+    assert result.stop_reason == "completed"
+    assert len(result.lrs) == len(result.losses) == len(result.raw_losses) == 20
+    expected = [1e-5 * (1e4) ** (i / 19) for i in range(20)]
+    assert result.lrs == pytest.approx(expected, rel=1e-12)
+
+
+def test_linear_sweep_records_evenly_spaced_lrs(task):
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_range_test(model, opt, task.criterion, task.train_loader,
+                           start_lr=0.001, end_lr=0.01, num_steps=10, mode="linear")
+    assert result.lrs == pytest.approx([0.001 + 0.001 * i for i in range(10)], rel=1e-12)
+
+
+def test_smoothing_is_bias_corrected_ema(task):
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_range_test(model, opt, task.criterion, task.train_loader, num_steps=15, smooth=0.3,
+                           end_lr=1e-3)
+    avg = 0.0
+    for i, (raw, smoothed) in enumerate(zip(result.raw_losses, result.losses, strict=True)):
+        avg = 0.7 * avg + 0.3 * raw
+        assert smoothed == pytest.approx(avg / (1 - 0.7 ** (i + 1)))
+    assert result.losses[0] == pytest.approx(result.raw_losses[0])  # no pull toward 0
+
+
+def test_state_is_restored_exactly(task):
+    model = task.build_model()
+    opt = _adam_with_state(model, task)
+    params_before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_before = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in s.items()}
+                  for k, s in opt.state_dict()["state"].items()}
+    groups_before = [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups]
+    model.eval()
+
+    result = lr_range_test(model, opt, task.criterion, task.train_loader, num_steps=40)
+    assert len(result.lrs) > 10  # it really trained
+
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params_before[k]), k
+    for k, s in opt.state_dict()["state"].items():
+        for n, t in s.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(opt_before[k][n])), (k, n)
+    assert [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups] == groups_before
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert all("initial_lr" not in g for g in opt.param_groups)  # no scheduler left attached
+    assert not model.training  # eval mode restored
+    # the optimizer still drives this model's parameters
+    x, y = next(iter(task.train_loader))
+    opt.zero_grad()
+    task.criterion(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(model.state_dict()["0.weight"], params_before["0.weight"])
+
+
+def test_state_restored_when_the_test_fails(task):
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def bad_loader():
+        yield from [next(iter(task.train_loader))] * 3
+        yield ("not", "a", "pair")
+
+    with pytest.raises(ValueError, match="pair"):
+        lr_range_test(model, opt, task.criterion, bad_loader(), num_steps=10)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert opt.param_groups[0]["lr"] == 0.1 and not opt.state_dict()["state"]
+
+
+def test_stops_when_loss_diverges(task):
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_range_test(model, opt, task.criterion, task.train_loader,
+                           start_lr=1e-4, end_lr=1e4, num_steps=100)
+    assert result.stop_reason in ("diverged", "non_finite")
+    assert len(result.lrs) < 100
+    assert result.diverged_lr is not None and result.diverged_lr > 1.0
+    if result.stop_reason == "diverged":
+        assert result.losses[-1] > 4.0 * min(result.losses)
+        assert max(result.losses[:-1]) <= 4.0 * min(result.losses[:-1])
+    assert all(math.isfinite(x) for x in result.losses)
+
+
+def test_stops_on_non_finite_loss():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(64, 4)
+    y = torch.randn(64, 1)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+
+    calls = {"n": 0}
+
+    def criterion(out, target):
+        calls["n"] += 1
+        loss = nn.functional.mse_loss(out, target)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    result = lr_range_test(model, torch.optim.SGD(model.parameters(), lr=0.01), criterion, loader,
+                           num_steps=50, end_lr=1e-2)
+    assert result.stop_reason == "non_finite"
+    assert len(result.lrs) == 6  # the NaN step is not recorded
+    assert result.diverged_lr == pytest.approx(1e-7 * (1e-2 / 1e-7) ** (6 / 49))
+    json.dumps(result.to_dict(), allow_nan=False)  # strict JSON: no NaN leaked
+
+
+def test_validation_loader_and_accumulation(task):
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = {"train": 0}
+    base = list(task.train_loader)
+
+    class Counting:
+        def __iter__(self):
+            for b in base:
+                seen["train"] += 1
+                yield b
+
+    result = lr_range_test(model, opt, task.criterion, Counting(), num_steps=5, end_lr=1e-3,
+                           accumulation_steps=3, val_loader=task.val_loader)
+    assert seen["train"] == 15  # 3 batches per optimizer step
+    # at tiny LRs the model barely moves: every step's loss is the whole validation loss
+    val_loss = evaluate(task.build_model(), task)["loss"]
+    assert result.raw_losses == pytest.approx([val_loss] * 5, rel=1e-3)
+    assert result.settings["validation"] is True
+
+
+def test_hf_style_batches_and_outputs():
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, input_ids, attention_mask):
+            return Out(self.lin(input_ids * attention_mask))
+
+    x = torch.randn(32, 3)
+    batches = [({"input_ids": x[i : i + 8], "attention_mask": torch.ones(8, 3)},
+                torch.randint(0, 2, (8,))) for i in range(0, 32, 8)]
+    model = DictModel()
+    result = lr_range_test(model, torch.optim.AdamW(model.parameters()), nn.CrossEntropyLoss(),
+                           batches, num_steps=8, end_lr=1e-2)
+    assert len(result.lrs) == 8
+
+
+def test_multiple_param_groups_keep_their_ratio(task):
+    model = task.build_model()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.01},
+                           {"params": model[2].parameters(), "lr": 0.04},
+                           {"params": model[4].parameters(), "lr": 0.04}], lr=0.04)
+    seen = []
+    lr_range_test(model, opt, task.criterion, task.train_loader, num_steps=5, end_lr=1e-3,
+                  progress=lambda *a: seen.append([g["lr"] for g in opt.param_groups]))
+    assert all(row[0] == pytest.approx(row[1] / 4) for row in seen)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.04, 0.04]
+
+
+def test_refuses_an_optimizer_with_a_scheduler(task):
+    model = task.build_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, 10)
+    with pytest.raises(ValueError, match="scheduler attached"):
+        lr_range_test(model, opt, task.criterion, task.train_loader)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"start_lr": 0}, "start_lr=0"),
+        ({"start_lr": 1e-3, "end_lr": 1e-4}, "end_lr=0.0001"),
+        ({"num_steps": 1}, "num_steps=1"),
+        ({"mode": "log"}, "mode='log'"),
+        ({"smooth": 0}, "smooth=0"),
+        ({"diverge_factor": 1}, "diverge_factor=1"),
+        ({"accumulation_steps": 0}, "accumulation_steps=0"),
+        ({"amp": True, "device": "cpu"}, "amp needs a CUDA device"),
+    ],
+)
+def test_bad_arguments(task, kwargs, fragment):
+    model = task.build_model()
+    with pytest.raises(ValueError, match=None) as info:
+        lr_range_test(model, torch.optim.SGD(model.parameters(), lr=0.1), task.criterion,
+                      task.train_loader, **kwargs)
+    assert fragment in str(info.value)
+
+
+def test_suggestions_are_pure_and_bounds_sane_on_a_synthetic_curve():
+    # A textbook curve: plateau, descent from 1e-4 to a minimum at 1e-2, then a blow-up.
+    lrs = [1e-7 * 10 ** (i * 7 / 99) for i in range(100)]
+    losses = []
+    for lr in lrs:
+        x = math.log10(lr)
+        losses.append(2.0 - 1.5 / (1 + math.exp(-3 * (x + 3))) + (max(0.0, x + 2) ** 2) * 3)
+    result = RangeTestResult(lrs=lrs, losses=losses, raw_losses=losses)
+    s1, s2 = result.suggestions(), result.suggestions()
+    assert s1 == s2
+    assert 1e-4 < s1["steepest"] < 1e-2
+    assert s1["minimum"] == pytest.approx(lrs[losses.index(min(losses))] / 10)
+    assert 1e-4 < s1["valley"] < 1e-2
+    low, high = result.bounds()
+    assert 0 < low < high <= lrs[losses.index(min(losses))]
+    assert high / low >= 10
+
+
+def test_bounds_never_inverted_or_in_the_diverged_region():
+    # a curve that only rises: the edge is the start; bounds stay below it
+    lrs = [1e-6 * 1.2**i for i in range(30)]
+    rising = RangeTestResult(lrs=lrs, losses=[1 + 0.1 * i for i in range(30)],
+                             raw_losses=[1 + 0.1 * i for i in range(30)])
+    low, high = rising.bounds()
+    assert low < high <= lrs[0]
+    # a flat, noisy curve that then diverges: high stays before the diverged point
+    noisy = [1 + 0.01 * ((i * 7919) % 13) for i in range(40)] + [50.0]
+    result = RangeTestResult(lrs=[1e-6 * 1.3**i for i in range(41)], losses=noisy,
+                             raw_losses=noisy, stop_reason="diverged", diverged_lr=1e-6 * 1.3**40)
+    low, high = result.bounds()
+    assert low < high < result.diverged_lr
+    # nothing recorded at all (NaN on the first step)
+    empty = RangeTestResult(lrs=[], losses=[], raw_losses=[], stop_reason="non_finite",
+                            settings={"start_lr": 1e-7})
+    assert empty.bounds()[0] < empty.bounds()[1]
+    assert all(v is None for v in empty.suggestions().values())
+
+
+def test_unknown_suggestion_method():
+    with pytest.raises(ValueError, match="allowed: steepest, valley, minimum, slide"):
+        RangeTestResult(lrs=[1.0], losses=[1.0], raw_losses=[1.0]).suggest("fastest")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bounds_bracket_the_lr_that_trains_best(seed):
+    # Ground truth: train the same budget at a log grid of LRs and take the best validation loss.
+    task = synthetic_task(num_train=1024, num_val=512, seed=seed)
+    grid = [10**e for e in (-5, -4.5, -4, -3.5, -3, -2.5, -2, -1.5, -1, -0.5)]
+    scores = {}
+    for lr in grid:
+        torch.manual_seed(seed)
+        model = task.build_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        for _ in range(2):
+            for x, y in task.train_loader:
+                opt.zero_grad()
+                task.criterion(model(x), y).backward()
+                opt.step()
+        scores[lr] = evaluate(model, task)["loss"]
+    best = min(scores, key=scores.get)
+
+    model = task.build_model()
+    result = lr_range_test(model, torch.optim.AdamW(model.parameters(), lr=1e-3), task.criterion,
+                           task.train_loader)
+    low, high = result.bounds()
+    assert low <= best <= high, (low, best, high, scores)
+    # and the bounds are informative: they exclude the grid's worst LRs at both ends
+    assert low > 1e-5 and high < 10**-0.5
+
+
+def test_to_dict_is_json_and_plot_writes_png(task, tmp_path):
+    model = task.build_model()
+    result = lr_range_test(model, torch.optim.AdamW(model.parameters()), task.criterion,
+                           task.train_loader, num_steps=60)
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert set(data) >= {"lrs", "losses", "raw_losses", "suggestions", "bounds", "stop_reason", "settings"}
+    assert data["bounds"] == list(result.bounds())
+    path = result.plot(str(tmp_path / "curve.png"))
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
