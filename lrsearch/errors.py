@@ -10,3 +10,9 @@ class ConfigError(LRSearchError, ValueError):
 
     The message names the field, the value received and what is allowed.
     """
+
+
+class TaskError(LRSearchError):
+    """Raised when a task cannot be built: a missing model or dataset (file or package), or data
+    that does not fit the task. The message names the job field, what was found and how to fix it
+    (for a missing package: the exact install command)."""

@@ -24,6 +24,9 @@ class Task:
         criterion: ``criterion(outputs, targets) -> loss``.
         metric: name of the validation metric (``"accuracy"`` or ``"loss"``).
         mode: ``"max"`` if a larger metric is better, else ``"min"``.
+        layer_groups: optional; splits a model's parameters into groups ordered from the input
+            (embeddings / stem) to the output (head), for layer-wise LR decay. Must be picklable
+            (a module-level function).
     """
 
     name: str
@@ -33,6 +36,7 @@ class Task:
     criterion: Callable[[Any, torch.Tensor], torch.Tensor]
     metric: str = "accuracy"
     mode: str = "max"
+    layer_groups: Callable[[nn.Module], list[list[nn.Parameter]]] | None = None
 
 
 @torch.no_grad()
