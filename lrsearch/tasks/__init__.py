@@ -1,10 +1,56 @@
 """Tasks: what a range test or a trial trains.
 
-A :class:`Task` knows how to build a fresh model, the train and validation loaders, the loss and
-the metric with its direction. Built-in tasks live one per module in this package.
+A :class:`Task` knows how to build a fresh pretrained model, the train and validation loaders, the
+loss and the metric with its direction. Built-in tasks live one per module in this package;
+:func:`build_task` turns a job's ``task`` section into a Task (on the driver, or again on each Ray
+worker: the config pickles, the loaders need not).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from lrsearch.tasks.base import Task, evaluate
 from lrsearch.tasks.synthetic import synthetic_task
 
-__all__ = ["Task", "evaluate", "synthetic_task"]
+if TYPE_CHECKING:
+    from lrsearch.config import JobConfig
+
+__all__ = ["Task", "build_task", "evaluate", "synthetic_task"]
+
+
+def _maybe_path(job: JobConfig, value: str) -> str:
+    # A value that names an existing file or directory relative to the job file is a path;
+    # anything else (a built-in alias, a hub id) is passed through unchanged.
+    candidate = job.resolve(value)
+    from pathlib import Path
+
+    return candidate if Path(candidate).exists() else value
+
+
+def build_task(job: JobConfig) -> Task:
+    """Build the Task a job describes.
+
+    Raises:
+        TaskError: the model or dataset cannot be loaded; the message says why and how to fix it.
+    """
+    cfg = job.task
+    options = cfg.model_dump(exclude={"kind"})
+    if cfg.kind == "synthetic":
+        return synthetic_task(**options)
+    if cfg.kind == "text_classification":
+        from lrsearch.tasks.text import text_classification_task
+
+        options.update(model=_maybe_path(job, cfg.model), dataset=_maybe_path(job, cfg.dataset))
+        return text_classification_task(**options)
+    if cfg.kind == "image_classification":
+        from lrsearch.tasks.image import image_classification_task
+
+        options.update(model=cfg.model, dataset=_maybe_path(job, cfg.dataset))
+        if cfg.weights is not None:
+            options["weights"] = job.resolve(cfg.weights)
+        return image_classification_task(**options)
+    from lrsearch.tasks.user import python_task
+
+    return python_task(cfg.entrypoint, cfg.options,
+                       path=job.resolve(cfg.path) if cfg.path else job.base_dir)

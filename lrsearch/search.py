@@ -1,0 +1,447 @@
+"""The search: range-test bounds seed Optuna TPE, pruned by ASHA, on Ray Tune.
+
+:func:`run_search` runs a whole job: the LR range test on the driver, the conditional space with
+``max_lr`` from its bounds, a Ray Tune ``Tuner`` with a seeded TPE searcher and an ASHA scheduler,
+then writes the trial table (Parquet), the best config (YAML) and a summary (JSON) next to Ray's
+results under ``STORAGE/NAME/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from optuna.trial import TrialState
+from ray.tune import Callback
+from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search.optuna import OptunaSearch
+
+from lrsearch.config import JobConfig
+from lrsearch.errors import LRSearchError
+from lrsearch.space import SpaceSampler, schedule_params
+from lrsearch.tasks import Task, build_task
+from lrsearch.train import metric_key, run_trial, steps_per_epoch
+
+__all__ = ["SearchError", "SearchResult", "run_search", "search_dir"]
+
+TUNE_DIR = "tune"
+
+
+class SearchError(LRSearchError):
+    """Raised when a search cannot start or resume (existing results, nothing to resume, no Ray)."""
+
+
+def search_dir(job: JobConfig) -> str:
+    """``STORAGE/NAME``: a local absolute path, or a URI such as ``s3://bucket/runs/NAME``."""
+    base = job.resolve(job.storage.path)
+    if "://" in base:
+        return base.rstrip("/") + "/" + job.name
+    return str(Path(base).resolve() / job.name)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+@dataclass
+class SearchResult:
+    """What a finished search produced."""
+
+    best_config: dict[str, Any] | None
+    best_metric: float | None
+    metric: str
+    mode: str
+    counts: dict[str, int]
+    paths: dict[str, str]
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    range_test: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_config": self.best_config,
+            "best_metric": self.best_metric,
+            "metric": self.metric,
+            "mode": self.mode,
+            "counts": self.counts,
+            "paths": self.paths,
+            "bounds": self.range_test["bounds"] if self.range_test else None,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna coupling
+# --------------------------------------------------------------------------------------------
+
+
+class PrunedAwareOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that tells Optuna the truth about trials that did not finish.
+
+    Ray's ``OptunaSearch`` reports a trial ASHA stopped early as COMPLETE with its partial value,
+    so TPE would learn from truncated runs as if they had finished. Here a trial that ended before
+    ``max_t`` iterations, or diverged, is told as PRUNED (its per-iteration values were already
+    reported); it carries the user attributes ``diverged`` and ``stopped_at``.
+    """
+
+    def __init__(self, *args: Any, max_t: int, trials_file: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_t = max_t
+        self._trials_file = trials_file
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if error or not result or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            super().on_trial_complete(trial_id, result, error)
+            self._write_trials()
+            return None
+        diverged = bool(result.get("diverged"))
+        if diverged or result.get(TRAINING_ITERATION, 0) < self._max_t:
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr("diverged", diverged)
+            ot_trial.set_user_attr("stopped_at", int(result.get(TRAINING_ITERATION, 0)))
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+        else:
+            super().on_trial_complete(trial_id, result, error)
+        self._write_trials()
+        return None
+
+    def _write_trials(self) -> None:
+        # The study lives in this (driver-side) object; keep a readable copy next to the results.
+        if self._trials_file:
+            tmp = self._trials_file + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(self.study_trials(), fh, indent=1, default=str)
+            os.replace(tmp, self._trials_file)
+
+    def study_trials(self) -> list[dict[str, Any]]:
+        """Every Optuna trial's number, state, value, params and user attributes."""
+        return [
+            {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+             "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+             "user_attrs": t.user_attrs}
+            for t in self._ot_study.trials
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# Progress on the terminal
+# --------------------------------------------------------------------------------------------
+
+
+class LiveProgress(Callback):
+    """One live status line: trials running/done and the best so far (instead of Ray's tables)."""
+
+    def __init__(self, metric: str, mode: str, num_trials: int, enabled: bool) -> None:
+        self.metric, self.mode, self.num_trials, self.enabled = metric, mode, num_trials, enabled
+        self.running: set[str] = set()
+        self.done = 0
+        self.best: float | None = None
+        self._status = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ray pickles callbacks with the experiment state; the live terminal widget stays here.
+        return {**self.__dict__, "_status": None}
+
+    def _show(self) -> None:
+        if not self.enabled:
+            return
+        if self._status is None:
+            from lrsearch.console import err
+
+            self._status = err.status("")
+            self._status.start()
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        self._status.update(f"trials: {len(self.running)} running, {self.done}/{self.num_trials} done; "
+                            f"best {self.metric} {best}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._show()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is not None and not result.get("diverged") and math.isfinite(value):
+            better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+            self.best = value if better else self.best
+        self._show()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.done += 1
+        self._show()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.on_trial_complete(iteration, trials, trial)
+
+    def on_experiment_end(self, trials, **info):
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _init_ray(address: str | None, verbose: bool) -> bool:
+    """Connect to (or start) Ray. Returns True if this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise SearchError(f"--address {address!r}: cannot connect to a Ray cluster: {exc}") from None
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+    return True
+
+
+def _range_test(job: JobConfig, task: Task, out: Path | None, resume: bool, verbose: bool) -> dict | None:
+    if not job.range_test.enabled:
+        return None
+    saved = out / "range_test.json" if out else None
+    if resume and saved is not None and saved.is_file():
+        return json.loads(saved.read_text())
+    from lrsearch.console import RangeTestProgress
+    from lrsearch.find_lr import find_lr, save_range_test
+
+    with RangeTestProgress(job.range_test.num_steps, enabled=verbose) as bar:
+        _, result = find_lr(job, task=task, progress=bar.callback)
+    return save_range_test(job, task.name, result)["range_test"]
+
+
+def run_search(
+    job: JobConfig,
+    *,
+    num_trials: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    verbose: bool = False,
+    show_progress: bool = True,
+) -> SearchResult:
+    """Run (or resume) the job's search and write its results.
+
+    Args:
+        job: the validated job.
+        num_trials: overrides ``search.num_trials``.
+        address: join this Ray cluster (``auto``, ``ray://host:10001``, ``host:6379``) instead of
+            starting a local one.
+        resume: continue an interrupted search from its storage directory: finished trials are
+            kept, unfinished ones resume from their last checkpoint, the searcher's state is restored.
+        verbose: show Ray's own logs and progress tables.
+        show_progress: show the range test's bar and a live status line.
+
+    Raises:
+        SearchError: results already exist (and ``resume`` is False), or there is nothing to resume.
+    """
+    from optuna.samplers import TPESampler
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    started = time.perf_counter()
+    if num_trials is not None:
+        job = job.model_copy(update={"search": job.search.model_copy(update={"num_trials": num_trials})})
+    root = search_dir(job)
+    tune_path = f"{root}/{TUNE_DIR}"
+    local_out = Path(root) if _is_local(root) else None
+    exists = tune.Tuner.can_restore(tune_path) if (local_out is None or Path(tune_path).exists()) else False
+    if exists and not resume:
+        raise SearchError(
+            f"a search named {job.name!r} already has results in {root}; "
+            f"continue it with --resume, or change 'name' / delete that directory"
+        )
+    if resume and not exists:
+        raise SearchError(f"--resume: no interrupted search named {job.name!r} in {root}")
+
+    task = build_task(job)
+    if local_out is not None:
+        local_out.mkdir(parents=True, exist_ok=True)
+    range_test = _range_test(job, task, local_out, resume, verbose=show_progress)
+    bounds = tuple(range_test["bounds"]) if range_test else None
+    space = job.search_space(bounds)  # type: ignore[arg-type]
+    sampler = SpaceSampler(space)
+    metric, mode = metric_key(task), task.mode
+    first = None
+    if range_test:
+        # Seed the search with the range test's consensus suggestion, clipped into the bounds.
+        s = [v for v in range_test["suggestions"].values() if v]
+        guess = math.exp(sum(math.log(v) for v in s) / len(s)) / 3 if s else math.sqrt(bounds[0] * bounds[1])
+        lo, hi = space.max_lr_prior.low, space.max_lr_prior.high
+        first = sampler.first_point(min(max(guess, lo), hi))
+
+    started_ray = _init_ray(address, verbose)
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, job=job),
+            {"cpu": job.resources.cpu, "gpu": job.resources.gpu},
+        )
+        progress = LiveProgress(metric, mode, job.search.num_trials, show_progress and not verbose)
+        run_config = tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=root,
+            failure_config=tune.FailureConfig(max_failures=job.search.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=2 if verbose else 0,
+            callbacks=[progress],
+        )
+        if resume:
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+            # callbacks are not part of the saved state: show progress again
+            tuner._local_tuner._run_config.callbacks = [progress]  # noqa: SLF001
+        else:
+            searcher = PrunedAwareOptunaSearch(
+                space=sampler,
+                metric=metric,
+                mode=mode,
+                points_to_evaluate=[first] if first else None,
+                sampler=TPESampler(seed=job.search.seed, n_startup_trials=min(5, job.search.num_trials)),
+                max_t=job.search.max_epochs,
+                trials_file=str(local_out / "optuna_trials.json") if local_out else None,
+            )
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=job.search.max_epochs,
+                grace_period=job.search.grace_period,
+                reduction_factor=job.search.reduction_factor,
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric=metric,
+                    mode=mode,
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=job.search.num_trials,
+                    max_concurrent_trials=job.search.max_concurrent_trials,
+                    time_budget_s=job.search.time_budget_s,
+                ),
+                run_config=run_config,
+            )
+        grid = tuner.fit()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    trials = _trial_table(grid, job, task, metric)
+    result = _write_results(job, root, local_out, trials, metric, mode, range_test, task)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _state(result: Any, max_t: int) -> tuple[str, int]:
+    metrics = result.metrics or {}
+    epochs = int(metrics.get("training_iteration", 0) or 0)
+    if result.error is not None:
+        return "errored", epochs
+    if metrics.get("diverged"):
+        return "diverged", epochs
+    if epochs < max_t:
+        return "pruned", epochs
+    return "completed", epochs
+
+
+def _trial_table(grid: Any, job: JobConfig, task: Task, metric: str) -> list[dict[str, Any]]:
+    max_t = job.search.max_epochs
+    total = steps_per_epoch(job, task) * max_t
+    rows = []
+    for result in grid:
+        config = dict(result.config or {})
+        state, epochs = _state(result, max_t)
+        df = result.metrics_dataframe
+        per_epoch = [] if df is None or metric not in df else [float(v) for v in df[metric].tolist()]
+        losses = [] if df is None or "train_loss" not in df else [float(v) for v in df["train_loss"].tolist()]
+        try:
+            params = schedule_params(config, total) if "schedule" in config else {}
+        except ValueError:
+            params = {}
+        metrics = result.metrics or {}
+        rows.append({
+            "trial_id": metrics.get("trial_id") or Path(result.path).name,
+            "schedule": config.get("schedule"),
+            "max_lr": config.get("max_lr"),
+            "weight_decay": config.get("weight_decay"),
+            "layer_decay": config.get("layer_decay"),
+            "config": json.dumps(config, sort_keys=True, default=str),
+            "schedule_params": json.dumps(params, sort_keys=True),
+            "state": state,
+            "stopped_at_epoch": epochs,
+            "final_metric": per_epoch[-1] if per_epoch else None,
+            "best_metric": (max(per_epoch) if task.mode == "max" else min(per_epoch)) if per_epoch else None,
+            "metric_per_epoch": per_epoch,
+            "train_loss_per_epoch": losses,
+            "wall_seconds": float(metrics.get("time_total_s") or 0.0),
+            "train_seconds": float(df["train_seconds"].sum()) if df is not None and "train_seconds" in df else 0.0,
+            "error": None if result.error is None else str(result.error).splitlines()[0][:500],
+            "path": result.path,
+        })
+    return rows
+
+
+def _write_results(job, root, local_out, trials, metric, mode, range_test, task) -> SearchResult:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    counts = {k: sum(1 for t in trials if t["state"] == k)
+              for k in ("completed", "pruned", "diverged", "errored")}
+    counts["total"] = len(trials)
+    finished = [t for t in trials if t["state"] == "completed" and t["final_metric"] is not None]
+    best = None
+    if finished:
+        best = (max if mode == "max" else min)(finished, key=lambda t: t["final_metric"])
+    best_config = None
+    if best is not None:
+        config = json.loads(best["config"])
+        best_config = {
+            "schedule": best["schedule"],
+            "max_lr": best["max_lr"],
+            "schedule_params": json.loads(best["schedule_params"]),
+            "optimizer": job.optimizer.model_dump(mode="json")
+            | ({"weight_decay": config["weight_decay"]} if "weight_decay" in config else {}),
+            "layer_decay": config.get("layer_decay"),
+            "total_steps": steps_per_epoch(job, task) * job.search.max_epochs,
+            "epochs": job.search.max_epochs,
+            "metric": metric,
+            "value": best["final_metric"],
+            "trial_id": best["trial_id"],
+            "search_config": config,
+        }
+    paths = {"results": root, "ray_results": f"{root}/{TUNE_DIR}"}
+    if local_out is not None:
+        table = pa.Table.from_pylist(trials)
+        pq.write_table(table, local_out / "trials.parquet")
+        paths["trials"] = str(local_out / "trials.parquet")
+        if best_config is not None:
+            (local_out / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
+            paths["best_config"] = str(local_out / "best_config.yaml")
+        if (local_out / "optuna_trials.json").is_file():
+            paths["optuna_trials"] = str(local_out / "optuna_trials.json")
+    result = SearchResult(
+        best_config=best_config,
+        best_metric=None if best is None else best["final_metric"],
+        metric=metric,
+        mode=mode,
+        counts=counts,
+        paths=paths,
+        trials=trials,
+        range_test=range_test,
+    )
+    if local_out is not None:
+        (local_out / "summary.json").write_text(json.dumps(result.summary(), indent=1, default=str))
+        paths["summary"] = str(local_out / "summary.json")
+    return result
