@@ -143,22 +143,24 @@ def _run_search(job, *, json_: bool, **kwargs) -> None:
 @app.command()
 @_clear_errors
 def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller run (about a minute on 2 CPU cores).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller run (a few minutes on 2 CPU cores).")] = False,
     out_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("lrsearch-runs"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted demo.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs and tables.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Run lrsearch on its embedded defaults: MiniLM-L6 fine-tuned on fortunes categories."""
+    """Run the whole pipeline on the embedded defaults: MiniLM-L6 fine-tuned on fortunes categories.
+
+    LR range test -> Optuna TPE + ASHA search on a local Ray -> best config, offline on CPU.
+    """
+    import shutil
+
     from lrsearch.demo import demo_job
-    from lrsearch.find_lr import find_lr, save_range_test
 
     job = demo_job(quick=quick, storage=str(out_dir))
+    if not resume and Path(job.results_dir()).exists():
+        shutil.rmtree(job.results_dir())  # the demo starts afresh; real searches never delete
     if not json_:
-        out.print(f"[bold]lrsearch demo[/]: job {job.name!r} "
-                  f"({job.task.model} on {job.task.dataset}, {job.task.num_train} training texts)")
-    with RangeTestProgress(job.range_test.num_steps, enabled=not json_) as bar:
-        task, result = find_lr(job, progress=bar.callback)
-    summary = save_range_test(job, task.name, result, None)
-    if json_:
-        print_json(summary)
-        return
-    _print_range_test(summary)
+        t = job.task
+        out.print(f"[bold]lrsearch demo[/]: {t.model} on fortunes {t.categories}, {t.num_train} training texts")
+    _run_search(job, json_=json_, resume=resume, verbose=verbose)

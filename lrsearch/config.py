@@ -293,6 +293,14 @@ class JobConfig(Strict):
             layer_decay=sp.layer_decay,
         )
 
+    def results_dir(self) -> str:
+        """``STORAGE/NAME``: relative storage paths are relative to the working directory (like
+        ``./lrsearch-runs``); URIs such as ``s3://bucket/runs`` are kept as they are."""
+        base = self.storage.path
+        if "://" in base:
+            return base.rstrip("/") + "/" + self.name
+        return str(Path(base).resolve() / self.name)
+
     def resolve(self, path: str) -> str:
         """``path`` relative to the job file's directory (absolute paths and URIs unchanged)."""
         if "://" in path or Path(path).is_absolute():
@@ -328,6 +336,19 @@ def _describe(error: dict[str, Any], data: Any) -> str:
                 f"{error['ctx']['expected_tags']}")
     if kind == "union_tag_not_found":
         return f"{path}.kind: required field is missing; allowed: {', '.join(sorted(_TAGS))}"
+    ctx = error.get("ctx") or {}
+    bounds = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{path}: got {error['input']!r}; allowed: a value {bounds[kind]} {limit}"
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return f"{path}: got {error['input']!r}; allowed: an integer"
+    if kind in ("float_parsing", "float_type"):
+        return f"{path}: got {error['input']!r}; allowed: a number"
+    if kind == "finite_number":
+        return f"{path}: got {error['input']!r}; allowed: a finite number"
+    if kind == "enum":
+        return f"{path}: got {error['input']!r}; allowed: {ctx.get('expected')}"
     msg = error["msg"]
     msg = msg.removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:] if msg else msg

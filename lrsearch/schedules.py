@@ -455,12 +455,16 @@ def resolve_params(name: str, total_steps: int, **params: Any) -> dict[str, Any]
             value = p.default(total_steps) if callable(p.default) else p.default
         resolved[p.name] = None if value is None else p.check(name, value)
     if name == "exponential":
-        if params.get("gamma") is not None and params.get("min_lr_ratio") is not None:
+        given_gamma, given_ratio = params.get("gamma"), params.get("min_lr_ratio")
+        if (given_gamma is not None and given_ratio is not None
+                and not math.isclose(resolved["gamma"] ** total_steps, resolved["min_lr_ratio"],
+                                     rel_tol=1e-9)):
+            # both may be given only when they agree (as resolve_params itself returns them)
             raise ValueError(
-                "schedule 'exponential': give gamma or min_lr_ratio, not both "
-                f"(got gamma={params['gamma']!r}, min_lr_ratio={params['min_lr_ratio']!r})"
+                f"schedule 'exponential': gamma={given_gamma!r} and min_lr_ratio={given_ratio!r} "
+                f"disagree over {total_steps} steps; give gamma or min_lr_ratio, not both"
             )
-        if resolved["gamma"] is None:
+        if given_gamma is None:
             ratio = resolved["min_lr_ratio"]
             if ratio <= 0.0:
                 raise ValueError(

@@ -39,10 +39,7 @@ class SearchError(LRSearchError):
 
 def search_dir(job: JobConfig) -> str:
     """``STORAGE/NAME``: a local absolute path, or a URI such as ``s3://bucket/runs/NAME``."""
-    base = job.resolve(job.storage.path)
-    if "://" in base:
-        return base.rstrip("/") + "/" + job.name
-    return str(Path(base).resolve() / job.name)
+    return job.results_dir()
 
 
 def _is_local(path: str) -> bool:
@@ -251,6 +248,10 @@ def run_search(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    import optuna
+
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     if num_trials is not None:
         job = job.model_copy(update={"search": job.search.model_copy(update={"num_trials": num_trials})})
@@ -328,6 +329,8 @@ def run_search(
                     num_samples=job.search.num_trials,
                     max_concurrent_trials=job.search.max_concurrent_trials,
                     time_budget_s=job.search.time_budget_s,
+                    # a reused worker keeps the built task (pretrained weights, tokenised data)
+                    reuse_actors=True,
                 ),
                 run_config=run_config,
             )

@@ -226,3 +226,10 @@ def test_bad_input_names_field_value_and_allowed(name, params, total, fragments)
 def test_min_lr_floor_with_different_group_peaks_is_refused_for_torch_cosines():
     with pytest.raises(ValueError, match="one peak LR"):
         build_scheduler(_optimizer(groups=2), "cosine_annealing", 10, min_lr_ratio=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_resolved_params_rebuild_the_same_curve(name):
+    # What resolve_params returns (what results and exports record) must build the same schedule.
+    resolved = resolve_params(name, 300)
+    assert lr_curve(name, 300, 1e-3, **resolved) == lr_curve(name, 300, 1e-3)
