@@ -121,7 +121,9 @@ def run_task(which: str, args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{which}] lr {lr:.2g}: acc {scores[lr]['accuracy']:.3f} loss {scores[lr]['loss']:.3f} "
               f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     grid_seconds = time.perf_counter() - start
-    return {"which": which, "task": task.name, "result": result, "bounds": bounds,
+    rt_steps = len(result.lrs) + (result.stop_reason == "non_finite")
+    grid_steps = len(grid) * args.epochs * len(task.train_loader)
+    return {"rt_steps": rt_steps, "grid_steps": grid_steps, "which": which, "task": task.name, "result": result, "bounds": bounds,
             "rt_seconds": rt_seconds, "grid": scores, "grid_seconds": grid_seconds,
             "best": best_lr(scores), "job": job}
 
@@ -140,8 +142,8 @@ def print_grid_table(row: dict[str, Any]) -> None:
 def print_summary(rows: list[dict[str, Any]]) -> None:
     print("\n| task | range test stop (steps) | " + " | ".join(SUGGESTION_METHODS)
           + " | bounds (low, high) | grid best LR (acc) | bracketed | range test (s) | grid (s) "
-          "| range test / grid |")
-    print("|---|---|" + "---:|" * len(SUGGESTION_METHODS) + "---|---|:---:|---:|---:|---:|")
+          "| range test / grid (time) | range test / grid (optimizer steps) |")
+    print("|---|---|" + "---:|" * len(SUGGESTION_METHODS) + "---|---|:---:|---:|---:|---:|---:|")
     for row in rows:
         result: RangeTestResult = row["result"]
         sugg = result.suggestions()
@@ -152,7 +154,8 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
               + " | ".join(fmt(sugg[m]) for m in SUGGESTION_METHODS)
               + f" | {low:.2g}, {high:.2g} | {best:.2g} ({row['grid'][best]['accuracy']:.3f}) | {inside} "
               f"| {row['rt_seconds']:.1f} | {row['grid_seconds']:.1f} "
-              f"| {row['rt_seconds'] / row['grid_seconds']:.2f} |")
+              f"| {row['rt_seconds'] / row['grid_seconds']:.2f} "
+              f"| {row['rt_steps']}/{row['grid_steps']} = {row['rt_steps'] / row['grid_steps']:.2f} |")
 
 
 def main() -> None:

@@ -100,6 +100,12 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         diverged = bool(result.get("diverged"))
         if diverged or result.get(TRAINING_ITERATION, 0) < self._max_t:
             ot_trial = self._ot_trials[trial_id]
+            step = int(result.get(TRAINING_ITERATION, 0))
+            value = result.get(self.metric)
+            if value is not None and step not in self._ot_study.trials[ot_trial.number].intermediate_values:
+                # Tune hands the result ASHA stopped on to on_trial_complete only, never to
+                # on_trial_result: report it, so TPE ranks the pruned trial by how far it got.
+                ot_trial.report(float(value), step)
             ot_trial.set_user_attr("diverged", diverged)
             ot_trial.set_user_attr("stopped_at", int(result.get(TRAINING_ITERATION, 0)))
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
@@ -195,6 +201,9 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not verbose:
+        # Fast trials checkpoint often; Tune's "snapshotting may become a bottleneck" is noise here.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
     if address:
         try:
@@ -244,11 +253,10 @@ def run_search(
     Raises:
         SearchError: results already exist (and ``resume`` is False), or there is nothing to resume.
     """
+    import optuna
     from optuna.samplers import TPESampler
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    import optuna
 
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)

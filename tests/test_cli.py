@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -15,7 +16,7 @@ runner = CliRunner()
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("schedules", "demo"):
+    for command in ("schedules", "find-lr", "search", "demo"):
         assert command in result.output
 
 
@@ -46,18 +47,23 @@ def test_bad_option_is_one_line_exit_2():
     assert "Traceback" not in result.output
 
 
-def test_demo_quick_json(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--json", "--out-dir", str(tmp_path)])
+def test_search_json_on_the_synthetic_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = Path(__file__).resolve().parent.parent / "examples" / "synthetic.yaml"
+    result = runner.invoke(app, ["search", str(job), "--num-trials", "3", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    low, high = data["bounds"]
-    assert 0 < low < high
-    assert (tmp_path / "range_test.png").read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads((tmp_path / "range_test.json").read_text())
-    assert saved["bounds"] == [low, high]
+    assert data["counts"]["total"] == 3
+    assert data["best_config"]["schedule"] in SCHEDULES
+    assert Path(data["paths"]["trials"]).is_file() and Path(data["paths"]["best_config"]).is_file()
+    # a second run of the same job refuses to overwrite, in one line
+    again = runner.invoke(app, ["search", str(job), "--num-trials", "3"])
+    assert again.exit_code == 2 and "--resume" in again.output and "Traceback" not in again.output
 
 
-def test_demo_prints_table(tmp_path):
-    result = runner.invoke(app, ["demo", "--quick", "--out-dir", str(tmp_path)], env={"COLUMNS": "120"})
-    assert result.exit_code == 0, result.output
-    assert "max_lr search bounds" in result.output and "suggestion: valley" in result.output
+def test_demo_job_is_minilm_on_fortunes_and_valid():
+    from lrsearch.demo import demo_job
+
+    job = demo_job(quick=True)
+    assert (job.task.kind, job.task.model, job.task.dataset) == ("text_classification", "minilm-l6", "fortunes")
+    assert job.search.num_trials >= 4 and job.range_test.enabled
