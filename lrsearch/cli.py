@@ -142,6 +142,53 @@ def _run_search(job, *, json_: bool, **kwargs) -> None:
 
 @app.command()
 @_clear_errors
+def export(
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment: export its latest search.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="A search's parent run id (or one of its trial runs).")] = None,
+    format_: Annotated[str, typer.Option("--format", "-f", help="yaml | json | hf | torch")] = "yaml",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db].")] = None,
+) -> None:
+    """Export the best config of a search from MLflow in a form a training script uses directly."""
+    from lrsearch.errors import ConfigError
+    from lrsearch.export import render
+    from lrsearch.tracking import find_search_run, read_best_config, resolve_tracking
+
+    if (experiment is None) == (run_id is None):
+        raise ConfigError("give exactly one of --experiment NAME or --run-id ID")
+    uri, _ = resolve_tracking(tracking_uri, None, "")
+    run = find_search_run(uri, experiment=experiment, run_id=run_id)
+    text, note = render(read_best_config(uri, run.info.run_id), format_)
+    if output is not None:
+        output.write_text(text)
+        out.print(f"wrote {output}", highlight=False)
+    else:
+        import sys
+
+        sys.stdout.write(text)
+    if note:
+        from lrsearch.console import err
+
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_clear_errors
+def sync(
+    results: Annotated[Path, typer.Argument(help="A search's results directory (STORAGE/NAME).", show_default=False)],
+) -> None:
+    """Log to MLflow what a search could not log while the tracking server was down."""
+    from lrsearch.tracking import load_tracking_info, sync_spool
+
+    info = load_tracking_info(str(results))
+    pending = sync_spool(info)
+    if pending:
+        fail(f"{pending} logging operations still pending: {info.uri} is not reachable; run lrsearch sync again later", 1)
+    out.print(f"all logged to {info.uri} (parent run {info.parent_run_id})", highlight=False)
+
+
+@app.command()
+@_clear_errors
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="A smaller run (a few minutes on 2 CPU cores).")] = False,
     out_dir: Annotated[Path, typer.Option(help="Where results go.")] = Path("lrsearch-runs"),

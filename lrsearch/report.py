@@ -114,3 +114,65 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
         parts.append("[bold yellow]no trial completed its full budget[/]")
     parts.append("files: " + ", ".join(f"{k}={v}" for k, v in result.paths.items()))
     return parts
+
+
+def plot_search(trials: list[dict[str, Any]], path: str, metric: str) -> str:
+    """Final metric against trial number, coloured by schedule type; pruned/diverged marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schedules = sorted({t["schedule"] for t in trials if t["schedule"]})
+    colours = {s: f"C{i % 10}" for i, s in enumerate(schedules)}
+    markers = {"completed": "o", "pruned": "v", "diverged": "x", "errored": "s"}
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        seen = set()
+        for i, t in enumerate(trials):
+            if t["final_metric"] is None or t["state"] == "diverged":
+                continue
+            label = t["schedule"] if t["schedule"] not in seen else None
+            seen.add(t["schedule"])
+            ax.scatter(i, t["final_metric"], color=colours.get(t["schedule"], "k"),
+                       marker=markers.get(t["state"], "o"), label=label, s=40)
+        diverged = [i for i, t in enumerate(trials) if t["state"] == "diverged"]
+        if diverged:
+            ax.scatter(diverged, [ax.get_ylim()[0]] * len(diverged), color="red", marker="x", label="diverged")
+        ax.set_xlabel("trial (order started)")
+        ax.set_ylabel(metric)
+        ax.set_title("lrsearch trials (o completed, v pruned by ASHA)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_lr_curves(trials: list[dict[str, Any]], path: str, total_steps: int, top: int = 5) -> str:
+    """The LR curves of the best ``top`` completed trials over their whole budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lrsearch.schedules import lr_curve
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        for t in trials[:top]:
+            params = json.loads(t["schedule_params"])
+            curve = lr_curve(t["schedule"], total_steps, t["max_lr"], **params)
+            ax.plot(curve, label=f"{t['trial_id']} {t['schedule']} ({t['final_metric']:.4f})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("learning rate")
+        ax.set_title(f"LR schedules of the top {min(top, len(trials))} trials")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path

@@ -26,6 +26,7 @@ from lrsearch.config import JobConfig
 from lrsearch.errors import LRSearchError
 from lrsearch.space import SpaceSampler, schedule_params
 from lrsearch.tasks import Task, build_task
+from lrsearch.tracking import SearchTracker, resolve_tracking
 from lrsearch.train import metric_key, run_trial, steps_per_epoch
 
 __all__ = ["SearchError", "SearchResult", "run_search", "search_dir"]
@@ -59,6 +60,7 @@ class SearchResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
     range_test: dict[str, Any] | None = None
     seconds: float = 0.0
+    tracking: dict[str, str] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -69,6 +71,7 @@ class SearchResult:
             "counts": self.counts,
             "paths": self.paths,
             "bounds": self.range_test["bounds"] if self.range_test else None,
+            "tracking": self.tracking,
             "seconds": round(self.seconds, 1),
         }
 
@@ -237,6 +240,7 @@ def run_search(
     resume: bool = False,
     verbose: bool = False,
     show_progress: bool = True,
+    track: bool = True,
 ) -> SearchResult:
     """Run (or resume) the job's search and write its results.
 
@@ -249,6 +253,7 @@ def run_search(
             kept, unfinished ones resume from their last checkpoint, the searcher's state is restored.
         verbose: show Ray's own logs and progress tables.
         show_progress: show the range test's bar and a live status line.
+        track: log the search to MLflow (parent run + one nested run per trial).
 
     Raises:
         SearchError: results already exist (and ``resume`` is False), or there is nothing to resume.
@@ -275,12 +280,20 @@ def run_search(
     if resume and not exists:
         raise SearchError(f"--resume: no interrupted search named {job.name!r} in {root}")
 
+    tracker = None
+    if track:
+        uri, experiment = resolve_tracking(job.tracking.uri, job.tracking.experiment, job.name)
+        # an unreachable store fails here, before any training starts
+        tracker = SearchTracker.start(uri=uri, experiment=experiment, job_name=job.name,
+                                      results_dir=root, resume=resume)
     task = build_task(job)
     if local_out is not None:
         local_out.mkdir(parents=True, exist_ok=True)
     range_test = _range_test(job, task, local_out, resume, verbose=show_progress)
     bounds = tuple(range_test["bounds"]) if range_test else None
     space = job.search_space(bounds)  # type: ignore[arg-type]
+    if tracker is not None and not resume:
+        _log_setup(tracker, job, task, local_out, range_test, space)
     sampler = SpaceSampler(space)
     metric, mode = metric_key(task), task.mode
     first = None
@@ -294,7 +307,7 @@ def run_search(
     started_ray = _init_ray(address, verbose)
     try:
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, job=job),
+            tune.with_parameters(run_trial, job=job, tracking=tracker.info if tracker else None),
             {"cpu": job.resources.cpu, "gpu": job.resources.gpu},
         )
         progress = LiveProgress(metric, mode, job.search.num_trials, show_progress and not verbose)
@@ -351,8 +364,78 @@ def run_search(
 
     trials = _trial_table(grid, job, task, metric)
     result = _write_results(job, root, local_out, trials, metric, mode, range_test, task)
+    if tracker is not None:
+        _log_results(tracker, result, job, task, local_out)
+        result.paths["mlflow_run"] = f"{tracker.info.uri} run {tracker.info.parent_run_id}"
+        result.tracking = {"uri": tracker.info.uri, "experiment_id": tracker.info.experiment_id,
+                           "run_id": tracker.info.parent_run_id}
+        if local_out is not None:
+            (local_out / "summary.json").write_text(json.dumps(result.summary(), indent=1, default=str))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _log_setup(tracker: SearchTracker, job: JobConfig, task: Task, out: Path | None,
+               range_test: dict | None, space: Any) -> None:
+    """Job file, resolved space and range test on the parent run."""
+    params: dict[str, Any] = {"task": task.name, "task.kind": job.task.kind, "metric": metric_key(task),
+                              "optimizer": job.optimizer.name.value, "num_trials": job.search.num_trials,
+                              "max_epochs": job.search.max_epochs, "grace_period": job.search.grace_period,
+                              "reduction_factor": job.search.reduction_factor, "space.family": space.family,
+                              "space.schedules": ",".join(space.schedules),
+                              "space.max_lr_low": space.max_lr_prior.low,
+                              "space.max_lr_high": space.max_lr_prior.high}
+    metrics: dict[str, float] = {}
+    if range_test:
+        for method, lr in range_test["suggestions"].items():
+            if lr is not None:
+                params[f"range_test.{method}"] = lr
+                metrics[f"range_test.{method}"] = lr
+        low, high = range_test["bounds"]
+        params.update({"range_test.bounds_low": low, "range_test.bounds_high": high,
+                       "range_test.stop_reason": range_test["stop_reason"]})
+        metrics.update({"range_test.bounds_low": low, "range_test.bounds_high": high})
+    tracker.log_params(params)
+    if metrics:
+        tracker.log_metrics(metrics)
+    if out is None:
+        return
+    job_file = out / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    space_file = out / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
+    tracker.log_artifact(job_file)
+    tracker.log_artifact(space_file)
+    for name in ("range_test.png", "range_test.json"):
+        if (out / name).is_file():
+            tracker.log_artifact(out / name, "range_test")
+
+
+def _log_results(tracker: SearchTracker, result: SearchResult, job: JobConfig, task: Task,
+                 out: Path | None) -> None:
+    """Trial table, plots and best config on the parent run; final state on every child run."""
+    from lrsearch.report import plot_lr_curves, plot_search
+
+    c = result.counts
+    tracker.log_metrics({f"trials_{k}": float(v) for k, v in c.items()})
+    if result.best_metric is not None:
+        tracker.log_metrics({f"best_{result.metric}": result.best_metric})
+        tracker.log_params({f"best.{k}": v for k, v in (
+            ("schedule", result.best_config["schedule"]), ("max_lr", result.best_config["max_lr"]),
+            ("trial_id", result.best_config["trial_id"]))})
+    if out is not None:
+        plot_search(result.trials, str(out / "search.png"), result.metric)
+        ranked = sorted((t for t in result.trials if t["state"] == "completed"),
+                        key=lambda t: t["final_metric"], reverse=result.mode == "max")
+        plot_lr_curves(ranked, str(out / "lr_curves_top.png"),
+                       steps_per_epoch(job, task) * job.search.max_epochs)
+        for name in ("trials.parquet", "search.png", "lr_curves_top.png", "best_config.yaml",
+                     "summary.json", "optuna_trials.json"):
+            if (out / name).is_file():
+                tracker.log_artifact(out / name)
+    tracker.finish_trials(result.trials)
+    pending = tracker.finish(ok=c["errored"] < c["total"])
+    result.paths["mlflow_pending"] = str(pending)
 
 
 def _state(result: Any, max_t: int) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from lrsearch.range_test import forward
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
 from lrsearch.tasks import Task, build_task, evaluate
+from lrsearch.tracking import TrackingInfo, TrialLogger
 
 _TASKS: dict[str, Task] = {}
 
@@ -77,8 +78,8 @@ def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torc
     return model, optimizer, scheduler, params, total
 
 
-def run_trial(config: dict[str, Any], job: JobConfig) -> None:
-    """Ray Tune trainable: one trial of the search."""
+def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | None = None) -> None:
+    """Ray Tune trainable: one trial of the search (logged to its own nested MLflow run)."""
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -89,6 +90,12 @@ def run_trial(config: dict[str, Any], job: JobConfig) -> None:
     per_epoch = steps_per_epoch(job, task)
     key = metric_key(task)
     smooth, explode = 0.1, job.search.explode_factor
+
+    logger = None
+    if tracking is not None:
+        context = tune.get_context()
+        logger = TrialLogger(tracking, context.get_trial_id(), context.get_trial_name())
+        logger.log_config(config, params)
 
     start_epoch, reference, avg, seen = 0, None, 0.0, 0
     checkpoint = tune.get_checkpoint()
@@ -107,7 +114,7 @@ def run_trial(config: dict[str, Any], job: JobConfig) -> None:
         for batch in task.train_loader:
             if steps >= per_epoch:
                 break
-            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            lrs.append(max(float(g["lr"]) for g in optimizer.param_groups))  # the peak group
             optimizer.zero_grad(set_to_none=True)
             loss = forward(model, task.criterion, batch, device)
             value = float(loss.detach())
@@ -131,8 +138,7 @@ def run_trial(config: dict[str, Any], job: JobConfig) -> None:
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss if math.isfinite(train_loss) else 1e9,
-            "lr": float(optimizer.param_groups[0]["lr"]),
-            "lr_steps": lrs,
+            "lr": max(float(g["lr"]) for g in optimizer.param_groups),
             "total_steps": total,
             "train_seconds": time.perf_counter() - started,
             "diverged": diverged,
@@ -140,11 +146,17 @@ def run_trial(config: dict[str, Any], job: JobConfig) -> None:
         if diverged:
             metrics[key] = worst_value(task)
             metrics["val_loss"] = 1e9
+            if logger is not None:
+                logger.log_epoch(epoch + 1, {"train_loss": metrics["train_loss"], "diverged": 1.0},
+                                 lrs, epoch * per_epoch)
             tune.report(metrics)
             return
         val = evaluate(model, task, device)
         metrics.update({f"val_{k}": v for k, v in val.items()})
         metrics["train_seconds"] = time.perf_counter() - started
+        if logger is not None:
+            logger.log_epoch(epoch + 1, {k: metrics[k] for k in (key, "val_loss", "train_loss", "lr")},
+                             lrs, epoch * per_epoch)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
