@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the built-in tasks read their data from.
-APT_PACKAGES=(fortunes dataset-fashion-mnist)
+# postgresql: the tests run MLflow's PostgreSQL backend for real.
+APT_PACKAGES=(fortunes dataset-fashion-mnist postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

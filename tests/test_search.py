@@ -39,6 +39,7 @@ def _job(tmp_path, **overrides):
         "search": {"num_trials": 8, "max_epochs": 3, "grace_period": 1, "reduction_factor": 3,
                    "max_concurrent_trials": 2, "seed": 0},
         "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db"},
     }
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
@@ -115,6 +116,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         "range_test": {"num_steps": 30},
         "search": {"num_trials": 6, "max_epochs": 2, "grace_period": 2, "max_concurrent_trials": 1},
         "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "killed-exp"},
     }))
     out = tmp_path / "runs" / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -154,3 +156,15 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         assert len(match) == 1 and match[0]["value"] == before["value"]
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(trials) == 6 and all(t["state"] == "completed" for t in trials)
+    # MLflow: the resumed search re-attached to its parent run; one child run per trial, no duplicates
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    exp = client.get_experiment_by_name("killed-exp")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("lrsearch.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_id == summary["tracking"]["run_id"]
+    assert sorted(r.data.tags["lrsearch.trial_id"] for r in children) == sorted(t["trial_id"] for t in trials)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)

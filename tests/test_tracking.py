@@ -1,0 +1,375 @@
+"""MLflow tracking and export against real stores: sqlite, a real `mlflow server` on 127.0.0.1
+(stopped and restarted mid-search), and PostgreSQL when it is installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from lrsearch.cli import app
+from lrsearch.config import parse_job
+from lrsearch.schedules import lr_curve
+from lrsearch.search import run_search
+from lrsearch.tracking import TrackingError
+
+runner = CliRunner()
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(tmp_path, uri, name="tracked", **search):
+    return parse_job({
+        "name": name,
+        "task": {"kind": "synthetic", "num_train": 512, "num_val": 256, "batch_size": 64},
+        "range_test": {"num_steps": 40},
+        "search": {"num_trials": 5, "max_epochs": 3, "grace_period": 1, "reduction_factor": 3,
+                   "max_concurrent_trials": 2, **search},
+        "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"uri": uri, "experiment": f"exp-{name}"},
+    })
+
+
+@pytest.fixture(scope="module")
+def tracked_search(local_ray, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tracked")
+    uri = f"sqlite:///{tmp}/mlruns.db"
+    result = run_search(_job(tmp, uri), show_progress=False)
+    return tmp, uri, result
+
+
+def test_parent_run_with_every_trial_nested(tracked_search):
+    tmp, uri, result = tracked_search
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("exp-tracked")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("lrsearch.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["lrsearch.job"] == "tracked" and "lrsearch.version" in parent.data.tags
+    assert float(parent.data.params["range_test.bounds_low"]) == pytest.approx(result.range_test["bounds"][0])
+    assert "range_test.steepest" in parent.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"job.yaml", "space.yaml", "trials.parquet", "search.png", "lr_curves_top.png",
+            "best_config.yaml", "range_test"} <= artifacts
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "range_test")} == {
+        "range_test/range_test.png", "range_test/range_test.json"}
+
+    trials = {t["trial_id"]: t for t in pq.read_table(result.paths["trials"]).to_pylist()}
+    assert len(children) == len(trials) == 5
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        t = trials[child.data.tags["lrsearch.trial_id"]]
+        expected = f"pruned at rung {t['stopped_at_epoch']}" if t["state"] == "pruned" else t["state"]
+        assert child.data.tags["lrsearch.state"] == expected
+        assert child.info.status == ("FINISHED" if t["state"] == "completed" else "KILLED")
+        assert float(child.data.params["max_lr"]) == pytest.approx(t["max_lr"])
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, t["stopped_at_epoch"] + 1))
+        lr_steps = client.get_metric_history(child.info.run_id, "lr_step")
+        assert len(lr_steps) == 8 * t["stopped_at_epoch"]  # 512 / 64 optimizer steps per epoch
+
+
+def _best_child_lrs(uri, result):
+    client = MlflowClient(uri)
+    best_id = result.best_config["trial_id"]
+    child = next(r for r in client.search_runs([result.tracking["experiment_id"]])
+                 if r.data.tags.get("lrsearch.trial_id") == best_id)
+    return [m.value for m in sorted(client.get_metric_history(child.info.run_id, "lr_step"), key=lambda m: m.step)]
+
+
+def test_export_yaml_json_reproduce_the_best_trials_lr_curve(tracked_search, tmp_path):
+    _, uri, result = tracked_search
+    logged = _best_child_lrs(uri, result)
+    out = tmp_path / "best.yaml"
+    r = runner.invoke(app, ["export", "--experiment", "exp-tracked", "--tracking-uri", uri, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    best = yaml.safe_load(out.read_text())
+    assert len(logged) == best["total_steps"]
+    rebuilt = lr_curve(best["schedule"], best["total_steps"], best["max_lr"], **best["schedule_params"])
+    assert rebuilt == pytest.approx(logged, rel=1e-12, abs=0)
+    r = runner.invoke(app, ["export", "--run-id", result.tracking["run_id"], "--tracking-uri", uri, "-f", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == best
+
+
+def test_export_torch_snippet_runs_and_matches(tracked_search):
+    _, uri, result = tracked_search
+    r = runner.invoke(app, ["export", "--experiment", "exp-tracked", "--tracking-uri", uri, "--format", "torch"])
+    assert r.exit_code == 0, r.output
+    model = torch.nn.Linear(3, 2)
+    scope = {"model": model}
+    exec(r.stdout, scope)  # the snippet a user pastes
+    optimizer, scheduler = scope["optimizer"], scope["scheduler"]
+    lrs = []
+    for _ in range(result.best_config["total_steps"]):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx(_best_child_lrs(uri, result), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "cosine_min", "constant", "stlr"])
+def test_export_hf_gives_training_arguments_with_the_same_schedule(tmp_path, schedule):
+    from transformers import TrainingArguments, get_scheduler
+
+    from lrsearch.export import hf_training_arguments
+
+    params = {"linear": {"warmup_frac": 0.1}, "cosine": {"warmup_frac": 0.05, "min_lr_ratio": 0.0},
+              "cosine_min": {"warmup_frac": 0.05, "min_lr_ratio": 0.1}, "constant": {"warmup_frac": 0.2},
+              "stlr": {"cut_frac": 0.1, "ratio": 32.0}}[schedule]
+    name = schedule.replace("_min", "")
+    best = {"schedule": name, "max_lr": 3e-4, "schedule_params": params, "total_steps": 120, "epochs": 3,
+            "optimizer": {"name": "adamw", "weight_decay": 0.01, "momentum": 0.9, "betas": [0.9, 0.999], "eps": 1e-8}}
+    kwargs, note = hf_training_arguments(best)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], **kwargs)
+    assert args.learning_rate == 3e-4 and args.weight_decay == 0.01
+    if name == "stlr":
+        assert note and "build_scheduler(optimizer, 'stlr', total_steps=120" in note
+        return
+    assert note is None
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps,
+                          num_training_steps=120, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    hf_lrs = []
+    for _ in range(120):
+        hf_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert hf_lrs == pytest.approx(lr_curve(name, 120, 3e-4, **params), rel=1e-9, abs=1e-15)
+
+
+def test_export_errors_are_one_line(tracked_search):
+    _, uri, _ = tracked_search
+    r = runner.invoke(app, ["export", "--experiment", "nope", "--tracking-uri", uri])
+    assert r.exit_code == 2 and "no experiment 'nope'" in r.output and "exp-tracked" in r.output
+    r = runner.invoke(app, ["export", "--tracking-uri", uri])
+    assert r.exit_code == 2 and "exactly one of --experiment" in r.output
+    r = runner.invoke(app, ["export", "--experiment", "exp-tracked", "--tracking-uri", uri, "-f", "onnx"])
+    assert r.exit_code == 2 and "--format: got 'onnx'" in r.output
+
+
+def test_unreachable_server_fails_before_anything_starts(local_ray, tmp_path):
+    uri = f"http://127.0.0.1:{_free_port()}"
+    job = _job(tmp_path, uri, name="unreachable")
+    started = time.perf_counter()
+    with pytest.raises(TrackingError, match="cannot reach the MLflow tracking store"):
+        run_search(job, show_progress=False)
+    assert not (tmp_path / "runs" / "unreachable" / "tune").exists()  # no trial ran
+    assert not (tmp_path / "runs" / "unreachable" / "range_test.json").exists()
+    assert time.perf_counter() - started < 120
+
+
+# --------------------------------------------------------------------------------------------
+# A real mlflow server, stopped and restarted in the middle of a search
+# --------------------------------------------------------------------------------------------
+
+
+def _start_server(port: int, backend: str, artifacts: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend,
+         "--artifacts-destination", str(artifacts), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            MlflowClient(f"http://127.0.0.1:{port}").search_experiments(max_results=1)
+            return proc
+        except Exception:
+            if proc.poll() is not None:
+                raise RuntimeError("mlflow server exited") from None
+            time.sleep(0.5)
+    _stop(proc)
+    raise RuntimeError("mlflow server did not come up")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _spooled(root: Path) -> int:
+    spool = root / "mlflow-spool"
+    return sum(1 for _ in spool.rglob("*.json")) if spool.exists() else 0
+
+
+def test_server_outage_mid_search_loses_nothing(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    port = _free_port()
+    backend = f"sqlite:///{tmp_path}/server.db"
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(port, backend, tmp_path / "artifacts")
+    job = parse_job({
+        "name": "outage",
+        "task": {"kind": "synthetic", "num_train": 4096, "num_val": 512, "batch_size": 64, "hidden": 256},
+        "range_test": {"num_steps": 30},
+        "search": {"num_trials": 3, "max_epochs": 4, "grace_period": 4, "max_concurrent_trials": 1},
+        "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"uri": uri, "experiment": "outage"},
+    })
+    root = tmp_path / "runs" / "outage"
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=run_search(job, show_progress=False)), daemon=True)
+    thread.start()
+    try:
+        client = MlflowClient(uri)
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait for the first trial's first epoch in MLflow
+            try:
+                exp = client.get_experiment_by_name("outage")
+                runs = client.search_runs([exp.experiment_id]) if exp else []
+                if any("val_accuracy" in r.data.metrics for r in runs):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.3)
+        _stop(server)  # the tracking server goes away mid-search
+        deadline = time.time() + 120
+        while _spooled(root) == 0 and thread.is_alive() and time.time() < deadline:
+            time.sleep(0.2)
+        spooled_during_outage = _spooled(root)
+        assert spooled_during_outage > 0  # logging failed and was kept on disk, training went on
+        time.sleep(2)
+        server = _start_server(port, backend, tmp_path / "artifacts")  # back again
+        thread.join(timeout=400)
+        assert not thread.is_alive()
+        result = box["result"]
+        assert result.counts["total"] == 3 and result.counts["errored"] == 0
+        if _spooled(root):  # the search ended while the server was still down: sync catches up
+            r = runner.invoke(app, ["sync", str(root)])
+            assert r.exit_code == 0, r.output
+        assert _spooled(root) == 0
+        exp = client.get_experiment_by_name("outage")
+        runs = client.search_runs([exp.experiment_id])
+        children = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
+        assert len(children) == 3 and len({r.data.tags["lrsearch.trial_id"] for r in children}) == 3
+        for child in children:
+            history = client.get_metric_history(child.info.run_id, "val_accuracy")
+            assert sorted(m.step for m in history) == [1, 2, 3, 4]  # every epoch, none lost
+            assert len(client.get_metric_history(child.info.run_id, "lr_step")) == 4 * 64
+            assert child.data.tags["lrsearch.state"] == "completed"
+        parent = next(r for r in runs if r.data.tags.get("lrsearch.role") == "search")
+        assert parent.info.status == "FINISHED"
+        assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    finally:
+        _stop(server)
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL backend (Debian's postgresql, started here on 127.0.0.1)
+# --------------------------------------------------------------------------------------------
+
+
+def _pg_bin() -> Path | None:
+    for base in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (base / "initdb").exists():
+            return base
+    return None
+
+
+@pytest.mark.skipif(_pg_bin() is None, reason="PostgreSQL is not installed (make test installs it)")
+def test_postgresql_backend(local_ray, tmp_path, monkeypatch):
+    import pwd
+
+    pg = _pg_bin()
+    # PostgreSQL refuses to run as root: as root, run it as the 'postgres' user in a directory that
+    # user can reach (pytest's tmp_path sits under a root-only directory)
+    base = Path(tempfile.mkdtemp(prefix="lrsearch-pg-"))
+    data = base / "pgdata"
+    port = _free_port()
+    user = "postgres" if os.geteuid() == 0 else None
+    data.mkdir()
+    run_as = []
+    if user:
+        pwd.getpwnam(user)
+        shutil.chown(base, user=user)
+        shutil.chown(data, user=user)
+        run_as = ["runuser", "-u", user, "--"]
+    subprocess.run([*run_as, str(pg / "initdb"), "-D", str(data), "-A", "trust", "-U", "lrsearch"],
+                   check=True, capture_output=True)
+    subprocess.run([*run_as, str(pg / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w", "-o",
+                    f"-h 127.0.0.1 -p {port} -k {data}", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*run_as, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "lrsearch",
+                        "mlflow"], check=True, capture_output=True)
+        uri = f"postgresql://lrsearch@127.0.0.1:{port}/mlflow"
+        work = tmp_path / "work"
+        work.mkdir()
+        monkeypatch.chdir(work)  # artifacts of a database store default to ./mlruns
+        result = run_search(_job(work, uri, name="pg", num_trials=2, max_epochs=2), show_progress=False)
+        client = MlflowClient(uri)
+        runs = client.search_runs([result.tracking["experiment_id"]])
+        assert len([r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]) == 2
+        assert len([r for r in runs if r.data.tags.get("lrsearch.role") == "search"]) == 1
+    finally:
+        subprocess.run([*run_as, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The MLflow UI, seen in headless Chromium (optional: runs where Chromium is installed)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed")
+def test_mlflow_ui_shows_parent_and_nested_runs(tracked_search, tmp_path):
+    from PIL import Image
+
+    tmp, uri, result = tracked_search
+    port = _free_port()
+    server = _start_server(port, uri, tmp / "artifacts-ui")
+    try:
+        exp_id, run_id = result.tracking["experiment_id"], result.tracking["run_id"]
+        pages = {"experiment": f"http://127.0.0.1:{port}/#/experiments/{exp_id}",
+                 "parent": f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{run_id}/artifacts"}
+        for name, url in pages.items():
+            shot = tmp_path / f"{name}.png"
+            subprocess.run(
+                ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1400,900",
+                 "--virtual-time-budget=15000", f"--screenshot={shot}", url],
+                check=True, capture_output=True, timeout=120,
+            )
+            image = Image.open(shot)
+            assert image.size == (1400, 900)
+            colours = len(set(image.convert("RGB").resize((140, 90)).getdata()))
+            assert colours > 20, f"{name} page looks blank"  # a rendered UI, not an empty page
+    finally:
+        _stop(server)
