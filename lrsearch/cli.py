@@ -187,6 +187,111 @@ def sync(
     out.print(f"all logged to {info.uri} (parent run {info.parent_run_id})", highlight=False)
 
 
+AddressOpt = Annotated[str, typer.Option(help="The Ray dashboard URL, e.g. http://HEAD:8265.", show_default=False)]
+
+
+@app.command()
+@_clear_errors
+def submit(
+    job_file: JobArg,
+    address: AddressOpt,
+    wait: Annotated[bool, typer.Option("--wait", help="Stream the logs until the job ends; fail if it fails.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Run `lrsearch search --resume` (continue an interrupted search).")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Submit the search to a Ray cluster (Ray Jobs API); the same job twice is one submission."""
+    from lrsearch.jobs import submit as submit_job
+    from lrsearch.jobs import wait_for_job
+
+    info = submit_job(job_file, address, extra_args=["--resume"] if resume else None)
+    if json_ and not wait:
+        print_json(info)
+        return
+    if not json_:
+        verb = "already submitted" if info["already_submitted"] else "submitted"
+        out.print(f"{verb}: [bold]{info['submission_id']}[/] ({info['status']})\n"
+                  f"dashboard: {info['dashboard']}\nMLflow experiment: {info['experiment']}", highlight=False)
+    if wait:
+        import sys
+
+        def show(text: str) -> None:
+            if not json_:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+
+        status = wait_for_job(address, info["submission_id"], show)
+        info["status"] = status
+        if json_:
+            print_json(info)
+        else:
+            out.print(f"job {info['submission_id']}: [bold]{status}[/]", highlight=False)
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+jobs_app = typer.Typer(help="List, inspect, follow and stop submitted searches.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("list")
+@_clear_errors
+def jobs_list(address: AddressOpt, json_: JsonOpt = False) -> None:
+    """The cluster's jobs."""
+    from rich.table import Table
+
+    from lrsearch.jobs import list_jobs
+
+    rows = list_jobs(address)
+    if json_:
+        print_json({"jobs": rows})
+        return
+    table = Table(title=f"jobs at {address}")
+    for col in ("submission_id", "job", "status", "entrypoint"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["submission_id"]), str(r["job"] or "-"), r["status"], r["entrypoint"])
+    out.print(table)
+
+
+@jobs_app.command("status")
+@_clear_errors
+def jobs_status(job_id: Annotated[str, typer.Argument(show_default=False)], address: AddressOpt,
+                json_: JsonOpt = False) -> None:
+    """One job's status."""
+    from lrsearch.jobs import job_status
+
+    info = job_status(address, job_id)
+    if json_:
+        print_json(info)
+    else:
+        out.print(f"{job_id}: [bold]{info['status']}[/] {info['message'] or ''}", highlight=False)
+
+
+@jobs_app.command("logs")
+@_clear_errors
+def jobs_logs(job_id: Annotated[str, typer.Argument(show_default=False)], address: AddressOpt,
+              follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False) -> None:
+    """A job's logs."""
+    import sys
+
+    from lrsearch.jobs import job_logs, wait_for_job
+
+    if follow:
+        wait_for_job(address, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    else:
+        sys.stdout.write(job_logs(address, job_id))
+
+
+@jobs_app.command("stop")
+@_clear_errors
+def jobs_stop(job_id: Annotated[str, typer.Argument(show_default=False)], address: AddressOpt) -> None:
+    """Stop a running job."""
+    from lrsearch.jobs import stop_job
+
+    stopped = stop_job(address, job_id)
+    out.print(f"{job_id}: {'stop requested' if stopped else 'was not running'}", highlight=False)
+
+
 @app.command()
 @_clear_errors
 def demo(

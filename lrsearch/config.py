@@ -299,6 +299,10 @@ class JobConfig(Strict):
         base = self.storage.path
         if "://" in base:
             return base.rstrip("/") + "/" + self.name
+        if not Path(base).is_absolute() and in_ray_job():
+            # a submitted job's working directory is a temporary copy Ray may delete: keep results
+            # in the home directory of the node the search runs on
+            return str(Path.home() / base / self.name)
         return str(Path(base).resolve() / self.name)
 
     def resolve(self, path: str) -> str:
@@ -306,6 +310,13 @@ class JobConfig(Strict):
         if "://" in path or Path(path).is_absolute():
             return path
         return str(Path(self.base_dir) / path)
+
+
+def in_ray_job() -> bool:
+    """True inside the entrypoint of a job submitted through the Ray Jobs API."""
+    import os
+
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ray.tune import Callback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
-from lrsearch.config import JobConfig
+from lrsearch.config import JobConfig, in_ray_job
 from lrsearch.errors import LRSearchError
 from lrsearch.space import SpaceSampler, schedule_params
 from lrsearch.tasks import Task, build_task
@@ -269,6 +269,11 @@ def run_search(
     if num_trials is not None:
         job = job.model_copy(update={"search": job.search.model_copy(update={"num_trials": num_trials})})
     root = search_dir(job)
+    if in_ray_job() and _is_local(root):
+        # Ray may garbage-collect a job's working_dir while Tune still needs a valid working
+        # directory (ray-project/ray#52343): run from the results directory instead.
+        Path(root).mkdir(parents=True, exist_ok=True)
+        os.chdir(root)
     tune_path = f"{root}/{TUNE_DIR}"
     local_out = Path(root) if _is_local(root) else None
     exists = tune.Tuner.can_restore(tune_path) if (local_out is None or Path(tune_path).exists()) else False
@@ -481,6 +486,7 @@ def _trial_table(grid: Any, job: JobConfig, task: Task, metric: str) -> list[dic
             "train_loss_per_epoch": losses,
             "wall_seconds": float(metrics.get("time_total_s") or 0.0),
             "train_seconds": float(df["train_seconds"].sum()) if df is not None and "train_seconds" in df else 0.0,
+            "node_id": metrics.get("node_id"),
             "error": None if result.error is None else str(result.error).splitlines()[0][:500],
             "path": result.path,
         })

@@ -317,7 +317,7 @@ class SearchTracker(_RunLogger):
         search_id = uuid.uuid4().hex[:12]
         all_tags = {ROLE_TAG: "search", SEARCH_TAG: search_id, "lrsearch.job": job_name,
                     "lrsearch.version": __version__, "lrsearch.results": results_dir}
-        submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_SUBMISSION_ID")
+        submission = os.environ.get("LRSEARCH_SUBMISSION_ID")  # set by lrsearch submit
         if submission:
             all_tags["ray.submission_id"] = submission
         all_tags.update(tags or {})

@@ -89,6 +89,9 @@ def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | N
     model, optimizer, scheduler, params, total = build_trial(job, task, config, device)
     per_epoch = steps_per_epoch(job, task)
     key = metric_key(task)
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
     smooth, explode = 0.1, job.search.explode_factor
 
     logger = None
@@ -142,6 +145,7 @@ def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | N
             "total_steps": total,
             "train_seconds": time.perf_counter() - started,
             "diverged": diverged,
+            "node_id": node_id,
         }
         if diverged:
             metrics[key] = worst_value(task)

@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import sys
-import tomllib
 from functools import cache
 from pathlib import Path
 
@@ -26,6 +25,11 @@ from packaging.version import Version
 
 from lrsearch.cluster import head_command, mlflow_server_command, search_entrypoint, worker_command
 from lrsearch.config import parse_job
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -39,7 +43,7 @@ COMPOSE_WORKER = worker_command(address="ray-head:6379", node_ip=None)
 COMPOSE_MLFLOW = mlflow_server_command(
     host="0.0.0.0",
     port=5000,
-    backend_store_uri="postgresql://mlflow@postgres:5432/mlflow",
+    backend_store_uri="postgresql+psycopg://mlflow@postgres:5432/mlflow",
     artifacts_destination="s3://mlflow",
     allowed_hosts=["mlflow:5000", "localhost:*", "127.0.0.1:*"],
 )
@@ -239,7 +243,11 @@ def test_compose_stack_has_its_services_and_one_image():
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile", name
     # The MLflow server's backend and artifact store are the stack's own PostgreSQL and MinIO.
     mlflow = services["mlflow"]
-    assert "@postgres:" in COMPOSE_MLFLOW[COMPOSE_MLFLOW.index("--backend-store-uri") + 1]
+    backend = COMPOSE_MLFLOW[COMPOSE_MLFLOW.index("--backend-store-uri") + 1]
+    assert backend.startswith("postgresql+psycopg://") and "@postgres:" in backend
+    assert ":" not in backend.split("://")[1].split("@")[0], "no password in the URI (PGPASSWORD)"
+    assert "psycopg" in pins(), "the image gets its PostgreSQL driver from pyproject.toml"
+    assert mlflow["environment"]["PGPASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert {"postgres", "minio-bucket"} <= set(mlflow["depends_on"])
     assert services["ray-worker"]["depends_on"]["ray-head"]["condition"] == "service_healthy"
@@ -336,10 +344,13 @@ def test_dockerfile_installs_like_setup_sh():
     assert {"pyproject.toml", "README.md", "lrsearch", "search_spaces"} <= sources
     assert all((ROOT / s).exists() for s in sources)
     # The Debian packages setup.sh installs.
-    apt = re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1).split()
-    assert apt == ["fortunes", "dataset-fashion-mnist"]
+    # The Debian packages setup.sh installs that the built-in tasks read their data from (setup.sh
+    # also installs a PostgreSQL server for the tests; the image's stack runs its own container).
+    apt = set(re.search(r"APT_PACKAGES=\(([^)]*)\)", setup).group(1).split())
+    data_packages = {"fortunes", "dataset-fashion-mnist"}
+    assert data_packages <= apt
     install = re.search(r"apt-get install [^&]*", text).group(0).split()
-    assert set(apt) <= set(install)
+    assert data_packages <= set(install)
     # What the Ray cluster launcher and KubeRay call inside the container.
     assert {"bash", "rsync", "wget"} <= set(install)
 
@@ -423,6 +434,55 @@ def test_launcher_start_commands_are_the_cluster_functions():
 # --------------------------------------------------------------------------------------------
 # cluster/kuberay-*.yaml
 # --------------------------------------------------------------------------------------------
+
+
+# The fields KubeRay documents (KubeRay v1.7 CRD API reference, ray.io/v1); a key outside them is a
+# typo the API server would reject or silently drop.
+KUBERAY_FIELDS = {
+    "RayClusterSpec": {
+        "upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions",
+        "headServiceAnnotations", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
+        "historyServerOptions", "networkPolicy", "tlsOptions", "headGroupSpec", "rayVersion",
+        "workerGroupSpecs",
+    },
+    "AuthOptions": {"mode", "secretName", "enableK8sTokenAuth"},
+    "AutoscalerOptions": {
+        "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds",
+        "upscalingMode", "version", "env", "envFrom", "volumeMounts", "command", "args",
+    },
+    "HeadGroupSpec": {
+        "template", "headService", "enableIngress", "ingressOptions", "resources", "labels",
+        "rayStartParams", "serviceType",
+    },
+    "WorkerGroupSpec": {
+        "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+        "priority", "resources", "labels", "rayStartParams", "template", "scaleStrategy",
+        "numOfHosts",
+    },
+    "RayJobSpec": {
+        "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
+        "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
+        "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
+        "entrypointNumGpus", "ttlSecondsAfterFinished", "preRunningDeadlineSeconds",
+        "shutdownAfterJobFinishes", "suspend",
+    },
+}
+
+
+def test_kuberay_manifests_use_documented_fields_only():
+    def check(kind_name: str, obj: dict, where: str) -> None:
+        unknown = set(obj) - KUBERAY_FIELDS[kind_name]
+        assert not unknown, f"{where}: {sorted(unknown)} are no {kind_name} fields"
+
+    for (job,) in [kind("RayJob")]:
+        check("RayJobSpec", job["spec"], "RayJob.spec")
+    for where, spec in ray_cluster_specs():
+        check("RayClusterSpec", spec, where)
+        check("AuthOptions", spec["authOptions"], f"{where}.authOptions")
+        check("AutoscalerOptions", spec.get("autoscalerOptions", {}), f"{where}.autoscalerOptions")
+        check("HeadGroupSpec", spec["headGroupSpec"], f"{where}.headGroupSpec")
+        for group in spec["workerGroupSpecs"]:
+            check("WorkerGroupSpec", group, f"{where}.workerGroupSpecs")
 
 
 def test_kuberay_manifests_have_kinds_and_api_versions():

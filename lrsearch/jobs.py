@@ -1,0 +1,221 @@
+"""Submit searches to a Ray cluster through the Ray Jobs API. Only module using Ray's job client.
+
+``submit`` ships the job file (and, for a ``python`` task, the user's task module) as the job's
+``working_dir`` and runs ``lrsearch search JOB.yaml`` there. The submission id is derived from the
+job's content, so submitting the same job twice attaches to the first submission instead of
+starting a second search.
+
+Token authentication stays on: the token is read from ``RAY_AUTH_TOKEN``, the file named by
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` and sent only as an HTTP header; it is never put in
+the job's metadata, runtime environment, logs or MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lrsearch.cluster import search_entrypoint
+from lrsearch.config import JobConfig, load_job
+from lrsearch.errors import LRSearchError
+
+__all__ = ["JobsError", "submission_id", "submit", "job_status", "job_logs", "stop_job", "list_jobs",
+           "wait_for_job"]
+
+TOKEN_HELP = ("set RAY_AUTH_TOKEN to the cluster's token (on the head node: `ray get-auth-token`), "
+              "or point RAY_AUTH_TOKEN_PATH at a file holding it, or put it in ~/.ray/auth_token")
+
+
+class JobsError(LRSearchError):
+    """Raised when the Ray cluster cannot be reached, refuses the token, or has no such job."""
+
+
+def _token() -> str | None:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    candidates = [Path(path)] if path else [Path.home() / ".ray" / "auth_token"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.read_text().strip() or None
+    return None
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    if not address.startswith(("http://", "https://")):
+        raise JobsError(f"--address: got {address!r}; allowed: the dashboard URL, e.g. http://HEAD:8265")
+    token = _token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as exc:  # connection refused, 401/403, version mismatch
+        raise _translate(exc, address, token) from None
+
+
+def _translate(exc: Exception, address: str, token: str | None) -> JobsError:
+    text = _scrub(str(exc), token)
+    lowered = text.lower()
+    if "401" in text or "authentication required" in lowered or "no authentication token" in lowered:
+        return JobsError(f"{address}: the Ray cluster requires a token and none was sent; {TOKEN_HELP}")
+    if "403" in text or "invalid or incorrect" in lowered or "authentication failed" in lowered:
+        return JobsError(f"{address}: the Ray cluster rejected the token; {TOKEN_HELP}")
+    if "not found" in lowered and "job" in lowered:
+        return JobsError(f"{address}: {text.splitlines()[0]}")
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return JobsError(f"{address}: cannot reach the Ray Jobs API ({first}); is the head's dashboard up?")
+
+
+def submission_id(job: JobConfig, job_text: str) -> str:
+    """``lrsearch-NAME-HASH``: the same job file content gives the same id."""
+    digest = hashlib.sha256(job_text.encode()).hexdigest()[:10]
+    return f"lrsearch-{job.name}-{digest}"
+
+
+def _stage(job_file: Path, job: JobConfig, staging: Path) -> None:
+    """The working_dir of the Ray job: the job file, plus the task module of a python task."""
+    shutil.copy2(job_file, staging / "job.yaml")
+    if job.task.kind != "python":
+        return
+    module = job.task.entrypoint.split(":", 1)[0].split(".", 1)[0]
+    base = Path(job.resolve(job.task.path)) if job.task.path else job_file.parent
+    package, single = base / module, base / f"{module}.py"
+    if package.is_dir():
+        shutil.copytree(package, staging / module, ignore=shutil.ignore_patterns("__pycache__"))
+    elif single.is_file():
+        shutil.copy2(single, staging / single.name)
+    else:
+        raise JobsError(f"task.entrypoint: module {module!r} not found next to the job file ({base}); "
+                        "lrsearch submit ships it from there")
+    if job.task.path:
+        # the shipped job must find the module in its working_dir, not at the local path
+        data = yaml.safe_load((staging / "job.yaml").read_text())
+        data["task"]["path"] = "."
+        (staging / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None = None) -> dict[str, Any]:
+    """Submit ``lrsearch search JOB`` to the cluster at ``address`` (the dashboard URL).
+
+    Returns:
+        ``{"submission_id", "status", "already_submitted", "dashboard", "experiment", "entrypoint"}``.
+    """
+    job_file = Path(job_file)
+    job = load_job(job_file)  # a bad job fails here, before anything is sent
+    text = job_file.read_text()
+    sub_id = submission_id(job, text)
+    client = _client(address)
+    token = _token()
+    experiment = job.tracking.experiment or job.name
+    info: dict[str, Any] = {"submission_id": sub_id, "dashboard": f"{address.rstrip('/')}/#/jobs/{sub_id}",
+                            "experiment": experiment, "tracking_uri": job.tracking.uri}
+    base_id, attempt = sub_id, 1
+    while True:
+        try:
+            existing = client.get_job_info(sub_id)
+        except Exception:
+            existing = None
+        if existing is None:
+            break
+        status = _status_text(existing.status)
+        if status not in ("FAILED", "STOPPED"):
+            # pending, running or succeeded: the same job is not started twice
+            info.update(submission_id=sub_id, dashboard=f"{address.rstrip('/')}/#/jobs/{sub_id}",
+                        status=status, already_submitted=True, entrypoint=existing.entrypoint)
+            return info
+        attempt += 1  # a failed or stopped submission may be tried again
+        sub_id = f"{base_id}-{attempt}"
+    info.update(submission_id=sub_id, dashboard=f"{address.rstrip('/')}/#/jobs/{sub_id}")
+    entrypoint = " ".join([*search_entrypoint("job.yaml"), *(extra_args or [])])
+    metadata = {"lrsearch.job": job.name, "lrsearch.experiment": experiment}
+    # Tags the MLflow parent run; not a secret. The tracking URI is the job's tracking.uri or the
+    # cluster's own MLFLOW_TRACKING_URI: the submitter's (often a loopback address) is not forwarded.
+    env_vars = {"LRSEARCH_SUBMISSION_ID": sub_id}
+    with tempfile.TemporaryDirectory(prefix="lrsearch-submit-") as tmp:
+        _stage(job_file, job, Path(tmp))
+        runtime_env: dict[str, Any] = {"working_dir": tmp, "env_vars": env_vars}
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=sub_id, runtime_env=runtime_env,
+                              metadata=metadata)
+        except Exception as exc:
+            raise _translate(exc, address, token) from None
+    info.update(status="PENDING", already_submitted=False, entrypoint=entrypoint)
+    return info
+
+
+def _status_text(status: Any) -> str:
+    return str(status.value if hasattr(status, "value") else status)
+
+
+def job_status(address: str, job_id: str) -> dict[str, Any]:
+    client = _client(address)
+    try:
+        info = client.get_job_info(job_id)
+    except Exception as exc:
+        raise _translate(exc, address, _token()) from None
+    return {"submission_id": job_id, "status": _status_text(info.status), "message": info.message,
+            "entrypoint": info.entrypoint, "metadata": info.metadata or {},
+            "start_time": info.start_time, "end_time": info.end_time}
+
+
+def job_logs(address: str, job_id: str) -> str:
+    client = _client(address)
+    try:
+        return _scrub(client.get_job_logs(job_id), _token())
+    except Exception as exc:
+        raise _translate(exc, address, _token()) from None
+
+
+def stop_job(address: str, job_id: str) -> bool:
+    client = _client(address)
+    try:
+        return bool(client.stop_job(job_id))
+    except Exception as exc:
+        raise _translate(exc, address, _token()) from None
+
+
+def list_jobs(address: str) -> list[dict[str, Any]]:
+    client = _client(address)
+    try:
+        jobs = client.list_jobs()
+    except Exception as exc:
+        raise _translate(exc, address, _token()) from None
+    return [{"submission_id": j.submission_id, "status": _status_text(j.status), "entrypoint": j.entrypoint,
+             "job": (j.metadata or {}).get("lrsearch.job")} for j in jobs]
+
+
+def wait_for_job(address: str, job_id: str, on_log: Callable[[str], None] | None = None) -> str:
+    """Stream the job's logs until it ends; returns the final status (SUCCEEDED, FAILED, STOPPED)."""
+    import asyncio
+
+    client = _client(address)
+    token = _token()
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            if on_log is not None:
+                on_log(_scrub(lines, token))
+
+    try:
+        asyncio.run(tail())
+    except Exception as exc:
+        raise _translate(exc, address, token) from None
+    return _status_text(client.get_job_status(job_id))
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, default=str)

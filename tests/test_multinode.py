@@ -1,0 +1,202 @@
+"""A real multi-node Ray cluster on 127.0.0.1 with token authentication: `lrsearch submit`, jobs
+commands, and a worker node killed mid-search.
+
+The head (no CPUs for trials, dashboard + Jobs API on 127.0.0.1) and two worker nodes are started
+with exactly the commands of ``lrsearch.cluster`` (the same ones docker/compose.yaml runs), and
+every process the test started is stopped by its id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from lrsearch.cli import app
+from lrsearch.cluster import head_command, worker_command
+
+BIN = Path(sys.executable).parent
+runner = CliRunner()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _alive_nodes(env: dict[str, str], gcs: str) -> int:
+    code = (f"import ray; ray.init(address='{gcs}', log_to_driver=False); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cluster")
+    token = secrets.token_hex(24)
+    port, dash = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env.get('PATH', '')}",
+               HOME=str(tmp))  # no ~/.ray/auth_token from elsewhere
+    gcs = f"127.0.0.1:{port}"
+    procs = {"head": _start(head_command(port=port, dashboard_port=dash, num_cpus=0), env, tmp / "head.log")}
+    try:
+        deadline = time.time() + 240
+        while _alive_nodes(env, gcs) < 1:
+            assert time.time() < deadline, (tmp / "head.log").read_text()[-3000:]
+            time.sleep(2)
+        # one worker at a time: nodes on one machine share a session directory, and two raylets
+        # starting at once race for the same socket name
+        for count, name in enumerate(("worker-a", "worker-b"), start=2):
+            procs[name] = _start(worker_command(address=gcs, num_cpus=1), env, tmp / f"{name}.log")
+            while _alive_nodes(env, gcs) < count:
+                assert time.time() < deadline, (tmp / f"{name}.log").read_text()[-3000:]
+                time.sleep(2)
+        yield {"address": f"http://127.0.0.1:{dash}", "token": token, "env": env, "tmp": tmp, "procs": procs}
+    finally:
+        for proc in procs.values():
+            _kill(proc)
+        # `ray start` recorded this cluster as the machine's current one; a later ray.init() must not
+        # try to join it
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and str(port) in current.read_text():
+            current.unlink()
+
+
+def _job_file(cluster, name, **search):
+    tmp = cluster["tmp"]
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name,
+        "task": {"kind": "synthetic", "num_train": 2048, "num_val": 256, "batch_size": 64, "hidden": 128},
+        "range_test": {"num_steps": 30},
+        "search": {"num_trials": 4, "max_epochs": 2, "grace_period": 2, "max_concurrent_trials": 2,
+                   "max_failures": 3, **search},
+        "resources": {"cpu": 1},
+        # one filesystem for all nodes here; on a real cluster: s3://... or a shared mount
+        "storage": {"path": str(tmp / "runs")},
+        "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db", "experiment": name},
+    }))
+    return path
+
+
+def _cli(cluster, *args, token="use"):
+    env = {"RAY_AUTH_TOKEN": cluster["token"] if token == "use" else token, "HOME": str(cluster["tmp"])}
+    return runner.invoke(app, [*args], env=env)
+
+
+def test_submit_runs_the_search_across_nodes(cluster):
+    job = _job_file(cluster, "multi")
+    result = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--wait", "--json")
+    assert result.exit_code == 0, result.output[-4000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["status"] == "SUCCEEDED" and info["submission_id"].startswith("lrsearch-multi-")
+
+    out = cluster["tmp"] / "runs" / "multi"
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == 4 and all(t["state"] in ("completed", "pruned") for t in trials)
+    assert len({t["node_id"] for t in trials}) >= 2  # trials really ran on more than one node
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["total"] == 4 and summary["best_config"] is not None
+
+    client = MlflowClient(f"sqlite:///{cluster['tmp']}/mlruns.db")
+    exp = client.get_experiment_by_name("multi")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("lrsearch.role") == "search")
+    children = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
+    assert len(children) == 4
+    assert parent.data.tags["ray.submission_id"] == info["submission_id"]
+
+    # the token is nowhere: job metadata, entrypoint, logs, MLflow
+    status = _cli(cluster, "jobs", "status", info["submission_id"], "--address", cluster["address"], "--json")
+    assert status.exit_code == 0
+    logs = _cli(cluster, "jobs", "logs", info["submission_id"], "--address", cluster["address"])
+    assert logs.exit_code == 0 and "lrsearch search" in logs.output
+    everything = status.output + logs.output + json.dumps([r.data.params | r.data.tags for r in runs])
+    assert cluster["token"] not in everything
+
+    # submitting the same job again does not start a second search
+    again = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--json")
+    assert again.exit_code == 0
+    second = json.loads(again.stdout)
+    assert second["already_submitted"] is True and second["submission_id"] == info["submission_id"]
+    listed = json.loads(_cli(cluster, "jobs", "list", "--address", cluster["address"], "--json").stdout)
+    assert sum(1 for j in listed["jobs"] if j["job"] == "multi") == 1
+
+
+@pytest.mark.parametrize(("token", "fragment"), [(None, "none was sent"), ("wrong-token", "rejected the token")])
+def test_missing_or_wrong_token_is_one_clear_line(cluster, token, fragment):
+    env = {"HOME": str(cluster["tmp"] / "nohome")}
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    else:
+        env["RAY_AUTH_TOKEN"] = ""
+    result = runner.invoke(app, ["jobs", "list", "--address", cluster["address"]], env=env)
+    assert result.exit_code == 2
+    assert fragment in result.output and "RAY_AUTH_TOKEN" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_worker_node_killed_mid_search(cluster):
+    job = _job_file(cluster, "survivor", num_trials=4, max_epochs=4, grace_period=4)
+    sub = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--json")
+    assert sub.exit_code == 0, sub.output
+    sub_id = json.loads(sub.stdout)["submission_id"]
+    out = cluster["tmp"] / "runs" / "survivor"
+    # wait until trials are training (their first checkpoints exist), then kill worker node B
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if list((out / "tune").glob("*/checkpoint_*")):
+            break
+        time.sleep(0.5)
+    assert list((out / "tune").glob("*/checkpoint_*")), "no trial started"
+    finished_before = set()
+    study = out / "optuna_trials.json"
+    if study.is_file():
+        finished_before = {json.dumps(s["params"], sort_keys=True) for s in json.loads(study.read_text())
+                           if s["state"] in ("COMPLETE", "PRUNED")}
+    _kill(cluster["procs"]["worker-b"])
+
+    deadline = time.time() + 500
+    status = "PENDING"
+    while time.time() < deadline:
+        status = json.loads(_cli(cluster, "jobs", "status", sub_id, "--address", cluster["address"],
+                                 "--json").stdout)["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    logs = _cli(cluster, "jobs", "logs", sub_id, "--address", cluster["address"]).output
+    assert status == "SUCCEEDED", logs[-4000:]
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == 4 and all(t["state"] == "completed" for t in trials), trials
+    final = {json.dumps(s["params"], sort_keys=True) for s in json.loads(study.read_text())
+             if s["state"] == "COMPLETE"}
+    assert finished_before <= final  # no trial finished before the kill was lost
