@@ -313,7 +313,10 @@ class SearchTracker(_RunLogger):
                     raise TrackingError(f"--resume: parent run {info.parent_run_id} not found at {uri}: {exc}") from None
                 return cls(info)
         exp = client.get_experiment_by_name(experiment)
-        experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        # experimentKind: MLflow's UI opens a training experiment on its runs table (nested runs
+        # expandable), not on the GenAI overview
+        experiment_id = exp.experiment_id if exp else client.create_experiment(
+            experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         search_id = uuid.uuid4().hex[:12]
         all_tags = {ROLE_TAG: "search", SEARCH_TAG: search_id, "lrsearch.job": job_name,
                     "lrsearch.version": __version__, "lrsearch.results": results_dir}
