@@ -154,15 +154,17 @@ def test_submit_runs_the_search_across_nodes(cluster):
 
 @pytest.mark.parametrize(("token", "fragment"), [(None, "none was sent"), ("wrong-token", "rejected the token")])
 def test_missing_or_wrong_token_is_one_clear_line(cluster, token, fragment):
-    env = {"HOME": str(cluster["tmp"] / "nohome")}
+    # a fresh process, as a user runs it (Ray caches a token it has loaded once per process)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(cluster["tmp"] / "nohome")  # no ~/.ray/auth_token either
     if token:
         env["RAY_AUTH_TOKEN"] = token
-    else:
-        env["RAY_AUTH_TOKEN"] = ""
-    result = runner.invoke(app, ["jobs", "list", "--address", cluster["address"]], env=env)
-    assert result.exit_code == 2
-    assert fragment in result.output and "RAY_AUTH_TOKEN" in result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = subprocess.run([str(BIN / "lrsearch"), "jobs", "list", "--address", cluster["address"]],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert fragment in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""
 
 
 def test_worker_node_killed_mid_search(cluster):
