@@ -80,7 +80,8 @@ def cluster(tmp_path_factory):
             while _alive_nodes(env, gcs) < count:
                 assert time.time() < deadline, (tmp / f"{name}.log").read_text()[-3000:]
                 time.sleep(2)
-        yield {"address": f"http://127.0.0.1:{dash}", "token": token, "env": env, "tmp": tmp, "procs": procs}
+        yield {"address": f"http://127.0.0.1:{dash}", "gcs": gcs, "token": token, "env": env, "tmp": tmp,
+               "procs": procs}
     finally:
         for proc in procs.values():
             _kill(proc)
@@ -150,6 +151,27 @@ def test_submit_runs_the_search_across_nodes(cluster):
     assert second["already_submitted"] is True and second["submission_id"] == info["submission_id"]
     listed = json.loads(_cli(cluster, "jobs", "list", "--address", cluster["address"], "--json").stdout)
     assert sum(1 for j in listed["jobs"] if j["job"] == "multi") == 1
+
+
+def test_search_joins_an_existing_cluster_with_address(cluster):
+    # the driver runs here and joins the running cluster instead of starting a local Ray
+    job = _job_file(cluster, "joined", num_trials=2, max_epochs=1, grace_period=1)
+    env = cluster["env"]
+    done = subprocess.run([str(BIN / "lrsearch"), "search", str(job), "--address", cluster["gcs"], "--json"],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=cluster["tmp"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["counts"]["total"] == 2 and summary["counts"]["errored"] == 0
+    trials = pq.read_table(summary["paths"]["trials"]).to_pylist()
+    head_id = _head_node_id(cluster)
+    assert all(t["node_id"] and t["node_id"] != head_id for t in trials)  # on the workers: head has 0 CPUs
+
+
+def _head_node_id(cluster) -> str:
+    code = (f"import ray; ray.init(address='{cluster['gcs']}', log_to_driver=False); "
+            "print([n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get('CPU', 0) == 0][0])")
+    out = subprocess.run([sys.executable, "-c", code], env=cluster["env"], capture_output=True, text=True, timeout=120)
+    return out.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(("token", "fragment"), [(None, "none was sent"), ("wrong-token", "rejected the token")])
