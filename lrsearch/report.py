@@ -112,7 +112,18 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
                      f"-> {result.metric} {b['value']:.4f}")
     else:
         parts.append("[bold yellow]no trial completed its full budget[/]")
-    parts.append("files: " + ", ".join(f"{k}={v}" for k, v in result.paths.items()))
+    paths = result.paths
+    if "best_config" in paths:
+        exp = f" (or: lrsearch export --experiment {result.experiment} --format hf|torch)" if result.experiment else ""
+        parts.append(f"best config: {paths['best_config']}{exp}")
+    parts.append(f"results:     {paths['results']}/  (trials.parquet, summary.json, tune/)")
+    if result.tracking:
+        uri = result.tracking["uri"]
+        pending = paths.get("mlflow_pending", "0")
+        note = "" if pending == "0" else f"  [yellow]{pending} logging operations pending: lrsearch sync {paths['results']}[/]"
+        parts.append(f"MLflow:      {uri}, run {result.tracking['run_id']}{note}")
+        if not uri.startswith(("http://", "https://")):
+            parts.append(f"             see it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return parts
 
 

@@ -61,6 +61,7 @@ class SearchResult:
     range_test: dict[str, Any] | None = None
     seconds: float = 0.0
     tracking: dict[str, str] | None = None
+    experiment: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -165,7 +166,7 @@ class LiveProgress(Callback):
             self._status.start()
         best = "-" if self.best is None else f"{self.best:.4f}"
         self._status.update(f"trials: {len(self.running)} running, {self.done}/{self.num_trials} done; "
-                            f"best {self.metric} {best}")
+                            f"best epoch so far: {self.metric} {best}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
@@ -374,6 +375,7 @@ def run_search(
         result.paths["mlflow_run"] = f"{tracker.info.uri} run {tracker.info.parent_run_id}"
         result.tracking = {"uri": tracker.info.uri, "experiment_id": tracker.info.experiment_id,
                            "run_id": tracker.info.parent_run_id}
+        result.experiment = job.tracking.experiment or job.name
         if local_out is not None:
             (local_out / "summary.json").write_text(json.dumps(result.summary(), indent=1, default=str))
     result.seconds = time.perf_counter() - started
