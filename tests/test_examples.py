@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from lrsearch.config import parse_job
@@ -18,13 +17,6 @@ SMALL = {
     "synthetic": {"num_train": 256, "num_val": 64},
     "python": {},
 }
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.parent.name + "/" + p.stem)

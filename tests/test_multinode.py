@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import free_port
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -29,12 +29,6 @@ from lrsearch.cluster import head_command, worker_command
 
 BIN = Path(sys.executable).parent
 runner = CliRunner()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -62,7 +56,7 @@ def _alive_nodes(env: dict[str, str], gcs: str) -> int:
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(24)
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env.get('PATH', '')}",
                HOME=str(tmp))  # no ~/.ray/auth_token from elsewhere

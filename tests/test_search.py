@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 
 from lrsearch.config import parse_job
@@ -21,14 +20,6 @@ from lrsearch.search import run_search
 
 REPO = Path(__file__).resolve().parent.parent
 LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # One Ray instance for the module: ray.init takes ~10 s here.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _job(tmp_path, **overrides):

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,9 +16,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import yaml
+from conftest import free_port
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -31,19 +30,6 @@ from lrsearch.tracking import TrackingError
 
 runner = CliRunner()
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _job(tmp_path, uri, name="tracked", **search):
@@ -179,7 +165,7 @@ def test_export_errors_are_one_line(tracked_search):
 
 
 def test_unreachable_server_fails_before_anything_starts(local_ray, tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     job = _job(tmp_path, uri, name="unreachable")
     started = time.perf_counter()
     with pytest.raises(TrackingError, match="cannot reach the MLflow tracking store"):
@@ -231,7 +217,7 @@ def _spooled(root: Path) -> int:
 def test_server_outage_mid_search_loses_nothing(local_ray, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    port = _free_port()
+    port = free_port()
     backend = f"sqlite:///{tmp_path}/server.db"
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(port, backend, tmp_path / "artifacts")
@@ -312,7 +298,7 @@ def test_postgresql_backend(local_ray, tmp_path, monkeypatch):
     # user can reach (pytest's tmp_path sits under a root-only directory)
     base = Path(tempfile.mkdtemp(prefix="lrsearch-pg-"))
     data = base / "pgdata"
-    port = _free_port()
+    port = free_port()
     user = "postgres" if os.geteuid() == 0 else None
     data.mkdir()
     run_as = []
@@ -361,7 +347,7 @@ def test_mlflow_ui_shows_parent_and_nested_runs(tracked_search, tmp_path):
     from PIL import Image
 
     tmp, uri, result = tracked_search
-    port = _free_port()
+    port = free_port()
     server = _start_server(port, uri, tmp / "artifacts-ui")
     try:
         exp_id, run_id = result.tracking["experiment_id"], result.tracking["run_id"]
