@@ -220,6 +220,9 @@ class SearchConfig(Strict):
     explode_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 4.0
     max_steps_per_epoch: PositiveInt | None = None
     max_failures: Annotated[int, Field(ge=0)] = 2
+    #: trial checkpoints (model + optimizer, per epoch) are needed to resume; once the search has
+    #: finished keep the best trial's ("best"), every trial's ("all") or none ("none")
+    keep_checkpoints: Literal["best", "all", "none"] = "best"
 
     @model_validator(mode="after")
     def _grace_le_max(self) -> SearchConfig:

@@ -370,6 +370,8 @@ def run_search(
 
     trials = _trial_table(grid, job, task, metric)
     result = _write_results(job, root, local_out, trials, metric, mode, range_test, task)
+    _prune_checkpoints(trials, job.search.keep_checkpoints,
+                       result.best_config["trial_id"] if result.best_config else None)
     if tracker is not None:
         _log_results(tracker, result, job, task, local_out)
         result.paths["mlflow_run"] = f"{tracker.info.uri} run {tracker.info.parent_run_id}"
@@ -443,6 +445,21 @@ def _log_results(tracker: SearchTracker, result: SearchResult, job: JobConfig, t
     tracker.finish_trials(result.trials)
     pending = tracker.finish(ok=c["errored"] < c["total"])
     result.paths["mlflow_pending"] = str(pending)
+
+
+def _prune_checkpoints(trials: list[dict[str, Any]], keep: str, best_id: str | None) -> None:
+    """Free the disk the finished search no longer needs (a fine-tuned model per trial adds up)."""
+    if keep == "all":
+        return
+    import pyarrow.fs as pafs
+
+    for t in trials:
+        if keep == "best" and t["trial_id"] == best_id:
+            continue
+        fs, base = pafs.FileSystem.from_uri(t["path"]) if "://" in t["path"] else (pafs.LocalFileSystem(), t["path"])
+        for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+                fs.delete_dir(info.path)
 
 
 def _state(result: Any, max_t: int) -> tuple[str, int]:

@@ -71,6 +71,9 @@ def test_search_reports_pruned_trials_to_optuna_as_pruned(local_ray, tmp_path):
     assert best["value"] == max(t["final_metric"] for t in completed)
     assert best["schedule"] in {t["schedule"] for t in completed}
     assert all(len(t["metric_per_epoch"]) == t["stopped_at_epoch"] for t in trials)
+    # once finished, only the best trial keeps its checkpoint (keep_checkpoints: best)
+    kept = {p.parent.name for p in Path(result.paths["ray_results"]).glob("*/checkpoint_*")}
+    assert len(kept) == 1 and best["trial_id"] in kept.pop()
     summary = json.loads(Path(result.paths["summary"]).read_text())
     assert summary["counts"] == result.counts and summary["best_metric"] == best["value"]
 
