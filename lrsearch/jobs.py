@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,11 +149,18 @@ def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None =
     with tempfile.TemporaryDirectory(prefix="lrsearch-submit-") as tmp:
         _stage(job_file, job, Path(tmp))
         runtime_env: dict[str, Any] = {"working_dir": tmp, "env_vars": env_vars}
-        try:
-            client.submit_job(entrypoint=entrypoint, submission_id=sub_id, runtime_env=runtime_env,
-                              metadata=metadata)
-        except Exception as exc:
-            raise _translate(exc, address, token) from None
+        # Right after a cluster starts, its Jobs API answers "No available agent to submit job,
+        # please try again later" until the head's agent is up: wait for it (up to ~2 minutes).
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.submit_job(entrypoint=entrypoint, submission_id=sub_id, runtime_env=runtime_env,
+                                  metadata=metadata)
+                break
+            except Exception as exc:
+                if "try again later" not in str(exc) or time.monotonic() > deadline:
+                    raise _translate(exc, address, token) from None
+                time.sleep(2)
     info.update(status="PENDING", already_submitted=False, entrypoint=entrypoint)
     return info
 

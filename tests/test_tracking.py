@@ -333,13 +333,21 @@ def test_postgresql_backend(local_ray, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def _chromium(url: str, profile: Path, *extra: str) -> str:
-    return subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=20000", *extra, url],
-        check=True, capture_output=True, text=True, timeout=180,
-    ).stdout
+def _chromium(url: str, profile: Path, *extra: str, until: tuple[str, ...] = ()) -> str:
+    """Load ``url`` headless; with ``until``, retry (the UI fetches runs from a real server, which a
+    busy machine answers slowly) until every string in it is on the rendered page."""
+    page = ""
+    for budget in (20000, 40000, 80000):
+        page = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1400,900", f"--virtual-time-budget={budget}",
+             *extra, url],
+            check=True, capture_output=True, text=True, timeout=300,
+        ).stdout
+        if all(text in page for text in until):
+            break
+    return page
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed")
@@ -356,16 +364,19 @@ def test_mlflow_ui_shows_parent_and_nested_runs(tracked_search, tmp_path):
         child = next(r for r in client.search_runs([exp_id]) if r.data.tags.get("lrsearch.role") == "trial")
         base = f"http://127.0.0.1:{port}/#/experiments/{exp_id}"
         # the runs table: the search's parent run, with its trials nested under it
-        runs_page = _chromium(f"{base}/runs", tmp_path / "chrome", "--dump-dom")
-        assert parent.info.run_name in runs_page
-        assert f"{len(result.trials) + 1} matching runs" in runs_page
+        expected = (parent.info.run_name, f"{len(result.trials) + 1} matching runs")
+        runs_page = _chromium(f"{base}/runs", tmp_path / "chrome", "--dump-dom", until=expected)
+        assert all(text in runs_page for text in expected)
         # a trial's run: its per-epoch metrics and the LR of every optimizer step, charted
-        child_page = _chromium(f"{base}/runs/{child.info.run_id}/model-metrics", tmp_path / "chrome", "--dump-dom")
-        assert child.info.run_name in child_page and "lr_step" in child_page and "val_accuracy" in child_page
+        expected = (child.info.run_name, "lr_step", "val_accuracy")
+        child_page = _chromium(f"{base}/runs/{child.info.run_id}/model-metrics", tmp_path / "chrome",
+                               "--dump-dom", until=expected)
+        assert all(text in child_page for text in expected)
         # the parent's artifacts: the plots and the trial table
-        artifacts_page = _chromium(f"{base}/runs/{run_id}/artifacts", tmp_path / "chrome", "--dump-dom")
-        for name in ("search.png", "lr_curves_top.png", "trials.parquet", "best_config.yaml"):
-            assert name in artifacts_page
+        expected = ("search.png", "lr_curves_top.png", "trials.parquet", "best_config.yaml")
+        artifacts_page = _chromium(f"{base}/runs/{run_id}/artifacts", tmp_path / "chrome", "--dump-dom",
+                                   until=expected)
+        assert all(text in artifacts_page for text in expected)
         for name, url in (("runs", f"{base}/runs"), ("trial", f"{base}/runs/{child.info.run_id}/model-metrics")):
             shot = tmp_path / f"{name}.png"
             _chromium(url, tmp_path / "chrome", f"--screenshot={shot}")
