@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import re
 import sys
 import tempfile
 import time
@@ -202,11 +204,16 @@ def make_job(which: str, method: str, args: argparse.Namespace, tmp: Path) -> Jo
 
 
 def start_order(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Trials in the order Tune created them (trial ids end in a running number)."""
-    def key(t: dict[str, Any]) -> tuple[int, str]:
-        tid = str(t["trial_id"])
-        tail = tid.rsplit("_", 1)[-1]
-        return (int(tail) if tail.isdigit() else 10**9, tid)
+    """Trials in the order Tune created them.
+
+    A trial's directory is ``<trainable>_<trial_id>_<n>_<params>_<date>``, where ``n`` counts the
+    trials the searcher created (1, 2, ...); with one trial at a time this is also the run order.
+    """
+    def key(t: dict[str, Any]) -> int:
+        m = re.search(rf"_{re.escape(str(t['trial_id']))}_(\d+)_", Path(t["path"]).name)
+        if m is None:
+            raise SystemExit(f"cannot read the creation number from trial path {t['path']!r}")
+        return int(m.group(1))
     return sorted(trials, key=key)
 
 
@@ -276,6 +283,9 @@ def spearman(pairs: list[tuple[float, float]]) -> tuple[float | None, float | No
 def run_method(which: str, method: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     job = make_job(which, method, args, tmp)
     probe = Probe()
+    # find_lr does not seed torch: the range test's dropout masks would depend on what this
+    # process ran before (trials are seeded on their workers)
+    torch.manual_seed(SEED)
     t0 = time.perf_counter()
     with probed(probe), random_sampler(method == "random"):
         result: SearchResult = run_search(job, show_progress=False, track=args.track)
@@ -295,8 +305,8 @@ def run_method(which: str, method: str, args: argparse.Namespace, tmp: Path) -> 
              f"bounds {result.range_test['bounds'][0]:.2g}..{result.range_test['bounds'][1]:.2g}, "
              f"{result.range_test['stop_reason']})" if result.range_test else "")
           + f"; best {result.best_metric}; {wall:.0f} s", file=sys.stderr)
-    for t in start_order(result.trials):
-        print(f"    {t['trial_id']}: {t['schedule']} max_lr {t['max_lr']:.3g} {t['state']} "
+    for i, t in enumerate(start_order(result.trials), 1):
+        print(f"    {i}. {t['trial_id']}: {t['schedule']} max_lr {t['max_lr']:.3g} {t['state']} "
               f"@{t['stopped_at_epoch']} {[round(v, 3) for v in t['metric_per_epoch']]} "
               f"train {t['train_seconds']:.1f} s / trial {t['wall_seconds']:.1f} s", file=sys.stderr)
     return run
@@ -334,6 +344,15 @@ def print_task(which: str, runs: dict[str, dict[str, Any]], budget: float) -> No
         print(f"| {m} | {c['total']} ({c['completed']} / {c['pruned']} / {c['diverged']}) | {used_s} "
               f"| {fmt(r.best_metric)} | {fmt(b_best)} ({b_used:.1f}, {b_n} trials) "
               f"| {trial_desc(best_trial) if best_trial else '-'} | {run['wall']:.0f} |")
+
+    print("\n| method | # | schedule, max_lr (params) | state | val acc per epoch | train + val (s) "
+          "| trial wall (s) |")
+    print("|---|---:|---|---|---|---:|---:|")
+    for m in METHODS:
+        for i, t in enumerate(start_order(runs[m]["result"].trials), 1):
+            accs = ", ".join(f"{v:.3f}" for v in t["metric_per_epoch"])
+            print(f"| {m} | {i} | {trial_desc(t)} | {t['state']} | {accs} | {t['train_seconds']:.1f} "
+                  f"| {t['wall_seconds']:.1f} |")
 
     print("\n| baseline | its best val acc | its compute | lrsearch compute to match (trial-epochs, incl. range test) |")
     print("|---|---:|---:|---:|")
@@ -387,6 +406,9 @@ def main() -> None:
                         help="log every search to a throwaway MLflow sqlite store (default: off)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    # run_search(address=None) calls ray.init(), which joins the newest cluster started with
+    # `ray start` on this machine if one is up (e.g. a test's); the bench wants its own.
+    os.environ["RAY_ADDRESS"] = "local"
     if args.quick:
         args.budget = args.budget or 9
         args.rt_steps = 20

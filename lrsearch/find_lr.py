@@ -12,7 +12,7 @@ import torch
 from lrsearch.config import JobConfig
 from lrsearch.optim import build_optimizer
 from lrsearch.range_test import RangeTestResult, lr_range_test
-from lrsearch.tasks import Task, build_task
+from lrsearch.tasks import Task, build_task, reseed
 
 
 def default_device() -> torch.device:
@@ -29,6 +29,7 @@ def find_lr(
 ) -> tuple[Task, RangeTestResult]:
     """Run the job's range test on a fresh model of its task. Returns the task and the result."""
     task = task or build_task(job)
+    reseed(task, job.search.seed)  # the same job gives the same curve and bounds in any process
     cfg = job.range_test
     model = task.build_model()
     optimizer = build_optimizer(job.optimizer, model, cfg.start_lr)

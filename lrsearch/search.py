@@ -209,13 +209,18 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
         # Fast trials checkpoint often; Tune's "snapshotting may become a bottleneck" is noise here.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
+        # --address, or RAY_ADDRESS (set by Ray for a submitted job's entrypoint): join that cluster
+        target = address or os.environ["RAY_ADDRESS"]
         try:
-            ray.init(address=address, **kwargs)
+            ray.init(address=target, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise SearchError(f"--address {address!r}: cannot connect to a Ray cluster: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SearchError(f"--address {target!r}: cannot connect to a Ray cluster: {first}") from None
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        # "local": a fresh Ray for this search, never whatever cluster `ray start` last left recorded
+        # on this machine (ray.init()'s default would join that one)
+        ray.init(address="local", include_dashboard=False, **kwargs)
     return True
 
 

@@ -23,7 +23,7 @@ from lrsearch.optim import build_optimizer
 from lrsearch.range_test import forward
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
-from lrsearch.tasks import Task, build_task, evaluate
+from lrsearch.tasks import Task, build_task, evaluate, reseed
 from lrsearch.tracking import TrackingInfo, TrialLogger
 
 _TASKS: dict[str, Task] = {}
@@ -111,6 +111,9 @@ def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | N
         start_epoch, reference, avg, seen = state["epoch"], state["reference"], state["avg"], state["seen"]
 
     for epoch in range(start_epoch, job.search.max_epochs):
+        # each epoch's batch order depends on the seed and the epoch only: not on which trials this
+        # (reused) worker ran before, nor on whether the trial was resumed from a checkpoint
+        reseed(task, job.search.seed * 1_000_003 + epoch)
         started = time.perf_counter()
         model.train()
         loss_sum, steps, diverged, lrs = 0.0, 0, False, []

@@ -123,3 +123,18 @@ def test_find_lr_on_the_python_task_example(tmp_path, monkeypatch):
     result = runner.invoke(app, ["find-lr", str(job)], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     assert "digits-cnn" in result.output and "max_lr search bounds" in result.output
+
+
+def test_find_lr_is_reproducible_within_one_process():
+    # what ran before (another range test on the same task, advancing its loader) must not matter
+    from lrsearch.config import parse_job
+    from lrsearch.find_lr import find_lr
+    from lrsearch.tasks import build_task
+
+    job = parse_job({"name": "again", "task": {"kind": "synthetic", "num_train": 256, "num_val": 64},
+                     "range_test": {"num_steps": 20, "end_lr": 1.0}})
+    task = build_task(job)
+    first = find_lr(job, task=task)[1]
+    next(iter(task.train_loader))  # move the loader's shuffling on
+    second = find_lr(job, task=task)[1]
+    assert first.raw_losses == second.raw_losses and first.bounds() == second.bounds()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -345,6 +346,7 @@ def _chromium(url: str, profile: Path, *extra: str, until: tuple[str, ...] = ())
              *extra, url],
             check=True, capture_output=True, text=True, timeout=300,
         ).stdout
+        page = re.sub(r"<[^>]+>", "", page)  # the rendered text, without markup
         if all(text in page for text in until):
             break
     return page
@@ -366,7 +368,7 @@ def test_mlflow_ui_shows_parent_and_nested_runs(tracked_search, tmp_path):
         # the runs table: the search's parent run, with its trials nested under it
         expected = (parent.info.run_name, f"{len(result.trials) + 1} matching runs")
         runs_page = _chromium(f"{base}/runs", tmp_path / "chrome", "--dump-dom", until=expected)
-        assert all(text in runs_page for text in expected)
+        assert all(text in runs_page for text in expected), [t for t in expected if t not in runs_page]
         # a trial's run: its per-epoch metrics and the LR of every optimizer step, charted
         expected = (child.info.run_name, "lr_step", "val_accuracy")
         child_page = _chromium(f"{base}/runs/{child.info.run_id}/model-metrics", tmp_path / "chrome",

@@ -54,3 +54,12 @@ def evaluate(model: nn.Module, task: Task, device: torch.device | str = "cpu") -
         count += len(targets)
     model.train(was_training)
     return {"loss": loss_sum / max(1, count), "accuracy": correct / max(1, count)}
+
+
+def reseed(task: Task, seed: int) -> None:
+    """Seed torch and the training loader's shuffling, so that what a run sees does not depend on
+    what ran before it in the same process (Ray reuses workers across trials)."""
+    torch.manual_seed(seed)
+    generator = getattr(task.train_loader, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(seed)
