@@ -351,12 +351,30 @@ class SearchTracker(_RunLogger):
         """Tag each trial's child run with its final state and close it (ASHA's stops happen on the
         driver; the worker never learns it was pruned)."""
         status = {"completed": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "errored": "FAILED"}
+        self._close_abandoned({t["trial_id"] for t in trials})
         for t in trials:
             state = t["state"]
             label = f"pruned at rung {t['stopped_at_epoch']}" if state == "pruned" else state
             trial = TrialLogger(self.info, t["trial_id"])
             trial.log({"op": "batch", "tags": {"lrsearch.state": label, "lrsearch.stopped_at_epoch": t["stopped_at_epoch"]}})
             trial.log({"op": "terminate", "status": status[state]})
+
+    def _close_abandoned(self, trial_ids: set[str]) -> None:
+        # A trial that had started when the driver was killed, but that Ray Tune had not yet recorded
+        # in its experiment state, is not resumed: Tune starts a new trial instead. Its child run
+        # stays, marked as such, so nothing is silently dropped and nothing counts twice.
+        try:
+            runs = self.client.search_runs(
+                [self.info.experiment_id],
+                filter_string=f"tags.`{SEARCH_TAG}` = '{self.info.search_id}' and tags.`{ROLE_TAG}` = 'trial'",
+                max_results=1000)
+        except Exception:
+            return  # the store is down: the trials' own logging is spooled, this tag can wait
+        for run in runs:
+            if run.data.tags.get(TRIAL_TAG) not in trial_ids:
+                trial = TrialLogger(self.info, run.data.tags[TRIAL_TAG])
+                trial.log({"op": "batch", "tags": {"lrsearch.state": "abandoned (search interrupted)"}})
+                trial.log({"op": "terminate", "status": "KILLED"})
 
     def finish(self, ok: bool = True) -> int:
         """Close the parent run and replay every spool; returns the number still pending."""

@@ -160,5 +160,9 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     children = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].info.run_id == summary["tracking"]["run_id"]
-    assert sorted(r.data.tags["lrsearch.trial_id"] for r in children) == sorted(t["trial_id"] for t in trials)
+    kept = [r for r in children if r.data.tags.get("lrsearch.state") != "abandoned (search interrupted)"]
+    # one child run per trial of the search; a trial that had started but that Ray Tune had not yet
+    # recorded when the driver died is not resumed (Tune starts another): its run is marked abandoned
+    assert sorted(r.data.tags["lrsearch.trial_id"] for r in kept) == sorted(t["trial_id"] for t in trials)
+    assert len(children) - len(kept) <= 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)

@@ -49,7 +49,12 @@ def _job(tmp_path, uri, name="tracked", **search):
 def tracked_search(local_ray, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{tmp}/mlruns.db"
-    result = run_search(_job(tmp, uri), show_progress=False)
+    cwd = os.getcwd()
+    os.chdir(tmp)  # a database store puts artifacts under ./mlruns: keep them out of the checkout
+    try:
+        result = run_search(_job(tmp, uri), show_progress=False)
+    finally:
+        os.chdir(cwd)
     return tmp, uri, result
 
 
@@ -369,16 +374,17 @@ def test_mlflow_ui_shows_parent_and_nested_runs(tracked_search, tmp_path):
         expected = (parent.info.run_name, f"{len(result.trials) + 1} matching runs")
         runs_page = _chromium(f"{base}/runs", tmp_path / "chrome", "--dump-dom", until=expected)
         assert all(text in runs_page for text in expected), [t for t in expected if t not in runs_page]
-        # a trial's run: its per-epoch metrics and the LR of every optimizer step, charted
-        expected = (child.info.run_name, "lr_step", "val_accuracy")
-        child_page = _chromium(f"{base}/runs/{child.info.run_id}/model-metrics", tmp_path / "chrome",
-                               "--dump-dom", until=expected)
-        assert all(text in child_page for text in expected)
+        # a trial's run: nested under the search's run, with its per-epoch metrics, the LR of every
+        # optimizer step and its final state (the model-metrics tab charts them: screenshot below)
+        expected = (child.info.run_name, "Parent run", "lr_step", "val_accuracy", "lrsearch.state")
+        child_page = _chromium(f"{base}/runs/{child.info.run_id}", tmp_path / "chrome", "--dump-dom",
+                               until=expected)
+        assert all(text in child_page for text in expected), [t for t in expected if t not in child_page]
         # the parent's artifacts: the plots and the trial table
         expected = ("search.png", "lr_curves_top.png", "trials.parquet", "best_config.yaml")
         artifacts_page = _chromium(f"{base}/runs/{run_id}/artifacts", tmp_path / "chrome", "--dump-dom",
                                    until=expected)
-        assert all(text in artifacts_page for text in expected)
+        assert all(text in artifacts_page for text in expected), [t for t in expected if t not in artifacts_page]
         for name, url in (("runs", f"{base}/runs"), ("trial", f"{base}/runs/{child.info.run_id}/model-metrics")):
             shot = tmp_path / f"{name}.png"
             _chromium(url, tmp_path / "chrome", f"--screenshot={shot}")
