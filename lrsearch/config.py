@@ -334,7 +334,6 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
-_TAGS = {"synthetic", "text_classification", "image_classification", "python"}
 
 
 def _describe(error: dict[str, Any], data: Any) -> str:
@@ -395,6 +394,7 @@ _TASK_MODELS = {
     "image_classification": ImageClassificationTask,
     "python": PythonTask,
 }
+_TAGS = set(_TASK_MODELS)
 
 
 def parse_job(data: Any, *, source: str = "job", base_dir: str = ".") -> JobConfig:

@@ -55,7 +55,9 @@ def find_lr(
 def save_range_test(job: JobConfig, task_name: str, result: RangeTestResult,
                     plot: str | Path | None = None) -> dict[str, Any]:
     """Write the plot and ``range_test.json`` under ``STORAGE/NAME/``; return a JSON-able summary."""
-    out_dir = Path(job.results_dir()) if "://" not in job.results_dir() else Path("lrsearch-runs") / job.name
+    results = job.results_dir()
+    # plots and JSON need a local directory; with s3:// storage they go to ./lrsearch-runs/NAME
+    out_dir = Path(results) if "://" not in results else Path("lrsearch-runs") / job.name
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_path = Path(plot) if plot else out_dir / "range_test.png"
     result.plot(str(plot_path), title=f"LR range test: {task_name}")

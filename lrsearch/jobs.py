@@ -13,7 +13,6 @@ the job's metadata, runtime environment, logs or MLflow.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -223,7 +222,3 @@ def wait_for_job(address: str, job_id: str, on_log: Callable[[str], None] | None
     except Exception as exc:
         raise _translate(exc, address, token) from None
     return _status_text(client.get_job_status(job_id))
-
-
-def dumps(data: Any) -> str:
-    return json.dumps(data, default=str)

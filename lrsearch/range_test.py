@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -363,7 +364,7 @@ def lr_range_test(
                     validation=val_loader is not None, device=str(device), amp=amp)
     result = RangeTestResult(lrs=[], losses=[], raw_losses=[], settings=settings)
     scaler = torch.amp.GradScaler("cuda") if amp else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else _null_context
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
 
     model.to(device)
     batches = _cycle(train_loader)
@@ -410,13 +411,6 @@ def lr_range_test(
         model.train(was_training)
     return result
 
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @torch.no_grad()
