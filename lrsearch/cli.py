@@ -7,6 +7,7 @@ one JSON object with ``--json``). Errors lrsearch raises on purpose become one l
 from __future__ import annotations
 
 import functools
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -28,16 +29,21 @@ JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_defaul
 
 
 def _clear_errors(fn):
-    """Turn lrsearch's own errors (and ValueErrors from validation) into one line, exit code 2."""
+    """Turn lrsearch's own errors (and ValueErrors from validation) into one line and their exit
+    code (2; 130 for Ctrl+C)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from lrsearch.errors import LRSearchError
+        from lrsearch.errors import Interrupted, LRSearchError
 
         try:
             return fn(*args, **kwargs)
+        except Interrupted as exc:
+            fail(str(exc), exc.exit_code, label="interrupted")
+        except KeyboardInterrupt:
+            fail("stopped by Ctrl+C", Interrupted.exit_code, label="interrupted")
         except (LRSearchError, ValueError) as exc:
-            fail(str(exc))
+            fail(str(exc), getattr(exc, "exit_code", 2))
 
     return wrapper
 
@@ -122,17 +128,22 @@ def search(
     from lrsearch.config import load_job
 
     job = load_job(job_file)
-    _run_search(job, num_trials=num_trials, address=address, resume=resume, verbose=verbose, json_=json_)
+    again = f"lrsearch search {shlex.quote(str(job_file))} --resume" + (f" --address {address}" if address else "")
+    _run_search(job, again, num_trials=num_trials, address=address, resume=resume, verbose=verbose, json_=json_)
 
 
-def _run_search(job, *, json_: bool, **kwargs) -> None:
+def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
+    from lrsearch.errors import Interrupted
     from lrsearch.report import search_tables
     from lrsearch.search import run_search
 
     if not json_:
         out.print(f"[bold]lrsearch search[/] {job.name!r}: {job.search.num_trials if kwargs.get('num_trials') is None else kwargs['num_trials']} trials, "
                   f"up to {job.search.max_epochs} epochs each, ASHA grace {job.search.grace_period}")
-    result = run_search(job, show_progress=not json_, **kwargs)
+    try:
+        result = run_search(job, show_progress=not json_, **kwargs)
+    except Interrupted as exc:
+        raise Interrupted(f"{exc}\ncontinue it with: {again}") from None
     if json_:
         print_json(result.summary())
         return
@@ -315,4 +326,5 @@ def demo(
     if not json_:
         t = job.task
         out.print(f"[bold]lrsearch demo[/]: {t.model} on fortunes {t.categories}, {t.num_train} training texts")
-    _run_search(job, json_=json_, resume=resume, verbose=verbose)
+    again = "lrsearch demo --resume" + (" --quick" if quick else "") + (f" --out-dir {shlex.quote(str(out_dir))}" if out_dir != Path("lrsearch-runs") else "")
+    _run_search(job, again, json_=json_, resume=resume, verbose=verbose)

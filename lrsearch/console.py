@@ -19,10 +19,11 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print ``error: message`` on stderr and exit with ``code``; no traceback."""
+def fail(message: str, code: int = 2, label: str = "error") -> None:
+    """Print ``error: message`` (or another label) on stderr and exit with ``code``; no traceback."""
+    colour = "bold red" if label == "error" else "bold yellow"
     for line in message.splitlines() or [""]:
-        err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        err.print(f"[{colour}]{label}:[/] {escape(line)}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 

@@ -1,8 +1,11 @@
-"""lrsearch's exceptions. The CLI prints their message on one line and exits with code 2."""
+"""lrsearch's exceptions. The CLI prints their message (no traceback) and exits with ``exit_code``."""
 
 
 class LRSearchError(Exception):
     """Base class of every error lrsearch raises on purpose."""
+
+    #: the CLI's exit status for it
+    exit_code = 2
 
 
 class ConfigError(LRSearchError, ValueError):
@@ -16,3 +19,9 @@ class TaskError(LRSearchError):
     """Raised when a task cannot be built: a missing model or dataset (file or package), or data
     that does not fit the task. The message names the job field, what was found and how to fix it
     (for a missing package: the exact install command)."""
+
+
+class Interrupted(LRSearchError):
+    """Raised when the user stopped a command (Ctrl+C); a search's state is kept for ``--resume``."""
+
+    exit_code = 130

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +26,12 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from lrsearch.config import JobConfig, in_ray_job
-from lrsearch.errors import LRSearchError
+from lrsearch.errors import Interrupted, LRSearchError
 from lrsearch.space import SpaceSampler, schedule_params
+from lrsearch.storage import filesystem, listing
 from lrsearch.tasks import Task, build_task
 from lrsearch.tracking import SearchTracker, resolve_tracking
-from lrsearch.train import metric_key, run_trial, steps_per_epoch
+from lrsearch.train import REPLAY_FILE, metric_key, run_trial, steps_per_epoch
 
 __all__ = ["SearchError", "SearchResult", "run_search", "search_dir"]
 
@@ -198,6 +202,30 @@ class LiveProgress(Callback):
 # --------------------------------------------------------------------------------------------
 
 
+class _CtrlC:
+    """Tells whether Ctrl+C stopped ``tuner.fit()`` (a time budget stops running trials too).
+
+    Tune installs its own SIGINT handler for the run; the first Ctrl+C makes it stop the trials,
+    save its state and put back the handler it found, this one (a second Ctrl+C then interrupts).
+    """
+
+    def __enter__(self) -> _CtrlC:
+        self.pressed = False
+        self._main = threading.current_thread() is threading.main_thread()
+        if self._main:
+            self._before = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._again)
+        return self
+
+    def _again(self, signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._main:
+            self.pressed = signal.getsignal(signal.SIGINT) == self._again
+            signal.signal(signal.SIGINT, self._before)
+
+
 def _init_ray(address: str | None, verbose: bool) -> bool:
     """Connect to (or start) Ray. Returns True if this call started it (and must shut it down)."""
     import ray
@@ -331,6 +359,7 @@ def run_search(
             callbacks=[progress],
         )
         if resume:
+            _fill_replaced_checkpoints(tune_path)
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
             # callbacks are not part of the saved state: show progress again
@@ -366,13 +395,23 @@ def run_search(
                 ),
                 run_config=run_config,
             )
-        grid = tuner.fit()
+        with _CtrlC() as ctrl_c:
+            grid = tuner.fit()
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
 
+    if ctrl_c.pressed and progress.running:
+        # Tune stopped the running trials (they never completed) and saved its state
+        if tracker is not None:
+            tracker.interrupted()
+        raise Interrupted(
+            f"search {job.name!r} stopped with {len(grid) - len(progress.running)} of "
+            f"{job.search.num_trials} trials finished; "
+            f"its state and checkpoints are kept in {root}"
+        )
     trials = _trial_table(grid, job, task, metric)
     result = _write_results(job, root, local_out, trials, metric, mode, range_test, task)
     _prune_checkpoints(trials, job.search.keep_checkpoints,
@@ -452,19 +491,44 @@ def _log_results(tracker: SearchTracker, result: SearchResult, job: JobConfig, t
     result.paths["mlflow_pending"] = str(pending)
 
 
+def _checkpoint_dirs(fs: Any, trial_dir: str) -> dict[int, str]:
+    """``{N: path}`` of a trial's ``checkpoint_NNNNNN`` directories."""
+    return {int(name[11:]): path for name, path in listing(fs, trial_dir, dirs=True).items()
+            if name.startswith("checkpoint_") and name[11:].isdigit()}
+
+
+def _fill_replaced_checkpoints(tune_path: str) -> None:
+    """Make every checkpoint an interrupted search's saved state can name restorable.
+
+    Tune saves the search's state (which checkpoint each trial resumes from) every 10 s or so,
+    but deletes a trial's previous checkpoint as soon as the next one is registered
+    (``num_to_keep=1``). A driver killed in between leaves a state naming a checkpoint that is
+    gone, and the trial would fail to restore (ray-project/ray#27790). A trial's checkpoint
+    ``N`` holds epoch ``N + 1`` (one per epoch), so each missing one below the newest becomes a
+    ``replay.json`` that tells :func:`~lrsearch.train.run_trial` to retrain those epochs.
+    """
+    fs, base = filesystem(tune_path)
+    for trial_dir in listing(fs, base, dirs=True).values():
+        found = _checkpoint_dirs(fs, trial_dir)
+        for index in range(max(found, default=-1)):
+            if index not in found:
+                missing = f"{trial_dir}/checkpoint_{index:06d}"
+                fs.create_dir(missing)
+                with fs.open_output_stream(f"{missing}/{REPLAY_FILE}") as f:
+                    f.write(json.dumps({"epoch": index + 1}).encode())
+
+
 def _prune_checkpoints(trials: list[dict[str, Any]], keep: str, best_id: str | None) -> None:
     """Free the disk the finished search no longer needs (a fine-tuned model per trial adds up)."""
     if keep == "all":
         return
-    import pyarrow.fs as pafs
-
     for t in trials:
-        if keep == "best" and t["trial_id"] == best_id:
-            continue
-        fs, base = pafs.FileSystem.from_uri(t["path"]) if "://" in t["path"] else (pafs.LocalFileSystem(), t["path"])
-        for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
-                fs.delete_dir(info.path)
+        fs, trial_dir = filesystem(t["path"])
+        found = _checkpoint_dirs(fs, trial_dir)
+        if keep == "best" and t["trial_id"] == best_id and found:
+            del found[max(found)]  # its final state stays
+        for path in found.values():
+            fs.delete_dir(path)
 
 
 def _state(result: Any, max_t: int) -> tuple[str, int]:
@@ -479,6 +543,12 @@ def _state(result: Any, max_t: int) -> tuple[str, int]:
     return "completed", epochs
 
 
+def _error_line(error: BaseException) -> str:
+    """The exception's own message: Ray's wrapper puts the remote traceback (with colours) first."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    return [line for line in lines if line][-1][:500] if any(lines) else type(error).__name__
+
+
 def _trial_table(grid: Any, job: JobConfig, task: Task, metric: str) -> list[dict[str, Any]]:
     max_t = job.search.max_epochs
     total = steps_per_epoch(job, task) * max_t
@@ -487,6 +557,9 @@ def _trial_table(grid: Any, job: JobConfig, task: Task, metric: str) -> list[dic
         config = dict(result.config or {})
         state, epochs = _state(result, max_t)
         df = result.metrics_dataframe
+        if df is not None and TRAINING_ITERATION in df:
+            # a resumed trial may report again the epochs after Tune's last saved state
+            df = df.drop_duplicates(TRAINING_ITERATION, keep="last")
         per_epoch = [] if df is None or metric not in df else [float(v) for v in df[metric].tolist()]
         losses = [] if df is None or "train_loss" not in df else [float(v) for v in df["train_loss"].tolist()]
         try:
@@ -511,7 +584,7 @@ def _trial_table(grid: Any, job: JobConfig, task: Task, metric: str) -> list[dic
             "wall_seconds": float(metrics.get("time_total_s") or 0.0),
             "train_seconds": float(df["train_seconds"].sum()) if df is not None and "train_seconds" in df else 0.0,
             "node_id": metrics.get("node_id"),
-            "error": None if result.error is None else str(result.error).splitlines()[0][:500],
+            "error": None if result.error is None else _error_line(result.error),
             "path": result.path,
         })
     return rows

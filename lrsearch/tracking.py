@@ -23,6 +23,7 @@ from typing import Any
 
 from lrsearch import __version__
 from lrsearch.errors import LRSearchError
+from lrsearch.storage import filesystem, listing
 
 __all__ = [
     "TrackingError",
@@ -118,16 +119,8 @@ def check_reachable(uri: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _fs(path: str):
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).resolve())
-
-
 def _spool_write(spool_dir: str, key: str, op: dict[str, Any]) -> None:
-    fs, base = _fs(spool_dir)
+    fs, base = filesystem(spool_dir)
     folder = f"{base}/{key}"
     fs.create_dir(folder, recursive=True)
     # one file per operation, named so that sorting gives the order: no appends needed (S3-safe)
@@ -137,11 +130,9 @@ def _spool_write(spool_dir: str, key: str, op: dict[str, Any]) -> None:
 
 
 def _spool_pending(spool_dir: str, key: str) -> list[tuple[str, dict[str, Any]]]:
-    import pyarrow.fs as pafs
-
-    fs, base = _fs(spool_dir)
-    infos = fs.get_file_info(pafs.FileSelector(f"{base}/{key}", allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".json"))
+    fs, base = filesystem(spool_dir)
+    files = sorted(path for name, path in listing(fs, f"{base}/{key}", dirs=False).items()
+                   if name.endswith(".json"))
     out = []
     for path in files:
         with fs.open_input_stream(path) as fh:
@@ -150,15 +141,12 @@ def _spool_pending(spool_dir: str, key: str) -> list[tuple[str, dict[str, Any]]]
 
 
 def _spool_keys(spool_dir: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, base = _fs(spool_dir)
-    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    return sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.Directory)
+    fs, base = filesystem(spool_dir)
+    return sorted(listing(fs, base, dirs=True))
 
 
 def _spool_delete(spool_dir: str, path: str) -> None:
-    fs, _ = _fs(spool_dir)
+    fs, _ = filesystem(spool_dir)
     fs.delete_file(path)
 
 
@@ -285,6 +273,15 @@ class TrialLogger(_RunLogger):
                 params[key] = config[key]
         self.log({"op": "batch", "params": params})
 
+    def logged_epochs(self, metric: str) -> int:
+        """The last epoch this trial's run already holds (a resumed trial re-runs the epochs after
+        Tune's last saved state; they are not logged twice). 0 if none, or the store is down."""
+        try:
+            history = self.client.get_metric_history(self.run_id(), metric)
+        except Exception:
+            return 0
+        return max((m.step for m in history), default=0)
+
     def log_epoch(self, epoch: int, metrics: dict[str, float], lrs: list[float], first_step: int) -> None:
         batch = [_metric(k, v, epoch) for k, v in metrics.items()]
         batch += [_metric("lr_step", lr, first_step + i) for i, lr in enumerate(lrs)]
@@ -315,6 +312,7 @@ class SearchTracker(_RunLogger):
                                     f"{results_dir}/{SPOOL}")
                 try:
                     client.update_run(info.parent_run_id, status="RUNNING")
+                    client.set_tag(info.parent_run_id, "lrsearch.state", "running (resumed)")
                 except Exception as exc:
                     raise TrackingError(f"--resume: parent run {info.parent_run_id} not found at {uri}: {exc}") from None
                 return cls(info)
@@ -376,8 +374,15 @@ class SearchTracker(_RunLogger):
                 trial.log({"op": "batch", "tags": {"lrsearch.state": "abandoned (search interrupted)"}})
                 trial.log({"op": "terminate", "status": "KILLED"})
 
+    def interrupted(self) -> int:
+        """Mark the parent run stopped by the user (``--resume`` sets it running again)."""
+        self.log({"op": "batch", "tags": {"lrsearch.state": "interrupted (resume with --resume)"}})
+        self.log({"op": "terminate", "status": "KILLED"})
+        return sync_spool(self.info)
+
     def finish(self, ok: bool = True) -> int:
         """Close the parent run and replay every spool; returns the number still pending."""
+        self.log({"op": "batch", "tags": {"lrsearch.state": "finished" if ok else "failed"}})
         self.log({"op": "terminate", "status": "FINISHED" if ok else "FAILED"})
         return sync_spool(self.info)
 

@@ -4,12 +4,15 @@
 It builds the task on the worker, the optimizer at ``max_lr`` and the schedule over the trial's
 full budget (``max_epochs`` epochs), trains, evaluates after every epoch and reports the metric,
 train loss and LR with a checkpoint, so an interrupted search resumes where each trial stopped.
+(Where the search's saved state names a checkpoint Tune had already replaced, the resume leaves
+a ``replay.json`` in its place and the trial retrains those epochs, unreported, before going on.)
 A NaN/inf loss, or a smoothed loss above ``explode_factor`` x its starting value, stops the trial
 at once: it reports ``diverged=True`` and the worst metric value, and ends (the search goes on).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -27,6 +30,9 @@ from lrsearch.tasks import Task, build_task, evaluate, reseed
 from lrsearch.tracking import TrackingInfo, TrialLogger
 
 _TASKS: dict[str, Task] = {}
+
+#: in a checkpoint directory instead of ``trial.pt``: "rebuild this state by retraining N epochs"
+REPLAY_FILE = "replay.json"
 
 
 def metric_key(task: Task) -> str:
@@ -99,18 +105,26 @@ def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | N
         context = tune.get_context()
         logger = TrialLogger(tracking, context.get_trial_id(), context.get_trial_name())
         logger.log_config(config, params)
+    logged = logger.logged_epochs(key) if logger is not None else 0
 
-    start_epoch, reference, avg, seen = 0, None, 0.0, 0
+    start_epoch, replay_to, reference, avg, seen = 0, 0, None, 0.0, 0
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
-            state = torch.load(os.path.join(path, "trial.pt"), map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, reference, avg, seen = state["epoch"], state["reference"], state["avg"], state["seen"]
+            if os.path.isfile(os.path.join(path, REPLAY_FILE)):
+                # the search's saved state points at a checkpoint Tune had already replaced: retrain
+                # the epochs it covered (seeded per epoch, so the same trajectory) without reporting
+                with open(os.path.join(path, REPLAY_FILE)) as f:
+                    replay_to = int(json.load(f)["epoch"])
+            else:
+                state = torch.load(os.path.join(path, "trial.pt"), map_location=device, weights_only=False)
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+                start_epoch, reference, avg, seen = state["epoch"], state["reference"], state["avg"], state["seen"]
 
     for epoch in range(start_epoch, job.search.max_epochs):
+        replaying = epoch < replay_to
         # each epoch's batch order depends on the seed and the epoch only: not on which trials this
         # (reused) worker ran before, nor on whether the trial was resumed from a checkpoint
         reseed(task, job.search.seed * 1_000_003 + epoch)
@@ -140,6 +154,8 @@ def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | N
             if smoothed > explode * reference:
                 diverged = True
                 break
+        if replaying and not diverged:
+            continue
         train_loss = loss_sum / max(1, steps)
         metrics = {
             "epoch": epoch + 1,
@@ -153,7 +169,7 @@ def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | N
         if diverged:
             metrics[key] = worst_value(task)
             metrics["val_loss"] = 1e9
-            if logger is not None:
+            if logger is not None and epoch + 1 > logged:
                 logger.log_epoch(epoch + 1, {"train_loss": metrics["train_loss"], "diverged": 1.0},
                                  lrs, epoch * per_epoch)
             tune.report(metrics)
@@ -161,7 +177,7 @@ def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | N
         val = evaluate(model, task, device)
         metrics.update({f"val_{k}": v for k, v in val.items()})
         metrics["train_seconds"] = time.perf_counter() - started
-        if logger is not None:
+        if logger is not None and epoch + 1 > logged:
             logger.log_epoch(epoch + 1, {k: metrics[k] for k in (key, "val_loss", "train_loss", "lr")},
                              lrs, epoch * per_epoch)
         with tempfile.TemporaryDirectory() as tmp:

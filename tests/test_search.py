@@ -93,6 +93,16 @@ def test_diverging_trials_stop_at_once_and_the_search_goes_on(local_ray, tmp_pat
     assert all(s["user_attrs"]["diverged"] is True for s in study)
 
 
+def test_a_time_budget_ends_the_search_with_results_not_as_an_interruption(local_ray, tmp_path):
+    # Tune stops the running trial at the budget, as it does on Ctrl+C: this is still a finished search
+    job = _job(tmp_path, name="budget", search={"num_trials": 100, "max_epochs": 40, "grace_period": 40,
+                                                "max_concurrent_trials": 1, "time_budget_s": 12})
+    result = run_search(job, show_progress=False)
+    assert 1 <= result.counts["total"] < 100
+    assert Path(result.paths["trials"]).is_file()
+    assert json.loads((Path(job.results_dir()) / "summary.json").read_text())["counts"] == result.counts
+
+
 def test_existing_results_are_never_overwritten(local_ray, tmp_path):
     job = _job(tmp_path, name="twice", search={"num_trials": 1, "max_epochs": 1, "grace_period": 1})
     run_search(job, show_progress=False)
@@ -102,17 +112,22 @@ def test_existing_results_are_never_overwritten(local_ray, tmp_path):
         run_search(_job(tmp_path, name="never-ran"), resume=True, show_progress=False)
 
 
-def test_resume_after_the_driver_is_killed(tmp_path):
+def _interruptible_job(tmp_path, name: str, num_train: int, **search) -> tuple[Path, Path]:
+    """A job file of one-at-a-time synthetic trials for the kill / Ctrl+C tests; its results dir."""
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump({
-        "name": "killed",
-        "task": {"kind": "synthetic", "num_train": 4096, "num_val": 256, "batch_size": 32, "hidden": 256},
+        "name": name,
+        "task": {"kind": "synthetic", "num_train": num_train, "num_val": 256, "batch_size": 32, "hidden": 256},
         "range_test": {"num_steps": 30},
-        "search": {"num_trials": 6, "max_epochs": 2, "grace_period": 2, "max_concurrent_trials": 1},
+        "search": {**search, "max_concurrent_trials": 1},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "killed-exp"},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": f"{name}-exp"},
     }))
-    out = tmp_path / "runs" / "killed"
+    return job_file, tmp_path / "runs" / name
+
+
+def test_resume_after_the_driver_is_killed(tmp_path):
+    job_file, out = _interruptible_job(tmp_path, "killed", 4096, num_trials=6, max_epochs=2, grace_period=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([LRSEARCH, "search", str(job_file), "--json"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -140,7 +155,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["counts"]["total"] == 6
-    assert summary["counts"]["errored"] == 0
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert summary["counts"]["errored"] == 0, [t["error"] for t in trials if t["error"]]
     study = json.loads(study_file.read_text())
     finished = [s for s in study if s["state"] in ("COMPLETE", "PRUNED")]
     assert len(finished) == 6  # the requested count, not more
@@ -166,3 +182,70 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert sorted(r.data.tags["lrsearch.trial_id"] for r in kept) == sorted(t["trial_id"] for t in trials)
     assert len(children) - len(kept) <= 1
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+
+
+def test_resume_fills_each_replaced_checkpoint_with_a_replay(tmp_path):
+    from lrsearch.search import _fill_replaced_checkpoints
+
+    tune_dir = tmp_path / "tune"
+    (tune_dir / "trial_a" / "checkpoint_000002").mkdir(parents=True)  # 0 and 1 replaced by 2
+    (tune_dir / "trial_a" / "checkpoint_000002" / "trial.pt").write_bytes(b"state")
+    (tune_dir / "trial_b" / "checkpoint_000000").mkdir(parents=True)  # nothing replaced
+    (tune_dir / "trial_c").mkdir()  # no checkpoint yet
+    _fill_replaced_checkpoints(str(tune_dir))
+    a = tune_dir / "trial_a"
+    assert sorted(p.name for p in a.iterdir()) == ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"]
+    assert json.loads((a / "checkpoint_000000" / "replay.json").read_text()) == {"epoch": 1}
+    assert json.loads((a / "checkpoint_000001" / "replay.json").read_text()) == {"epoch": 2}
+    assert (a / "checkpoint_000002" / "trial.pt").read_bytes() == b"state"  # the real one untouched
+    assert [p.name for p in (tune_dir / "trial_b").iterdir()] == ["checkpoint_000000"]
+    assert list((tune_dir / "trial_c").iterdir()) == []
+
+
+def test_ctrl_c_keeps_the_search_and_resume_replays_a_replaced_checkpoint(tmp_path):
+    """Ctrl+C stops cleanly (exit 130, nothing final written); a resume whose saved state names a
+    checkpoint Tune had already replaced (ray-project/ray#27790) retrains those epochs instead of
+    failing the trial, and logs no epoch twice."""
+    job_file, out = _interruptible_job(tmp_path, "ctrlc", 8192, num_trials=3, max_epochs=4, grace_period=4)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([LRSEARCH, "search", str(job_file)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("tune/*/checkpoint_000000")):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl+C in a terminal sends
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text[-3000:]
+    assert f"continue it with: lrsearch search {job_file} --resume" in text
+    assert "Traceback" not in text
+    assert not (out / "summary.json").exists() and not (out / "trials.parquet").exists()
+    (trial_dir,) = [d for d in (out / "tune").iterdir() if list(d.glob("checkpoint_*"))]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    exp = client.get_experiment_by_name("ctrlc-exp")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`lrsearch.role` = 'search'")
+    assert parent.info.status == "KILLED" and parent.data.tags["lrsearch.state"].startswith("interrupted")
+
+    # what a driver killed between Tune deleting a checkpoint and saving its state leaves: the
+    # checkpoint the state names is gone, a newer one is there
+    checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+    newest = int(checkpoints[-1].name[11:])
+    checkpoints[-1].rename(trial_dir / f"checkpoint_{newest + 1:06d}")
+    for c in checkpoints[:-1]:
+        c.rename(tmp_path / c.name)
+
+    done = subprocess.run([LRSEARCH, "search", str(job_file), "--resume", "--json"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=400, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == 3 and [t["error"] for t in trials] == [None] * 3
+    replayed = next(t for t in trials if t["path"].endswith(trial_dir.name))
+    assert replayed["state"] == "completed" and len(replayed["metric_per_epoch"]) == 4
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`lrsearch.role` = 'search'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["lrsearch.state"] == "finished"
+    (child,) = client.search_runs([exp.experiment_id], f"tags.`lrsearch.trial_id` = '{replayed['trial_id']}'")
+    history = client.get_metric_history(child.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # the replayed epochs were not logged again
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(replayed["metric_per_epoch"])
