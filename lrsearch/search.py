@@ -493,8 +493,9 @@ def _log_results(tracker: SearchTracker, result: SearchResult, job: JobConfig, t
 
 def _checkpoint_dirs(fs: Any, trial_dir: str) -> dict[int, str]:
     """``{N: path}`` of a trial's ``checkpoint_NNNNNN`` directories."""
-    return {int(name[11:]): path for name, path in listing(fs, trial_dir, dirs=True).items()
-            if name.startswith("checkpoint_") and name[11:].isdigit()}
+    numbered = ((re.fullmatch(r"checkpoint_(\d+)", name), path)
+                for name, path in listing(fs, trial_dir, dirs=True).items())
+    return {int(match[1]): path for match, path in numbered if match}
 
 
 def _fill_replaced_checkpoints(tune_path: str) -> None:
@@ -546,7 +547,8 @@ def _state(result: Any, max_t: int) -> tuple[str, int]:
 def _error_line(error: BaseException) -> str:
     """The exception's own message: Ray's wrapper puts the remote traceback (with colours) first."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    return [line for line in lines if line][-1][:500] if any(lines) else type(error).__name__
+    lines = [line for line in lines if line]
+    return lines[-1][:500] if lines else type(error).__name__
 
 
 def _trial_table(grid: Any, job: JobConfig, task: Task, metric: str) -> list[dict[str, Any]]:
