@@ -1,7 +1,7 @@
 """Range-test bounds vs. an LR grid: does ``RangeTestResult.bounds()`` bracket the LR that trains best?
 
 For each task (MiniLM-L6 on fortunes, EfficientNet-Lite0 on Fashion-MNIST; small subsets, CPU) this
-runs the job's range test through ``find_lr``, then trains a fresh, seeded model at every LR of a
+runs the job's range test through ``lrsearch.find_lr``, then trains a fresh, seeded model at every LR of a
 log-spaced grid for a short fixed budget (AdamW, linear decay with 10 % warmup) and evaluates it on
 the validation set. The grid's best LR is the one with the highest validation accuracy (ties: lower
 validation loss). Prints one Markdown table per task and a summary table (copied into BENCHMARKS.md).
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import lrsearch
 from lrsearch.config import JobConfig, parse_job
-from lrsearch.find_lr import find_lr
 from lrsearch.optim import build_optimizer
 from lrsearch.range_test import SUGGESTION_METHODS, RangeTestResult, forward
 from lrsearch.schedules import build_scheduler
@@ -106,7 +106,7 @@ def run_task(which: str, args: argparse.Namespace) -> dict[str, Any]:
     print(f"[{which}] {task.name}: {len(task.train_loader)} train batches/epoch", file=sys.stderr)
 
     start = time.perf_counter()
-    _, result = find_lr(job, task=task, device="cpu")
+    result = lrsearch.find_lr(job, task=task, save=False)
     rt_seconds = time.perf_counter() - start
     bounds = result.bounds()
     print(f"[{which}] range test {rt_seconds:.1f} s, {len(result.lrs)} steps ({result.stop_reason}), "

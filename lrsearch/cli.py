@@ -29,8 +29,8 @@ JobArg = Annotated[Path, typer.Argument(help="The job file (YAML).", show_defaul
 
 
 def _clear_errors(fn):
-    """Turn lrsearch's own errors (and ValueErrors from validation) into one line and their exit
-    code (2; 130 for Ctrl+C)."""
+    """Turn lrsearch's own errors (the user's to fix) into one line and their exit code (2; 130 for
+    Ctrl+C). Anything else is a bug in lrsearch and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -42,8 +42,8 @@ def _clear_errors(fn):
             fail(str(exc), exc.exit_code, label="interrupted")
         except KeyboardInterrupt:
             fail("stopped by Ctrl+C", Interrupted.exit_code, label="interrupted")
-        except (LRSearchError, ValueError) as exc:
-            fail(str(exc), getattr(exc, "exit_code", 2))
+        except LRSearchError as exc:
+            fail(str(exc), exc.exit_code)
 
     return wrapper
 
@@ -75,7 +75,12 @@ def schedules(
     from lrsearch.report import plot_schedules, schedules_table
 
     if plot is not None:
-        plot_schedules(str(plot), total_steps=total_steps, max_lr=max_lr)
+        try:
+            plot_schedules(str(plot), total_steps=total_steps, max_lr=max_lr)
+        except ValueError as exc:  # the schedules library's message names the bad option
+            from lrsearch.errors import ConfigError
+
+            raise ConfigError(str(exc)) from None
     if json_:
         from lrsearch.report import schedules_json
 
@@ -94,13 +99,14 @@ def find_lr_cmd(
     json_: JsonOpt = False,
 ) -> None:
     """Run the LR range test on the job's task and print the suggestions and max_lr bounds."""
-    from lrsearch.config import load_job
-    from lrsearch.find_lr import find_lr, save_range_test
+    import lrsearch
+    from lrsearch.finder import range_test_summary
 
-    job = load_job(job_file)
-    with RangeTestProgress(job.range_test.num_steps, enabled=not json_) as bar:
-        task, result = find_lr(job, progress=bar.callback)
-    summary = save_range_test(job, task.name, result, plot)
+    job = lrsearch.load_job(job_file)
+    # its length (range_test.num_steps: auto) is known once the task is built: the bar learns it
+    with RangeTestProgress(100, enabled=not json_) as bar:
+        result = lrsearch.find_lr(job, plot=plot, progress=bar.callback)
+    summary = range_test_summary(job, result, plot)
     if json_:
         print_json(summary)
         return
@@ -125,23 +131,23 @@ def search(
     json_: JsonOpt = False,
 ) -> None:
     """Search the LR strategy: range test -> Optuna TPE + ASHA on Ray Tune -> best config."""
-    from lrsearch.config import load_job
+    import lrsearch
 
-    job = load_job(job_file)
+    job = lrsearch.load_job(job_file)
     again = f"lrsearch search {shlex.quote(str(job_file))} --resume" + (f" --address {address}" if address else "")
     _run_search(job, again, num_trials=num_trials, address=address, resume=resume, verbose=verbose, json_=json_)
 
 
 def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
+    import lrsearch
     from lrsearch.errors import Interrupted
     from lrsearch.report import search_tables
-    from lrsearch.search import run_search
 
     if not json_:
         out.print(f"[bold]lrsearch search[/] {job.name!r}: {job.search.num_trials if kwargs.get('num_trials') is None else kwargs['num_trials']} trials, "
                   f"up to {job.search.max_epochs} epochs each, ASHA grace {job.search.grace_period}")
     try:
-        result = run_search(job, show_progress=not json_, **kwargs)
+        result = lrsearch.search(job, show_progress=not json_, **kwargs)
     except Interrupted as exc:
         raise Interrupted(f"{exc}\ncontinue it with: {again}") from None
     if json_:
@@ -161,15 +167,13 @@ def export(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db].")] = None,
 ) -> None:
     """Export the best config of a search from MLflow in a form a training script uses directly."""
+    import lrsearch
     from lrsearch.errors import ConfigError
-    from lrsearch.export import render
-    from lrsearch.tracking import find_search_run, read_best_config, resolve_tracking
 
     if (experiment is None) == (run_id is None):
         raise ConfigError("give exactly one of --experiment NAME or --run-id ID")
-    uri, _ = resolve_tracking(tracking_uri, None, "")
-    run = find_search_run(uri, experiment=experiment, run_id=run_id)
-    text, note = render(read_best_config(uri, run.info.run_id), format_)
+    text, note = lrsearch.export(experiment=experiment, run_id=run_id, tracking_uri=tracking_uri,
+                                 format=format_)
     if output is not None:
         output.write_text(text)
         out.print(f"wrote {output}", highlight=False)

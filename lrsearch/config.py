@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -24,7 +23,14 @@ from pydantic import (
 )
 
 from lrsearch.errors import ConfigError
-from lrsearch.space import FAMILIES, Range, SearchSpace, load_space, resolve_space
+from lrsearch.space import FAMILIES, Range, SearchSpace, end_warmup_by, load_space, resolve_space
+from lrsearch.task_config import (
+    TASK_MODELS,
+    NonNegFloat,
+    PositiveInt,
+    Strict,
+    TaskConfig,
+)
 
 __all__ = [
     "JobConfig",
@@ -35,102 +41,7 @@ __all__ = [
     "parse_job",
 ]
 
-PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
-
-
-class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, and values are re-checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-# --------------------------------------------------------------------------------------------
-# task
-# --------------------------------------------------------------------------------------------
-
-
-class SyntheticTask(Strict):
-    """A tiny synthetic task for tests (Gaussian clusters, an MLP trained from scratch)."""
-
-    kind: Literal["synthetic"]
-    num_train: PositiveInt = 2048
-    num_val: PositiveInt = 512
-    num_features: PositiveInt = 32
-    num_classes: Annotated[int, Field(ge=2)] = 8
-    hidden: PositiveInt = 64
-    noise: NonNegFloat = 2.0
-    batch_size: PositiveInt = 64
-    seed: int = 0
-
-
-class TextClassificationTask(Strict):
-    """A Hugging Face sequence classifier fine-tuned on labelled text."""
-
-    kind: Literal["text_classification"]
-    model: str = "minilm-l6"
-    dataset: str = "fortunes"
-    categories: list[str] | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    num_train: Annotated[int, Field(ge=2)] = 512
-    num_val: Annotated[int, Field(ge=2)] = 256
-    max_length: Annotated[int, Field(ge=2)] = 64
-    batch_size: PositiveInt = 16
-    seed: int = 0
-
-    @field_validator("categories")
-    @classmethod
-    def _categories(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and len(set(value)) < 2:
-            raise ValueError("needs at least 2 distinct categories")
-        return value
-
-
-class ImageClassificationTask(Strict):
-    """A pretrained image classifier fine-tuned on labelled images."""
-
-    kind: Literal["image_classification"]
-    model: str = "efficientnet-lite0"
-    dataset: str = "fashion_mnist"
-    weights: str | None = None
-    num_classes: Annotated[int, Field(ge=2)] | None = None
-    image_size: Annotated[int, Field(ge=8, le=1024)] = 64
-    num_train: PositiveInt = 512
-    num_val: PositiveInt = 256
-    batch_size: PositiveInt = 32
-    seed: int = 0
-
-
-_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-
-
-class PythonTask(Strict):
-    """The user's own task: ``entrypoint`` is ``package.module:function`` returning a ``Task``.
-
-    The function is called with ``options`` as keyword arguments. ``path`` (relative to the job
-    file) is put on ``sys.path`` first, so a task module can sit next to the job file.
-    """
-
-    kind: Literal["python"]
-    entrypoint: str
-    options: dict[str, Any] = Field(default_factory=dict)
-    path: str | None = None
-
-    @field_validator("entrypoint")
-    @classmethod
-    def _entrypoint(cls, value: str) -> str:
-        if not _ENTRYPOINT.match(value):
-            raise ValueError("must look like 'package.module:function'")
-        return value
-
-
-TaskConfig = Annotated[
-    SyntheticTask | TextClassificationTask | ImageClassificationTask | PythonTask,
-    Field(discriminator="kind"),
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,9 +76,12 @@ class RangeTestConfig(Strict):
     enabled: bool = True
     start_lr: PositiveFloat = 1e-7
     end_lr: PositiveFloat = 10.0
-    num_steps: Annotated[int, Field(ge=2)] = 100
+    #: ``auto``: 5 % of the search's most compute (trials x epochs x steps per epoch), from 30 to
+    #: 100 steps, so the test never eats a tiny search's budget
+    num_steps: Annotated[int, Field(ge=2)] | Literal["auto"] = "auto"
     mode: SweepMode = SweepMode.exp
-    smooth: Annotated[float, Field(gt=0, le=1)] = 0.05
+    #: EMA weight of the newest loss; ``auto``: 5 / num_steps, at most 0.2 (0.05 at 100 steps)
+    smooth: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = "auto"
     diverge_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 4.0
     accumulation_steps: PositiveInt = 1
     use_validation: bool = False
@@ -208,8 +122,15 @@ class SpaceConfig(Strict):
 
 
 class SearchConfig(Strict):
-    """Ray Tune + Optuna TPE + ASHA settings."""
+    """Ray Tune + Optuna settings: the sampler, early stopping, budget and divergence stop."""
 
+    #: Optuna's sampler: ``tpe`` (Tree-structured Parzen Estimator) or ``random``
+    algorithm: Literal["tpe", "random"] = "tpe"
+    #: ``asha`` stops the worse trials at rungs (``grace_period`` x ``reduction_factor``^k epochs);
+    #: ``none`` trains every trial its full budget
+    early_stopping: Literal["asha", "none"] = "asha"
+    #: configs to try first, e.g. ``{max_lr: 5.0e-5, schedule: linear, warmup_frac: 0.0}``
+    start_points: list[dict[str, Any]] = Field(default_factory=list)
     num_trials: PositiveInt = 12
     max_epochs: PositiveInt = 3
     grace_period: PositiveInt = 1
@@ -217,12 +138,30 @@ class SearchConfig(Strict):
     max_concurrent_trials: PositiveInt = 2
     time_budget_s: PositiveFloat | None = None
     seed: int = 0
-    explode_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 4.0
+    #: a trial stops, diverged, once its smoothed loss exceeds this multiple of its first loss
+    diverge_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 4.0
+    #: EMA weight of the newest loss in that smoothing (bias-corrected, as in the range test)
+    diverge_smooth: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.1
     max_steps_per_epoch: PositiveInt | None = None
     max_failures: Annotated[int, Field(ge=0)] = 2
-    #: trial checkpoints (model + optimizer, per epoch) are needed to resume; once the search has
-    #: finished keep the best trial's ("best"), every trial's ("all") or none ("none")
+    #: when a trial saves what resume needs (its trainable weights, optimizer and schedule state):
+    #: ``rungs`` at ASHA's rungs (without ASHA: epochs 1, 2, 4, 8...), ``epoch`` after every epoch,
+    #: ``none`` never (an interrupted trial retrains from its start, seeded: the same trajectory)
+    checkpoint: Literal["rungs", "epoch", "none"] = "rungs"
+    #: once the search has finished keep the best trial's final weights ("best"), every trial's
+    #: last checkpoint ("all") or none ("none")
     keep_checkpoints: Literal["best", "all", "none"] = "best"
+
+    @field_validator("start_points")
+    @classmethod
+    def _start_points(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, point in enumerate(value):
+            lr = point.get("max_lr")
+            if not isinstance(lr, int | float) or isinstance(lr, bool) or not 0 < lr < float("inf"):
+                raise ValueError(f"start_points[{i}].max_lr: needs a number > 0 (got {lr!r})")
+            if not isinstance(point.get("schedule"), str):
+                raise ValueError(f"start_points[{i}].schedule: needs a schedule name (got {point.get('schedule')!r})")
+        return value
 
     @model_validator(mode="after")
     def _grace_le_max(self) -> SearchConfig:
@@ -244,6 +183,9 @@ class ResourcesConfig(Strict):
 
     cpu: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     gpu: NonNegFloat = 0.0
+    #: when no node of the cluster can hold one trial: 0 fails at once; more waits that long for
+    #: one to join (e.g. added by the cluster's autoscaler) before failing
+    wait_for_node_s: NonNegFloat = 0.0
 
 
 class TrackingConfig(Strict):
@@ -286,7 +228,7 @@ class JobConfig(Strict):
         """
         sp = self.space
         base = load_space(self.resolve(sp.file) if sp.file else sp.family)
-        return resolve_space(
+        space = resolve_space(
             base,
             bounds=bounds if self.range_test.enabled else None,
             schedules=sp.schedules,
@@ -295,6 +237,11 @@ class JobConfig(Strict):
             weight_decay=sp.weight_decay,
             layer_decay=sp.layer_decay,
         )
+        s = self.search
+        if s.early_stopping == "asha" and s.grace_period < s.max_epochs:
+            # no trial is judged at a rung before its warmup / pct_start has ended
+            space = end_warmup_by(space, s.grace_period / s.max_epochs)
+        return space
 
     def results_dir(self) -> str:
         """``STORAGE/NAME``: relative storage paths are relative to the working directory (like
@@ -330,8 +277,24 @@ def in_ray_job() -> bool:
 def _field_path(loc: tuple[Any, ...]) -> str:
     # pydantic puts the union member's tag in the location ('task', 'text_classification', 'x'):
     # users wrote 'task.x'.
-    parts = [str(p) for p in loc if p not in _TAGS]
+    parts = [str(p) for p in loc if p not in _TAGS and not _UNION_MEMBER.match(str(p))]
     return ".".join(parts) or "(top level)"
+
+
+#: the member names pydantic puts in the location of a ``number | "auto"`` field's errors
+_UNION_MEMBER = re.compile(r"^(constrained-)?(int|float)$|^literal\[")
+
+
+def _error_lines(errors: list[dict[str, Any]], data: Any) -> list[str]:
+    """One line per bad field: a ``number | 'auto'`` field's two member errors become one."""
+    lines: dict[str, str] = {}
+    for e in errors:
+        path = _field_path(e["loc"])
+        if e["type"] == "literal_error" and path in lines:
+            lines[path] += f", or {e['ctx']['expected']}"
+        elif e["type"] != "literal_error" or path not in lines:
+            lines.setdefault(path, _describe(e, data))
+    return list(lines.values())
 
 
 
@@ -388,12 +351,7 @@ def _allowed_keys(loc: tuple[Any, ...], data: Any) -> str:
     return ", ".join(k for k in model.model_fields if k != "base_dir")
 
 
-_TASK_MODELS = {
-    "synthetic": SyntheticTask,
-    "text_classification": TextClassificationTask,
-    "image_classification": ImageClassificationTask,
-    "python": PythonTask,
-}
+_TASK_MODELS = TASK_MODELS
 _TAGS = set(_TASK_MODELS)
 
 
@@ -412,13 +370,30 @@ def parse_job(data: Any, *, source: str = "job", base_dir: str = ".") -> JobConf
     try:
         job = JobConfig.model_validate({**data, "base_dir": base_dir})
     except ValidationError as exc:
-        lines = [f"{source}: {_describe(e, data)}" for e in exc.errors()]
+        lines = [f"{source}: {line}" for line in _error_lines(exc.errors(), data)]
         raise ConfigError("\n".join(lines)) from None
     try:
-        job.search_space()  # a bad space fails here, before anything starts
+        space = job.search_space()  # a bad space fails here, before anything starts
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    _check_start_points(job, space, source)
     return job
+
+
+def _check_start_points(job: JobConfig, space: SearchSpace, source: str) -> None:
+    """Each ``search.start_points`` entry names a schedule of the space and only its parameters."""
+    for i, point in enumerate(job.search.start_points):
+        where = f"{source}: search.start_points[{i}]"
+        name = point["schedule"]
+        if name not in space.schedules:
+            raise ConfigError(f"{where}.schedule: got {name!r}; the {space.family!r} space has: "
+                              f"{', '.join(space.schedules)}")
+        allowed = {"max_lr", "schedule", "weight_decay", "layer_decay", *space.schedules[name]}
+        for key, value in point.items():
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key}: unknown for schedule {name!r}; allowed: {', '.join(sorted(allowed))}")
+            if key != "schedule" and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise ConfigError(f"{where}.{key}: got {value!r}; allowed: a number")
 
 
 def load_job(path: str | Path) -> JobConfig:

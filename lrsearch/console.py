@@ -45,4 +45,4 @@ class RangeTestProgress:
         self._progress.__exit__(*exc)
 
     def callback(self, step: int, total: int, lr: float, loss: float) -> None:
-        self._progress.update(self._bar, completed=step, info=f"lr {lr:.2e}  loss {loss:.4f}")
+        self._progress.update(self._bar, completed=step, total=total, info=f"lr {lr:.2e}  loss {loss:.4f}")

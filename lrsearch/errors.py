@@ -25,3 +25,13 @@ class Interrupted(LRSearchError):
     """Raised when the user stopped a command (Ctrl+C); a search's state is kept for ``--resume``."""
 
     exit_code = 130
+
+
+class SearchError(LRSearchError):
+    """Raised when a search cannot start: results of a search with the same name exist (and
+    ``resume`` was not asked for), or the Ray cluster named cannot be reached."""
+
+
+class TrackingError(LRSearchError):
+    """Raised when the MLflow tracking store cannot be reached as a search starts, or a run or
+    experiment asked for does not exist."""

@@ -1,7 +1,8 @@
 """The LR range test (Smith, 2017): sweep the LR up over a short run and read the loss curve.
 
 :func:`lr_range_test` runs the sweep and returns a :class:`RangeTestResult`; the suggestions and the
-``(low, high)`` bounds for the ``max_lr`` search are pure functions of that result.
+``(low, high)`` bounds for the ``max_lr`` search are pure functions of that result
+(:mod:`lrsearch.range_test_suggestions`).
 """
 
 from __future__ import annotations
@@ -9,17 +10,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from lrsearch.divergence import DivergenceMonitor
+from lrsearch.range_test_suggestions import SUGGESTION_METHODS, bounds_from_curve, suggest_lr
+
+# forward and move_to_device live in lrsearch.tasks.base; re-exported here for modules that still
+# import them from this one
+from lrsearch.tasks.base import forward, move_to_device
+
 __all__ = ["SUGGESTION_METHODS", "RangeTestResult", "lr_range_test", "move_to_device", "forward"]
 
-SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
 MODES = ("exp", "linear")
 
 
@@ -55,22 +62,20 @@ class RangeTestResult:
         """One LR suggestion; ``None`` when the curve is too short or flat for the method.
 
         Methods:
-            - ``steepest``: where the smoothed loss falls fastest against log(lr), ignoring the
-              first 10 % and last 5 % of points (the noisy ends).
+            - ``steepest``: where the smoothed loss falls fastest against log(lr), on the descent
+              only (the points up to and including the lowest smoothed loss), ignoring the first
+              10 % and last 5 % of the curve (the noisy ends).
             - ``valley``: the middle, on the log axis, of the descent: from the last point within
               10 % of the total drop of the starting plateau to the lowest point.
             - ``minimum``: the LR at the lowest smoothed loss, divided by 10.
             - ``slide``: walking back from the right end of the curve, the first point where the
               slope over a window of points flattens below 5 % of the loss range per decade.
+
+        Every method returns an LR at or below the LR of the lowest smoothed loss: past it the loss
+        rises, whatever it does afterwards.
         """
-        if method not in SUGGESTION_METHODS:
-            raise ValueError(
-                f"unknown suggestion method {method!r}; allowed: {', '.join(SUGGESTION_METHODS)}"
-            )
         lrs, losses = self._usable()
-        if len(lrs) < 5:
-            return None
-        return _SUGGESTERS[method](lrs, losses)
+        return suggest_lr(lrs, losses, method)
 
     def suggestions(self) -> dict[str, float | None]:
         """Every method's suggestion by name."""
@@ -96,20 +101,7 @@ class RangeTestResult:
         if not lrs:
             start = float(self.settings.get("start_lr", 1e-7))
             return (start, start * 10.0)
-        edge = lrs[int(np.argmin(losses))]
-        if edge <= lrs[0]:
-            # the loss only rose: nothing to the right of the start is safe
-            edge = lrs[0]
-        found = [s for s in self.suggestions().values() if s is not None and 0 < s <= edge]
-        if not found:
-            low, high = edge / 100.0, edge
-        else:
-            center = float(np.exp(np.median(np.log(found))))
-            high = min(edge, center * 3.0)
-            low = min(center, high) / 30.0
-        if not low < high:
-            low = high / 10.0
-        return (float(low), float(high))
+        return bounds_from_curve(lrs, losses, self.suggestions())
 
     def _usable(self) -> tuple[list[float], list[float]]:
         """The points before divergence (a diverged last point is shown, never suggested)."""
@@ -164,96 +156,9 @@ class RangeTestResult:
         return path
 
 
-def _suggest_steepest(lrs: list[float], losses: list[float]) -> float | None:
-    n = len(lrs)
-    start, end = int(0.1 * n), n - max(1, int(0.05 * n))
-    if end - start < 3:
-        start, end = 0, n
-    x = np.log10(np.asarray(lrs[start:end]))
-    y = np.asarray(losses[start:end])
-    grad = np.gradient(y, x)
-    return float(lrs[start + int(np.argmin(grad))])
-
-
-def _suggest_minimum(lrs: list[float], losses: list[float]) -> float | None:
-    return float(lrs[int(np.argmin(losses))] / 10.0)
-
-
-def _suggest_valley(lrs: list[float], losses: list[float]) -> float | None:
-    # The descent runs from the last point still near the starting plateau (less than 10 % of the
-    # total drop below it) to the minimum; the valley suggestion is its middle on the log axis.
-    y = np.asarray(losses)
-    bottom = int(np.argmin(y))
-    plateau = float(np.median(y[: max(1, len(y) // 10)]))
-    drop = plateau - float(y[bottom])
-    if bottom < 2 or drop <= 0:
-        return None
-    top = 0
-    for i in range(bottom):
-        if y[i] > plateau - 0.1 * drop:
-            top = i
-    if bottom - top < 2:
-        return None
-    return float(np.sqrt(lrs[top] * lrs[bottom]))
-
-
-def _suggest_slide(lrs: list[float], losses: list[float]) -> float | None:
-    x = np.log10(np.asarray(lrs))
-    y = np.asarray(losses)
-    span = float(np.ptp(y))
-    if span <= 0:
-        return None
-    slope = np.gradient(y / span, x)  # loss range per decade
-    window = max(2, len(lrs) // 7)
-    right = int(np.argmin(y))  # start left of where the loss rises
-    while right - window >= 0:
-        left = right - window
-        if abs(slope[right] - slope[left]) < 0.05:
-            return float(lrs[left])
-        right -= 1
-    return None
-
-
-_SUGGESTERS: dict[str, Callable[[list[float], list[float]], float | None]] = {
-    "steepest": _suggest_steepest,
-    "valley": _suggest_valley,
-    "minimum": _suggest_minimum,
-    "slide": _suggest_slide,
-}
-
-
 # --------------------------------------------------------------------------------------------
 # The sweep
 # --------------------------------------------------------------------------------------------
-
-
-def move_to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move a tensor, or tensors nested in dicts/lists/tuples, to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: move_to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(move_to_device(v, device) for v in obj)
-    return obj
-
-
-def forward(model: nn.Module, criterion: Callable, batch: Any, device: torch.device | str) -> torch.Tensor:
-    """Loss of one ``(inputs, targets)`` batch.
-
-    ``inputs`` is a tensor (``model(inputs)``) or a mapping (``model(**inputs)``, as for Hugging
-    Face models); an output with ``.logits`` is reduced to its logits before ``criterion``.
-    """
-    if not isinstance(batch, list | tuple) or len(batch) != 2:
-        raise ValueError(
-            f"a batch must be an (inputs, targets) pair; got {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else "")
-        )
-    inputs, targets = move_to_device(batch, device)
-    outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-    if hasattr(outputs, "logits"):
-        outputs = outputs.logits
-    return criterion(outputs, targets)
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -273,6 +178,112 @@ def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
 
 def _num(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_args(optimizer: torch.optim.Optimizer, *, start_lr: Any, end_lr: Any, num_steps: Any,
+                mode: Any, smooth: Any, diverge_factor: Any, accumulation_steps: Any) -> None:
+    _check("start_lr", _num(start_lr) and start_lr > 0, start_lr, "a number > 0")
+    _check("end_lr", _num(end_lr) and end_lr > start_lr, end_lr, f"a number > start_lr ({start_lr!r})")
+    _check("num_steps", isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 2,
+           num_steps, "an integer >= 2")
+    _check("mode", mode in MODES, mode, "one of " + ", ".join(MODES))
+    _check("smooth", _num(smooth) and 0 < smooth <= 1, smooth, "a number with 0 < smooth <= 1")
+    _check("diverge_factor", _num(diverge_factor) and diverge_factor > 1, diverge_factor, "a number > 1")
+    _check("accumulation_steps",
+           isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool)
+           and accumulation_steps >= 1, accumulation_steps, "an integer >= 1")
+    if any("initial_lr" in g for g in optimizer.param_groups):
+        raise ValueError(
+            "optimizer has a learning-rate scheduler attached (param group has 'initial_lr'); "
+            "run the range test on a fresh optimizer"
+        )
+
+
+def _lr_at(i: int, start_lr: float, end_lr: float, num_steps: int, mode: str) -> float:
+    t = i / (num_steps - 1)
+    if mode == "exp":
+        return start_lr * (end_lr / start_lr) ** t
+    return start_lr + (end_lr - start_lr) * t
+
+
+def _group_ratios(optimizer: torch.optim.Optimizer) -> list[float]:
+    # each group's LR relative to the peak group's, kept through the sweep
+    peak = max(float(g["lr"]) for g in optimizer.param_groups)
+    return [float(g["lr"]) / peak if peak > 0 else 1.0 for g in optimizer.param_groups]
+
+
+@dataclass
+class _Snapshot:
+    """What the test restores afterwards: model and optimizer state, train/eval mode and device."""
+
+    model_state: dict[str, torch.Tensor]
+    optim_state: dict[str, Any]
+    was_training: bool
+    device: torch.device
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> _Snapshot:
+        # snapshot on the CPU: a second copy of a large model on the GPU could run it out of memory
+        model_state = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
+        return cls(model_state, copy.deepcopy(optimizer.state_dict()), model.training, device)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.load_state_dict(self.model_state)
+        optimizer.load_state_dict(self.optim_state)
+        model.to(self.device)
+        model.train(self.was_training)
+
+
+def _amp_tools(amp: bool) -> tuple[torch.amp.GradScaler | None, Callable[[], Any]]:
+    """The gradient scaler (``None`` without AMP) and the autocast context factory."""
+    if not amp:
+        return None, contextlib.nullcontext
+    return torch.amp.GradScaler("cuda"), partial(torch.autocast, "cuda", dtype=torch.float16)
+
+
+def _step_loss(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
+               batches: Iterator, *, device: torch.device, accumulation_steps: int,
+               scaler: torch.amp.GradScaler | None, autocast: Callable[[], Any],
+               val_loader: Iterable | None) -> float:
+    """One optimizer step at the current LRs; its training loss, or the validation loss after it."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for _ in range(accumulation_steps):
+        with autocast():
+            loss = forward(model, criterion, next(batches), device) / accumulation_steps
+        (scaler.scale(loss) if scaler else loss).backward()
+        step_loss += float(loss.detach())
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if val_loader is not None:
+        step_loss = _evaluate(model, criterion, val_loader, device, autocast)
+    return step_loss
+
+
+def _sweep(result: RangeTestResult, optimizer: torch.optim.Optimizer, lrs: list[float],
+           ratios: list[float], measure: Callable[[], float], monitor: DivergenceMonitor,
+           progress: Callable[[int, int, float, float], None] | None) -> None:
+    """Step through ``lrs``, recording into ``result`` until done, diverged or non-finite."""
+    for i, lr in enumerate(lrs):
+        for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
+            group["lr"] = lr * ratio
+        step_loss = measure()
+        if not math.isfinite(step_loss):  # the monitor would stop too; record why
+            result.stop_reason, result.diverged_lr = "non_finite", lr
+            return
+        diverged = monitor.update(step_loss)
+        result.lrs.append(lr)
+        result.raw_losses.append(step_loss)
+        result.losses.append(monitor.smoothed)
+        if progress is not None:
+            progress(i + 1, len(lrs), lr, monitor.smoothed)
+        if diverged:
+            result.stop_reason, result.diverged_lr = "diverged", lr
+            return
 
 
 def lr_range_test(
@@ -325,92 +336,32 @@ def lr_range_test(
         ValueError: an argument out of range, an optimizer with a scheduler attached, or a loader
             that yields no batches.
     """
-    _check("start_lr", _num(start_lr) and start_lr > 0, start_lr, "a number > 0")
-    _check("end_lr", _num(end_lr) and end_lr > start_lr, end_lr, f"a number > start_lr ({start_lr!r})")
-    _check("num_steps", isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 2,
-           num_steps, "an integer >= 2")
-    _check("mode", mode in MODES, mode, "one of " + ", ".join(MODES))
-    _check("smooth", _num(smooth) and 0 < smooth <= 1, smooth, "a number with 0 < smooth <= 1")
-    _check("diverge_factor", _num(diverge_factor) and diverge_factor > 1, diverge_factor, "a number > 1")
-    _check("accumulation_steps",
-           isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool)
-           and accumulation_steps >= 1, accumulation_steps, "an integer >= 1")
-    if any("initial_lr" in g for g in optimizer.param_groups):
-        raise ValueError(
-            "optimizer has a learning-rate scheduler attached (param group has 'initial_lr'); "
-            "run the range test on a fresh optimizer"
-        )
-
+    _check_args(optimizer, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, mode=mode,
+                smooth=smooth, diverge_factor=diverge_factor, accumulation_steps=accumulation_steps)
     original_device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device) if device is not None else original_device
     if amp and device.type != "cuda":
         raise ValueError(f"amp=True is not allowed on device {str(device)!r}; amp needs a CUDA device")
 
-    # snapshot on the CPU: a second copy of a large model on the GPU could run it out of memory
-    model_state = {k: v.detach().to('cpu', copy=True) for k, v in model.state_dict().items()}
-    optim_state = copy.deepcopy(optimizer.state_dict())
-    was_training = model.training
-    peak = max(float(g["lr"]) for g in optimizer.param_groups)
-    ratios = [float(g["lr"]) / peak if peak > 0 else 1.0 for g in optimizer.param_groups]
-
-    def lr_at(i: int) -> float:
-        t = i / (num_steps - 1)
-        if mode == "exp":
-            return start_lr * (end_lr / start_lr) ** t
-        return start_lr + (end_lr - start_lr) * t
-
+    snapshot = _Snapshot.take(model, optimizer, original_device)
+    ratios = _group_ratios(optimizer)
+    lrs = [_lr_at(i, start_lr, end_lr, num_steps, mode) for i in range(num_steps)]
     settings = dict(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, mode=mode, smooth=smooth,
                     diverge_factor=diverge_factor, accumulation_steps=accumulation_steps,
                     validation=val_loader is not None, device=str(device), amp=amp)
     result = RangeTestResult(lrs=[], losses=[], raw_losses=[], settings=settings)
-    scaler = torch.amp.GradScaler("cuda") if amp else None
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
+    scaler, autocast = _amp_tools(amp)
 
     model.to(device)
-    batches = _cycle(train_loader)
-    avg, best = 0.0, math.inf
+    measure = partial(_step_loss, model, optimizer, criterion, _cycle(train_loader), device=device,
+                      accumulation_steps=accumulation_steps, scaler=scaler, autocast=autocast,
+                      val_loader=val_loader)
+    monitor = DivergenceMonitor(factor=diverge_factor, smooth=smooth, reference="min")
     try:
-        for i in range(num_steps):
-            lr = lr_at(i)
-            for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
-                group["lr"] = lr * ratio
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for _ in range(accumulation_steps):
-                with autocast():
-                    loss = forward(model, criterion, next(batches), device) / accumulation_steps
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += float(loss.detach())
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if val_loader is not None:
-                step_loss = _evaluate(model, criterion, val_loader, device, autocast)
-
-            if not math.isfinite(step_loss):
-                result.stop_reason, result.diverged_lr = "non_finite", lr
-                break
-            avg = (1 - smooth) * avg + smooth * step_loss
-            smoothed = avg / (1 - (1 - smooth) ** (i + 1))
-            result.lrs.append(lr)
-            result.raw_losses.append(step_loss)
-            result.losses.append(smoothed)
-            if progress is not None:
-                progress(i + 1, num_steps, lr, smoothed)
-            best = min(best, smoothed)
-            if smoothed > diverge_factor * best:
-                result.stop_reason, result.diverged_lr = "diverged", lr
-                break
+        _sweep(result, optimizer, lrs, ratios, measure, monitor, progress)
     finally:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        model.to(original_device)
-        model.train(was_training)
+        snapshot.restore(model, optimizer)
     return result
-
 
 
 @torch.no_grad()

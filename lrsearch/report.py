@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from lrsearch.schedules import SCHEDULES, lr_curve
@@ -83,42 +83,46 @@ def range_test_table(data: dict[str, Any], title: str = "LR range test") -> Tabl
     return table
 
 
+def _fmt_params(params: dict[str, Any], digits: int = 3) -> str:
+    return ", ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items()) or "-"
+
+
 def search_tables(result: Any, top: int = 10) -> list[Any]:
-    """The best trials, the counts, the best config and where the files are."""
+    """The best trials, the counts, what mattered, the best config and where the files are."""
     reverse = result.mode == "max"
     ranked = sorted(
-        (t for t in result.trials if t["final_metric"] is not None),
-        key=lambda t: (t["state"] != "completed", -t["final_metric"] if reverse else t["final_metric"]),
+        (t for t in result.trials if t.final_metric is not None),
+        key=lambda t: (t.state.value != "completed", -t.final_metric if reverse else t.final_metric),
     )
     table = Table(title=f"best trials by {result.metric} ({result.mode})")
     for col in ("trial", "schedule", "max_lr", "params", "state", "epochs", result.metric):
         table.add_column(col, justify="right" if col in ("max_lr", "epochs", result.metric) else "left")
     for t in ranked[:top]:
-        params = json.loads(t["config"]).get(t["schedule"], {}) if t["schedule"] else {}
-        table.add_row(
-            t["trial_id"], t["schedule"] or "-", f"{t['max_lr']:.3g}" if t["max_lr"] else "-",
-            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-",
-            t["state"], str(t["stopped_at_epoch"]), f"{t['final_metric']:.4f}",
-        )
+        table.add_row(t.trial_id, t.schedule or "-", f"{t.max_lr:.3g}" if t.max_lr else "-",
+                      _fmt_params(t.params), t.state.value, str(t.stopped_at_epoch), f"{t.final_metric:.4f}")
     c = result.counts
-    table.caption = (f"{c['total']} trials: {c['completed']} completed, {c['pruned']} pruned by ASHA, "
+    table.caption = (f"{c['total']} trials: {c['completed']} completed, {c['pruned']} pruned early, "
                      f"{c['diverged']} diverged, {c['errored']} errored; {result.seconds:.0f} s")
     parts: list[Any] = [table]
-    if result.best_config:
-        b = result.best_config
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in b["schedule_params"].items())
-        parts.append(f"[bold green]best:[/] {b['schedule']} max_lr={b['max_lr']:.3g} ({params}) "
-                     f"-> {result.metric} {b['value']:.4f}")
+    if result.importances:
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items())
+        parts.append(f"what mattered (Optuna fANOVA importance over completed trials): {shown}")
+    if result.best is not None:
+        b = result.best
+        parts.append(f"[bold green]best:[/] {b.schedule} max_lr={b.max_lr:.3g} ({_fmt_params(b.params, 4)}) "
+                     f"-> {result.metric} {b.value:.4f}")
     else:
         parts.append("[bold yellow]no trial completed its full budget[/]")
-    paths = result.paths
+    paths = {k: escape(v) for k, v in result.paths.items()}  # paths are text, not markup
     if "best_config" in paths:
         exp = f" (or: lrsearch export --experiment {result.experiment} --format hf|torch)" if result.experiment else ""
         parts.append(f"best config: {paths['best_config']}{exp}")
     parts.append(f"results:     {paths['results']}/  (trials.parquet, summary.json, tune/)")
+    if "optuna_study" in paths:
+        parts.append(f"study:       optuna-dashboard {paths['optuna_study']}")
     if result.tracking:
-        uri = result.tracking["uri"]
+        uri = escape(result.tracking["uri"])
         pending = paths.get("mlflow_pending", "0")
         note = "" if pending == "0" else f"  [yellow]{pending} logging operations pending: lrsearch sync {paths['results']}[/]"
         parts.append(f"MLflow:      {uri}, run {result.tracking['run_id']}{note}")
@@ -127,34 +131,35 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
     return parts
 
 
-def plot_search(trials: list[dict[str, Any]], path: str, metric: str) -> str:
+def plot_search(trials: list[Any], path: str, metric: str) -> str:
     """Final metric against trial number, coloured by schedule type; pruned/diverged marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    schedules = sorted({t["schedule"] for t in trials if t["schedule"]})
+    schedules = sorted({t.schedule for t in trials if t.schedule})
     colours = {s: f"C{i % 10}" for i, s in enumerate(schedules)}
     markers = {"completed": "o", "pruned": "v", "diverged": "x", "errored": "s"}
     fig, ax = plt.subplots(figsize=(8, 4.5))
     try:
         seen = set()
         for i, t in enumerate(trials):
-            if t["final_metric"] is None or t["state"] == "diverged":
+            if t.final_metric is None or t.state.value == "diverged":
                 continue
-            label = t["schedule"] if t["schedule"] not in seen else None
-            seen.add(t["schedule"])
-            ax.scatter(i, t["final_metric"], color=colours.get(t["schedule"], "k"),
-                       marker=markers.get(t["state"], "o"), label=label, s=40)
-        diverged = [i for i, t in enumerate(trials) if t["state"] == "diverged"]
+            label = t.schedule if t.schedule not in seen else None
+            seen.add(t.schedule)
+            ax.scatter(i, t.final_metric, color=colours.get(t.schedule, "k"),
+                       marker=markers.get(t.state.value, "o"), label=label, s=40)
+        diverged = [i for i, t in enumerate(trials) if t.state.value == "diverged"]
         if diverged:
             ax.scatter(diverged, [ax.get_ylim()[0]] * len(diverged), color="red", marker="x", label="diverged")
         ax.set_xlabel("trial (order started)")
         ax.set_ylabel(metric)
-        ax.set_title("lrsearch trials (o completed, v pruned by ASHA)")
+        ax.set_title("lrsearch trials (o completed, v pruned early)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:
@@ -162,7 +167,7 @@ def plot_search(trials: list[dict[str, Any]], path: str, metric: str) -> str:
     return path
 
 
-def plot_lr_curves(trials: list[dict[str, Any]], path: str, total_steps: int, top: int = 5) -> str:
+def plot_lr_curves(trials: list[Any], path: str, total_steps: int, top: int = 5) -> str:
     """The LR curves of the best ``top`` completed trials over their whole budget."""
     import matplotlib
 
@@ -174,14 +179,14 @@ def plot_lr_curves(trials: list[dict[str, Any]], path: str, total_steps: int, to
     fig, ax = plt.subplots(figsize=(8, 4.5))
     try:
         for t in trials[:top]:
-            params = json.loads(t["schedule_params"])
-            curve = lr_curve(t["schedule"], total_steps, t["max_lr"], **params)
-            ax.plot(curve, label=f"{t['trial_id']} {t['schedule']} ({t['final_metric']:.4f})")
+            curve = lr_curve(t.schedule, total_steps, t.max_lr, **t.schedule_params)
+            ax.plot(curve, label=f"{t.trial_id} {t.schedule} ({t.final_metric:.4f})")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("learning rate")
         ax.set_title(f"LR schedules of the top {min(top, len(trials))} trials")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:

@@ -9,28 +9,29 @@ scheduler is stepped once per optimizer step. Schedules that PyTorch ships are P
 classes (``OneCycleLR``, ``CosineAnnealingLR``, ``CosineAnnealingWarmRestarts``, ``ExponentialLR``,
 ``StepLR``); the others are ``LambdaLR`` over pure, module-level factor functions bound with
 :func:`functools.partial`, so every scheduler pickles (Ray ships them to workers) and round-trips
-through ``state_dict()``.
+through ``state_dict()``. The factor functions are in :mod:`lrsearch.schedule_math`, the factories
+that build each scheduler in :mod:`lrsearch.schedule_factories`; this module holds the registry.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import (
-    CosineAnnealingLR,
-    CosineAnnealingWarmRestarts,
-    ExponentialLR,
-    LambdaLR,
-    LRScheduler,
-    OneCycleLR,
-    StepLR,
-)
+from torch.optim.lr_scheduler import LRScheduler
+
+from lrsearch import schedule_factories as factories
+
+# The factor functions live in lrsearch.schedule_math; re-exported here (redundant aliases mark
+# re-exports) so that schedulers pickled when they lived in this module still unpickle.
+from lrsearch.schedule_math import constant_factor as constant_factor
+from lrsearch.schedule_math import cosine_factor as cosine_factor
+from lrsearch.schedule_math import linear_factor as linear_factor
+from lrsearch.schedule_math import stlr_factor as stlr_factor
 
 __all__ = [
     "SCHEDULES",
@@ -40,59 +41,6 @@ __all__ = [
     "lr_curve",
     "resolve_params",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Pure schedule math: factor of the peak LR at optimizer step ``step`` (0-based).
-# Module-level so that functools.partial of them pickles.
-# --------------------------------------------------------------------------------------------
-
-
-def linear_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup 0 -> 1 over ``warmup_steps``, then linear decay to 0 at ``total_steps``.
-
-    Same arithmetic as ``transformers.get_linear_schedule_with_warmup``.
-    """
-    if step < warmup_steps:
-        return float(step) / float(max(1, warmup_steps))
-    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
-
-
-def cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup, then half a cosine from 1 down to ``min_lr_ratio`` at ``total_steps``.
-
-    With ``min_lr_ratio=0`` this is ``transformers.get_cosine_schedule_with_warmup``.
-    """
-    if step < warmup_steps:
-        return float(step) / float(max(1, warmup_steps))
-    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
-    progress = min(progress, 1.0)  # hold the floor if stepped past the budget
-    factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    if min_lr_ratio == 0.0:
-        return factor
-    return factor * (1.0 - min_lr_ratio) + min_lr_ratio
-
-
-def stlr_factor(step: int, *, total_steps: int, cut_frac: float, ratio: float) -> float:
-    """ULMFiT's slanted triangular LR (Howard & Ruder, 2018, eq. 3).
-
-    Rises linearly from ``1/ratio`` to 1 over the first ``cut = floor(total*cut_frac)`` steps, then
-    falls linearly back to ``1/ratio`` at ``total_steps``.
-    """
-    cut = max(1, math.floor(total_steps * cut_frac))
-    if step < cut:
-        p = step / cut
-    else:
-        p = 1.0 - (step - cut) / max(1, total_steps - cut)
-    p = max(0.0, p)
-    return (1.0 + p * (ratio - 1.0)) / ratio
-
-
-def constant_factor(step: int, *, warmup_steps: int) -> float:
-    """Optional linear warmup, then constant (``transformers.get_constant_schedule_with_warmup``)."""
-    if step < warmup_steps:
-        return float(step) / float(max(1.0, warmup_steps))
-    return 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,82 +146,6 @@ def _min_lr_ratio(default: float, doc: str = "final LR as a fraction of max_lr")
     return Param("min_lr_ratio", doc, default, f"{default:g}", low=0.0, high=1.0, high_open=True)
 
 
-def _warmup_steps(params: Mapping[str, Any], total_steps: int) -> int:
-    return int(params["warmup_frac"] * total_steps)
-
-
-def _peaks(optimizer: Optimizer) -> list[float]:
-    return [float(group["lr"]) for group in optimizer.param_groups]
-
-
-def _single_floor(name: str, optimizer: Optimizer, ratio: float) -> float:
-    # torch's cosine schedulers take one absolute eta_min for all groups.
-    peaks = _peaks(optimizer)
-    if ratio > 0.0 and len(set(peaks)) > 1:
-        raise ValueError(
-            f"schedule {name!r}: min_lr_ratio={ratio!r} needs one peak LR for all parameter groups "
-            f"(got {sorted(set(peaks))}); use min_lr_ratio=0 or schedule 'cosine' with warmup_frac=0"
-        )
-    return ratio * peaks[0]
-
-
-def _build_linear(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    return LambdaLR(
-        opt, partial(linear_factor, warmup_steps=_warmup_steps(p, total), total_steps=total)
-    )
-
-
-def _build_cosine(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    fn = partial(
-        cosine_factor,
-        warmup_steps=_warmup_steps(p, total),
-        total_steps=total,
-        min_lr_ratio=float(p["min_lr_ratio"]),
-    )
-    return LambdaLR(opt, fn)
-
-
-def _build_stlr(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    fn = partial(stlr_factor, total_steps=total, cut_frac=p["cut_frac"], ratio=p["ratio"])
-    return LambdaLR(opt, fn)
-
-
-def _build_cosine_annealing(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    eta_min = _single_floor("cosine_annealing", opt, p["min_lr_ratio"])
-    return CosineAnnealingLR(opt, T_max=total, eta_min=eta_min)
-
-
-def _build_cosine_restarts(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    eta_min = _single_floor("cosine_restarts", opt, p["min_lr_ratio"])
-    return CosineAnnealingWarmRestarts(opt, T_0=p["T_0"], T_mult=p["T_mult"], eta_min=eta_min)
-
-
-def _build_exponential(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    return ExponentialLR(opt, gamma=p["gamma"])
-
-
-def _build_step(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    return StepLR(opt, step_size=p["step_size"], gamma=p["gamma"])
-
-
-def _build_one_cycle(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    return OneCycleLR(
-        opt,
-        max_lr=_peaks(opt),
-        total_steps=total,
-        pct_start=p["pct_start"],
-        anneal_strategy="cos",
-        div_factor=p["div_factor"],
-        final_div_factor=p["final_div_factor"],
-        # lrsearch tunes the LR only; momentum/betas stay as the optimizer has them.
-        cycle_momentum=False,
-    )
-
-
-def _build_constant(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
-    return LambdaLR(opt, partial(constant_factor, warmup_steps=_warmup_steps(p, total)))
-
-
 SCHEDULES: dict[str, Schedule] = {
     s.name: s
     for s in (
@@ -281,14 +153,14 @@ SCHEDULES: dict[str, Schedule] = {
             "linear",
             "linear warmup from 0 to max_lr, then linear decay to 0 (BERT fine-tuning)",
             (_warmup(0.1),),
-            _build_linear,
+            factories.build_linear,
             "transformers.get_linear_schedule_with_warmup",
         ),
         Schedule(
             "cosine",
             "linear warmup from 0 to max_lr, then cosine decay to min_lr_ratio * max_lr",
             (_warmup(0.1), _min_lr_ratio(0.0)),
-            _build_cosine,
+            factories.build_cosine,
             "transformers.get_cosine_schedule_with_warmup (min_lr_ratio=0)",
         ),
         Schedule(
@@ -305,21 +177,15 @@ SCHEDULES: dict[str, Schedule] = {
                     low_open=True,
                     high_open=True,
                 ),
-                Param(
-                    "ratio",
-                    "how much smaller the lowest LR is than max_lr",
-                    32.0,
-                    "32",
-                    low=1.0,
-                ),
+                Param("ratio", "how much smaller the lowest LR is than max_lr", 32.0, "32", low=1.0),
             ),
-            _build_stlr,
+            factories.build_stlr,
         ),
         Schedule(
             "cosine_annealing",
             "half a cosine from max_lr down to min_lr_ratio * max_lr over the run, no warmup",
             (_min_lr_ratio(0.0),),
-            _build_cosine_annealing,
+            factories.build_cosine_annealing,
             "torch.optim.lr_scheduler.CosineAnnealingLR(T_max=total_steps)",
         ),
         Schedule(
@@ -332,7 +198,7 @@ SCHEDULES: dict[str, Schedule] = {
                 Param("T_mult", "cycle length multiplier", 2, "2", low=1, integer=True),
                 _min_lr_ratio(0.0, "LR at the bottom of each cycle as a fraction of max_lr"),
             ),
-            _build_cosine_restarts,
+            factories.build_cosine_restarts,
             "torch.optim.lr_scheduler.CosineAnnealingWarmRestarts",
         ),
         Schedule(
@@ -352,7 +218,7 @@ SCHEDULES: dict[str, Schedule] = {
                     0.01, "LR at the end as a fraction of max_lr; sets gamma when gamma is not given"
                 ),
             ),
-            _build_exponential,
+            factories.build_exponential,
             "torch.optim.lr_scheduler.ExponentialLR",
         ),
         Schedule(
@@ -367,11 +233,9 @@ SCHEDULES: dict[str, Schedule] = {
                     low=1,
                     integer=True,
                 ),
-                Param(
-                    "gamma", "decay factor", 0.1, "0.1", low=0.0, high=1.0, low_open=True
-                ),
+                Param("gamma", "decay factor", 0.1, "0.1", low=0.0, high=1.0, low_open=True),
             ),
-            _build_step,
+            factories.build_step,
             "torch.optim.lr_scheduler.StepLR",
         ),
         Schedule(
@@ -397,14 +261,14 @@ SCHEDULES: dict[str, Schedule] = {
                     low=1.0,
                 ),
             ),
-            _build_one_cycle,
+            factories.build_one_cycle,
             "torch.optim.lr_scheduler.OneCycleLR(anneal_strategy='cos')",
         ),
         Schedule(
             "constant",
             "constant max_lr after an optional linear warmup",
             (_warmup(0.0),),
-            _build_constant,
+            factories.build_constant,
             "transformers.get_constant_schedule_with_warmup",
         ),
     )

@@ -213,6 +213,33 @@ def resolve_space(
     return _validate(space.model_dump(), "space")
 
 
+#: parameters that set how long a schedule climbs to its peak, as a fraction of the run
+WARMUP_PARAMS = ("warmup_frac", "pct_start", "cut_frac")
+
+
+def end_warmup_by(space: SearchSpace, fraction: float) -> SearchSpace:
+    """The space with every warmup-like range ending by ``fraction`` of the run.
+
+    ASHA judges every trial at its first rung; a trial still climbing to its peak LR there is
+    judged before its schedule has shown anything (a one-cycle trial at ``pct_start`` 0.5 of a
+    3-epoch run peaks at epoch 1.5, after a rung at epoch 1). Capping the climb at the first rung's
+    share of the run keeps every trial past its warmup when it is first judged.
+    """
+    changed = {}
+    for name, params in space.schedules.items():
+        new = dict(params)
+        for pname in WARMUP_PARAMS:
+            spec = params.get(pname)
+            if isinstance(spec, Range) and spec.high > fraction:
+                new[pname] = Range(low=min(spec.low, fraction / 2), high=fraction, log=spec.log)
+            elif isinstance(spec, list) and max(spec) > fraction:
+                new[pname] = [v for v in spec if v <= fraction] or [fraction]
+            elif isinstance(spec, int | float) and spec > fraction:
+                new[pname] = fraction
+        changed[name] = new
+    return space.model_copy(update={"schedules": changed})
+
+
 class SpaceSampler:
     """Optuna define-by-run function for a :class:`SearchSpace` (picklable: Ray checkpoints it).
 

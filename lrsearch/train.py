@@ -1,38 +1,106 @@
 """One trial: fine-tune the task's pretrained model with the trial's LR strategy, report per epoch.
 
 :func:`run_trial` is the Ray Tune trainable (a function trainable; everything it receives pickles).
-It builds the task on the worker, the optimizer at ``max_lr`` and the schedule over the trial's
-full budget (``max_epochs`` epochs), trains, evaluates after every epoch and reports the metric,
-train loss and LR with a checkpoint, so an interrupted search resumes where each trial stopped.
-(Where the search's saved state names a checkpoint Tune had already replaced, the resume leaves
-a ``replay.json`` in its place and the trial retrains those epochs, unreported, before going on.)
-A NaN/inf loss, or a smoothed loss above ``explode_factor`` x its starting value, stops the trial
-at once: it reports ``diverged=True`` and the worst metric value, and ends (the search goes on).
+It gets the task from a :class:`TaskSource` (built from the job on the worker, or the caller's
+in-memory task shipped by Ray), builds the optimizer at ``max_lr`` and the schedule over the
+trial's full budget (``max_epochs`` epochs), trains, evaluates after every epoch and reports the
+metric, train loss and LR with a checkpoint, so an interrupted search resumes where each trial
+stopped. (Where the search's saved state names a checkpoint Tune had already replaced, the resume
+leaves a ``replay.json`` in its place and the trial retrains those epochs, unreported, first.)
+A NaN/inf loss, or a smoothed loss above ``search.diverge_factor`` x its first value, stops the
+trial at once: it reports ``diverged=True`` and the worst metric value, and ends (the search goes on).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lrsearch.config import JobConfig
+from lrsearch.divergence import DivergenceMonitor
 from lrsearch.optim import build_optimizer
-from lrsearch.range_test import forward
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
-from lrsearch.tasks import Task, build_task, evaluate, reseed
+from lrsearch.tasks import Task, build_task, evaluate, forward, reseed
 from lrsearch.tracking import TrackingInfo, TrialLogger
-
-_TASKS: dict[str, Task] = {}
 
 #: in a checkpoint directory instead of ``trial.pt``: "rebuild this state by retraining N epochs"
 REPLAY_FILE = "replay.json"
+
+#: tasks this worker process has built or received, by TaskSource.key (one at a time)
+_TASKS: dict[str, Task] = {}
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """Where a trial gets its task: built from the job, or the caller's own (a ``Task`` or a
+    zero-argument factory), shipped to the workers by Ray's cloudpickle. A worker keeps the task
+    it got for the trials after (loading a pretrained model and tokenising take seconds)."""
+
+    key: str
+    job: JobConfig
+    task: Task | Callable[[], Task] | None = None
+
+    @classmethod
+    def of(cls, job: JobConfig, task: Task | Callable[[], Task] | None = None) -> TaskSource:
+        if task is None:
+            # base_dir too: the same job text in another folder names other files
+            return cls(f"{job.base_dir}:{job.model_dump_json()}", job)
+        if not isinstance(task, Task) and not callable(task):
+            from lrsearch.errors import ConfigError
+
+            raise ConfigError(f"task: got {type(task).__name__}; allowed: an lrsearch.Task, "
+                              "a function returning one, or None (build the job's task)")
+        _ship_by_value(task)
+        return cls(uuid.uuid4().hex, job, task)
+
+    def get(self) -> Task:
+        if self.key not in _TASKS:
+            _TASKS.clear()
+            _TASKS[self.key] = _build(self)
+        return _TASKS[self.key]
+
+
+def _ship_by_value(task: Task | Callable[[], Task]) -> None:
+    """Make Ray send the code of a task defined in the user's script or notebook, not a reference.
+
+    cloudpickle sends functions of ``__main__`` by value, but those of any other module by name, and
+    a Ray worker cannot import a script that is not on its path (a test file, ``my_experiment.py``
+    run from elsewhere). Modules installed in the environment stay by reference.
+    """
+    import sys
+    import sysconfig
+
+    from ray import cloudpickle
+
+    funcs = [task] if not isinstance(task, Task) else [task.build_model, task.criterion, task.layer_groups]
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    for fn in funcs:
+        module = sys.modules.get(getattr(fn, "__module__", None) or "")
+        path = getattr(module, "__file__", None)
+        if module is None or path is None or module.__name__ == "__main__":
+            continue
+        if not any(path.startswith(p) for p in installed) and not module.__name__.startswith("lrsearch"):
+            cloudpickle.register_pickle_by_value(module)
+
+
+def _build(source: TaskSource) -> Task:
+    if source.task is None:
+        return build_task(source.job)
+    task = source.task if isinstance(source.task, Task) else source.task()
+    if not isinstance(task, Task):
+        from lrsearch.errors import TaskError
+
+        raise TaskError(f"task: the factory returned {type(task).__name__}, not lrsearch.Task")
+    return task
 
 
 def metric_key(task: Task) -> str:
@@ -47,19 +115,45 @@ def worst_value(task: Task) -> float:
     return -1e9 if task.mode == "max" else 1e9
 
 
-def _task(job: JobConfig) -> Task:
-    # One build per worker process and job: loading a pretrained model and tokenising take seconds.
-    key = job.model_dump_json()
-    if key not in _TASKS:
-        _TASKS.clear()
-        _TASKS[key] = build_task(job)
-    return _TASKS[key]
-
-
 def steps_per_epoch(job: JobConfig, task: Task) -> int:
+    """Optimizer steps in one trial epoch (the loader's length, capped by ``max_steps_per_epoch``)."""
     n = len(task.train_loader)
     cap = job.search.max_steps_per_epoch
     return min(n, cap) if cap else n
+
+
+def total_steps(job: JobConfig, task: Task) -> int:
+    """Optimizer steps a trial's schedule spans: its full budget of ``max_epochs`` epochs."""
+    return steps_per_epoch(job, task) * job.search.max_epochs
+
+
+def checkpoint_epochs(job: JobConfig) -> list[int]:
+    """The epochs after which a trial saves a checkpoint, by ``search.checkpoint``.
+
+    ``rungs``: where ASHA judges trials (``grace_period`` x ``reduction_factor``^k), or epochs 1, 2,
+    4, 8... without ASHA, so a search writes O(log max_epochs) checkpoints per trial and resume
+    loses at most the epochs since the last one. The last epoch's checkpoint (weights only: the
+    trial is done) is written only when ``keep_checkpoints`` keeps something.
+    """
+    s = job.search
+    last = [s.max_epochs] if s.keep_checkpoints != "none" else []
+    if s.checkpoint == "none":
+        return last
+    if s.checkpoint == "epoch":
+        return list(range(1, s.max_epochs + 1))
+    start, factor = (s.grace_period, s.reduction_factor) if s.early_stopping == "asha" else (1, 2)
+    rungs, epoch = set(), float(start)
+    while epoch < s.max_epochs:
+        rungs.add(int(epoch))
+        epoch *= factor
+    return sorted(rungs | set(last))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What fine-tuning changes: the parameters that require gradients, and the buffers (norm
+    statistics). Frozen weights come back from ``task.build_model()``."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
 def trial_device() -> torch.device:
@@ -68,123 +162,117 @@ def trial_device() -> torch.device:
 
 
 def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torch.device):
-    """Model, optimizer and scheduler for one trial config (also used to replay a best config)."""
-    total = steps_per_epoch(job, task) * job.search.max_epochs
+    """Model, optimizer, scheduler and schedule parameters for one trial config."""
+    total = total_steps(job, task)
     model = task.build_model().to(device)
-    optimizer = build_optimizer(
-        job.optimizer,
-        model,
-        float(config["max_lr"]),
-        weight_decay=config.get("weight_decay"),
-        layer_groups=task.layer_groups,
-        layer_decay=float(config.get("layer_decay", 1.0)),
-    )
+    optimizer = build_optimizer(job.optimizer, model, float(config["max_lr"]),
+                                weight_decay=config.get("weight_decay"), layer_groups=task.layer_groups,
+                                layer_decay=float(config.get("layer_decay", 1.0)))
     params = schedule_params(config, total)
     scheduler = build_scheduler(optimizer, config["schedule"], total, **params)
-    return model, optimizer, scheduler, params, total
+    return model, optimizer, scheduler, params
 
 
-def run_trial(config: dict[str, Any], job: JobConfig, tracking: TrackingInfo | None = None) -> None:
+def _peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    return max(float(g["lr"]) for g in optimizer.param_groups)
+
+
+def train_epoch(model, optimizer, scheduler, task: Task, monitor: DivergenceMonitor,
+                device: torch.device, max_steps: int) -> tuple[float, int, bool, list[float]]:
+    """One epoch: ``(mean train loss, steps, diverged, LR at every step)``; stops at divergence."""
+    model.train()
+    loss_sum, steps, lrs = 0.0, 0, []
+    for batch in task.train_loader:
+        if steps >= max_steps:
+            break
+        lrs.append(_peak_lr(optimizer))
+        optimizer.zero_grad(set_to_none=True)
+        loss = forward(model, task.criterion, batch, device)
+        value = float(loss.detach())
+        if monitor.update(value):
+            # no finite loss yet: report a huge one, never a perfect 0
+            return (loss_sum / steps if steps else 1e9), steps, True, lrs
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        steps += 1
+        loss_sum += value
+    return loss_sum / max(1, steps), steps, False, lrs
+
+
+def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo | None = None) -> None:
     """Ray Tune trainable: one trial of the search (logged to its own nested MLflow run)."""
+    import ray
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    task = _task(job)
-    device = trial_device()
+    job, task, device = source.job, source.get(), trial_device()
     torch.manual_seed(job.search.seed)
-    model, optimizer, scheduler, params, total = build_trial(job, task, config, device)
-    per_epoch = steps_per_epoch(job, task)
-    key = metric_key(task)
-    import ray
-
-    node_id = ray.get_runtime_context().get_node_id()
-    smooth, explode = 0.1, job.search.explode_factor
-
+    model, optimizer, scheduler, params = build_trial(job, task, config, device)
+    per_epoch, key = steps_per_epoch(job, task), metric_key(task)
+    monitor = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
+                                reference="first")
     logger = None
     if tracking is not None:
         context = tune.get_context()
         logger = TrialLogger(tracking, context.get_trial_id(), context.get_trial_name())
         logger.log_config(config, params)
     logged = logger.logged_epochs(key) if logger is not None else 0
-
-    start_epoch, replay_to, reference, avg, seen = 0, 0, None, 0.0, 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            if os.path.isfile(os.path.join(path, REPLAY_FILE)):
-                # the search's saved state points at a checkpoint Tune had already replaced: retrain
-                # the epochs it covered (seeded per epoch, so the same trajectory) without reporting
-                with open(os.path.join(path, REPLAY_FILE)) as f:
-                    replay_to = int(json.load(f)["epoch"])
-            else:
-                state = torch.load(os.path.join(path, "trial.pt"), map_location=device, weights_only=False)
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                start_epoch, reference, avg, seen = state["epoch"], state["reference"], state["avg"], state["seen"]
+    start_epoch, replay_to = _restore(tune.get_checkpoint(), model, optimizer, scheduler, monitor, device)
+    saved_at = set(checkpoint_epochs(job))
+    node_id = ray.get_runtime_context().get_node_id()
 
     for epoch in range(start_epoch, job.search.max_epochs):
-        replaying = epoch < replay_to
         # each epoch's batch order depends on the seed and the epoch only: not on which trials this
         # (reused) worker ran before, nor on whether the trial was resumed from a checkpoint
         reseed(task, job.search.seed * 1_000_003 + epoch)
-        started = time.perf_counter()
-        model.train()
-        loss_sum, steps, diverged, lrs = 0.0, 0, False, []
-        for batch in task.train_loader:
-            if steps >= per_epoch:
-                break
-            lrs.append(max(float(g["lr"]) for g in optimizer.param_groups))  # the peak group
-            optimizer.zero_grad(set_to_none=True)
-            loss = forward(model, task.criterion, batch, device)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                diverged = True
-                break
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            steps += 1
-            seen += 1
-            loss_sum += value
-            avg = (1 - smooth) * avg + smooth * value
-            smoothed = avg / (1 - (1 - smooth) ** seen)
-            if reference is None:
-                reference = value
-            if smoothed > explode * reference:
-                diverged = True
-                break
-        if replaying and not diverged:
+        started, started_at = time.perf_counter(), time.time()
+        train_loss, _, diverged, lrs = train_epoch(model, optimizer, scheduler, task, monitor, device, per_epoch)
+        if epoch < replay_to and not diverged:
             continue
-        train_loss = loss_sum / max(1, steps)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss if math.isfinite(train_loss) else 1e9,
-            "lr": max(float(g["lr"]) for g in optimizer.param_groups),
-            "total_steps": total,
-            "train_seconds": time.perf_counter() - started,
-            "diverged": diverged,
-            "node_id": node_id,
-        }
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": _peak_lr(optimizer),
+                   "total_steps": per_epoch * job.search.max_epochs, "diverged": diverged, "node_id": node_id,
+                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                   "epoch_started_at": started_at}
         if diverged:
-            metrics[key] = worst_value(task)
-            metrics["val_loss"] = 1e9
+            metrics.update({key: worst_value(task), "val_loss": 1e9, "train_seconds": time.perf_counter() - started})
             if logger is not None and epoch + 1 > logged:
-                logger.log_epoch(epoch + 1, {"train_loss": metrics["train_loss"], "diverged": 1.0},
-                                 lrs, epoch * per_epoch)
+                logger.log_epoch(epoch + 1, {"train_loss": train_loss, "diverged": 1.0}, lrs, epoch * per_epoch)
             tune.report(metrics)
             return
-        val = evaluate(model, task, device)
-        metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics.update({f"val_{k}": v for k, v in evaluate(model, task, device).items()})
         metrics["train_seconds"] = time.perf_counter() - started
         if logger is not None and epoch + 1 > logged:
             logger.log_epoch(epoch + 1, {k: metrics[k] for k in (key, "val_loss", "train_loss", "lr")},
                              lrs, epoch * per_epoch)
+        if epoch + 1 not in saved_at:
+            tune.report(metrics)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "reference": reference,
-                 "avg": avg, "seen": seen},
-                os.path.join(tmp, "trial.pt"),
-            )
+            state = {"model": trainable_state(model), "epoch": epoch + 1}
+            if epoch + 1 < job.search.max_epochs:  # resume needs these; a finished trial does not
+                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                             monitor=monitor.state_dict())
+            torch.save(state, os.path.join(tmp, "trial.pt"))
+            metrics["checkpoint_bytes"] = os.path.getsize(os.path.join(tmp, "trial.pt"))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _restore(checkpoint, model, optimizer, scheduler, monitor: DivergenceMonitor,
+             device: torch.device) -> tuple[int, int]:
+    """Load a trial checkpoint: ``(first epoch to train, epochs to retrain unreported)``."""
+    if checkpoint is None:
+        return 0, 0
+    with checkpoint.as_directory() as path:
+        if os.path.isfile(os.path.join(path, REPLAY_FILE)):
+            # the search's saved state points at a checkpoint Tune had already replaced: retrain
+            # the epochs it covered (seeded per epoch, so the same trajectory) without reporting
+            with open(os.path.join(path, REPLAY_FILE)) as f:
+                return 0, int(json.load(f)["epoch"])
+        state = torch.load(os.path.join(path, "trial.pt"), map_location=device, weights_only=False)
+    model.load_state_dict(state["model"], strict=False)  # frozen weights: as built
+    if "optimizer" in state:  # not in a finished trial's last checkpoint
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        monitor.load_state_dict(state["monitor"])
+    return state["epoch"], 0

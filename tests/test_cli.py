@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
@@ -67,3 +68,22 @@ def test_demo_job_is_minilm_on_fortunes_and_valid():
     job = demo_job(quick=True)
     assert (job.task.kind, job.task.model, job.task.dataset) == ("text_classification", "minilm-l6", "fortunes")
     assert job.search.num_trials >= 4 and job.range_test.enabled
+
+
+def test_user_errors_are_one_line_but_library_bugs_keep_their_traceback():
+    from lrsearch.cli import _clear_errors
+    from lrsearch.errors import ConfigError
+
+    @_clear_errors
+    def user_error():
+        raise ConfigError("search.num_trials: got 0; allowed: a value >= 1")
+
+    @_clear_errors
+    def bug():
+        raise ValueError("a bug inside lrsearch")
+
+    with pytest.raises(SystemExit) as exit_info:
+        user_error()
+    assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="a bug inside lrsearch"):  # not turned into 'error: ...'
+        bug()

@@ -128,7 +128,7 @@ def test_find_lr_on_the_python_task_example(tmp_path, monkeypatch):
 def test_find_lr_is_reproducible_within_one_process():
     # what ran before (another range test on the same task, advancing its loader) must not matter
     from lrsearch.config import parse_job
-    from lrsearch.find_lr import find_lr
+    from lrsearch.finder import find_lr
     from lrsearch.tasks import build_task
 
     job = parse_job({"name": "again", "task": {"kind": "synthetic", "num_train": 256, "num_val": 64},

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lrsearch.config import parse_job
-from lrsearch.search import run_search
+from lrsearch.tuning import run_search
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SMALL = {
@@ -34,7 +34,7 @@ def test_example_searches_offline(local_ray, path, tmp_path, monkeypatch):
     job = parse_job(data, source=str(path), base_dir=str(path.parent))
     result = run_search(job, show_progress=False)
     assert result.counts["total"] == 2 and result.counts["errored"] == 0, result.trials
-    assert result.best_config is not None and result.best_metric is not None
+    assert result.best is not None and result.best_metric is not None
     assert Path(result.paths["trials"]).is_file() and Path(result.paths["best_config"]).is_file()
     if data["task"]["kind"] == "text_classification":
-        assert all(0.7 <= t["layer_decay"] <= 0.95 for t in result.trials)
+        assert all(0.7 <= t.layer_decay <= 0.95 for t in result.trials)

@@ -305,3 +305,51 @@ def test_to_dict_is_json_and_plot_writes_png(task, tmp_path):
     path = result.plot(str(tmp_path / "curve.png"))
     with open(path, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+
+def _spike_curve(case: str) -> tuple[RangeTestResult, int]:
+    # Smoothed losses over lr 1e-7..10 (x = log10 lr): a sigmoid descent centred at 1e-3, then a
+    # bump whose falling side is steeper than the descent. Returns the curve and the bump's index.
+    lrs = [1e-7 * 10 ** (i * 8 / 99) for i in range(100)]
+    centre = -0.5 if case == "falls_back_above" else -1.5
+    losses = []
+    for lr in lrs:
+        x = math.log10(lr)
+        descent = 2.0 - 1.5 / (1 + math.exp(-3 * (x + 3)))
+        if case == "falls_back_above":  # the minimum (near 1e-2) comes before the spike
+            loss = descent + 0.3 * max(0.0, x + 2) + 1.0 * math.exp(-((x - centre) / 0.3) ** 2 / 2)
+        else:  # "falls_back_below": after the spike the loss drops below its first low, then rises
+            loss = (descent + 0.8 * math.exp(-((x - centre) / 0.25) ** 2 / 2)
+                    - 0.2 / (1 + math.exp(-8 * (x + 1))) + 0.5 * max(0.0, x + 0.3) ** 2)
+        losses.append(loss)
+    peak = min(range(100), key=lambda i: abs(math.log10(lrs[i]) - centre))
+    return RangeTestResult(lrs=lrs, losses=losses, raw_losses=losses), peak
+
+
+@pytest.mark.parametrize("case", ["falls_back_above", "falls_back_below"])
+def test_suggestions_never_pass_the_loss_minimum(case):
+    result, peak = _spike_curve(case)
+    lrs, losses = result.lrs, result.losses
+    bottom = losses.index(min(losses))  # the global minimum of the smoothed loss
+    # the curve is what the test means: a real spike that the divergence stop (4x the lowest
+    # smoothed loss so far) lets through
+    assert all(losses[i] <= 4.0 * min(losses[: i + 1]) for i in range(len(losses)))
+    first_low = min(range(peak), key=losses.__getitem__)
+    assert losses[peak] > losses[first_low] + 0.5
+    if case == "falls_back_above":
+        assert bottom == first_low and min(losses[peak:]) > losses[bottom] + 0.3
+    else:
+        assert peak < bottom < len(losses) - 1 and losses[bottom] < losses[first_low] - 0.2
+
+    suggestions = result.suggestions()
+    assert all(v is not None for v in suggestions.values()), suggestions
+    for method, lr in suggestions.items():
+        assert lr <= lrs[bottom], (method, lr, lrs[bottom])
+    # steepest sits on a falling stretch at or before the minimum
+    i = lrs.index(suggestions["steepest"])
+    assert 0 < i <= bottom and losses[i] < losses[i - 1]
+    if case == "falls_back_above":
+        assert 1e-4 < suggestions["steepest"] < 1e-2  # the sigmoid descent, not the spike's fall
+    low, high = result.bounds()
+    assert 0 < low < high <= lrs[bottom]

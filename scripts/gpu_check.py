@@ -5,7 +5,7 @@
 2. A trial's model, optimizer state and schedule on the device a trial gets (``trial_device()``
    returns CUDA when Ray granted a GPU): one epoch of the trial loop's steps on EfficientNet-Lite0.
 
-    python bench/gpu_check.py
+    python scripts/gpu_check.py
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 
 import torch
 
+import lrsearch
 from lrsearch.config import parse_job
-from lrsearch.find_lr import find_lr
 from lrsearch.optim import build_optimizer
 from lrsearch.range_test import forward, lr_range_test
 from lrsearch.tasks import build_task, evaluate
@@ -65,7 +65,7 @@ def main() -> None:
     print(f"\nspeed-up over CPU: fp32 {cpu_s / rows[1][6]:.1f}x, AMP {cpu_s / rows[2][6]:.1f}x")
 
     # find_lr picks CUDA by itself when there is one
-    _, result = find_lr(job, task=task)
+    result = lrsearch.find_lr(job, task=task, save=False)
     assert result.settings["device"] == "cuda", result.settings
     print(f"find_lr default device: {result.settings['device']}")
 
@@ -73,7 +73,7 @@ def main() -> None:
     device = trial_device()
     assert device.type == "cuda"
     config = {"max_lr": 3e-3, "schedule": "one_cycle", "one_cycle": {"pct_start": 0.3, "div_factor": 25.0}}
-    model, optimizer, scheduler, params, total = build_trial(job, task, config, device)
+    model, optimizer, scheduler, params = build_trial(job, task, config, device)
     assert all(p.device.type == "cuda" for p in model.parameters())
     start = time.perf_counter()
     steps = 0
@@ -88,7 +88,7 @@ def main() -> None:
     states = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     assert states and all(t.device.type == "cuda" for t in states)
     metrics = evaluate(model, task, device)
-    print(f"trial on {device}: {steps} steps of {total} in {time.perf_counter() - start:.2f} s, "
+    print(f"trial on {device}: {steps} steps in {time.perf_counter() - start:.2f} s, "
           f"lr now {optimizer.param_groups[0]['lr']:.3g}, val accuracy {metrics['accuracy']:.3f}, "
           f"params and optimizer state on cuda, peak memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print("GPU CHECK OK")

@@ -1,0 +1,149 @@
+"""The public Python API: what ``import lrsearch`` offers. The CLI is one call of these per command.
+
+Example (a model that exists only in this session)::
+
+    import lrsearch, torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def my_task() -> lrsearch.Task:
+        x, y = torch.randn(512, 16), torch.randint(0, 4, (512,))
+        data = TensorDataset(x, y)
+        return lrsearch.Task(
+            name="my-mlp",
+            build_model=lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                                    torch.nn.Linear(32, 4)),
+            train_loader=DataLoader(data, batch_size=64, shuffle=True),
+            val_loader=DataLoader(data, batch_size=256),
+            criterion=torch.nn.functional.cross_entropy,
+        )
+
+    res = lrsearch.search("examples/synthetic.yaml", task=my_task)
+    res.best            # BestConfig(schedule='cosine', max_lr=..., params={...}, ...)
+    res.trials[0].state # TrialState.PRUNED
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from lrsearch.config import JobConfig, parse_job
+from lrsearch.config import load_job as _load_job_file
+from lrsearch.errors import ConfigError
+from lrsearch.range_test import RangeTestResult
+from lrsearch.tasks import Task
+from lrsearch.tuning.results import BestConfig, SearchResult
+
+__all__ = ["Exported", "export", "find_lr", "load_job", "search"]
+
+JobLike = JobConfig | str | Path | dict[str, Any]
+TaskLike = Task | Callable[[], Task] | None
+
+
+def load_job(job: JobLike) -> JobConfig:
+    """A validated job from a :class:`JobConfig`, a YAML file's path, or a dict.
+
+    Raises:
+        ConfigError: one line per bad value, naming the field, the value and what is allowed.
+    """
+    if isinstance(job, JobConfig):
+        return job
+    if isinstance(job, str | Path):
+        return _load_job_file(job)
+    if isinstance(job, dict):
+        return parse_job(job, source="job", base_dir=str(Path.cwd()))
+    raise ConfigError(f"job: got {type(job).__name__}; allowed: a JobConfig, a YAML file's path or a dict")
+
+
+def search(job: JobLike, *, task: TaskLike = None, num_trials: int | None = None,
+           address: str | None = None, resume: bool = False, track: bool = True,
+           show_progress: bool = False, verbose: bool = False) -> SearchResult:
+    """Run a job's search: range test -> Optuna (TPE or random) + ASHA on Ray Tune -> best config.
+
+    Args:
+        job: a :class:`JobConfig`, a job file's path, or a dict with the job file's content.
+        task: the task to search, instead of the job's ``task`` section: a :class:`Task` or a
+            zero-argument function returning one, defined anywhere (a notebook cell too). It is
+            shipped to the Ray workers by value (cloudpickle), so its loaders and model factory
+            must pickle that way.
+        num_trials: overrides ``search.num_trials``.
+        address: join this Ray cluster (``auto``, ``ray://host:10001``, ``host:6379``) instead of
+            starting a local one.
+        resume: continue an interrupted search: the saved range test, the same MLflow parent run,
+            the finished trials; unfinished ones resume from their last checkpoint.
+        track: log to MLflow (a parent run, a nested run per trial).
+        show_progress: the range test's bar and a live status line on stderr.
+        verbose: Ray's own logs and tables.
+
+    Returns:
+        The typed :class:`SearchResult` (``.best``, ``.trials``, ``.importances``, ``.paths``).
+
+    Raises:
+        ConfigError: a bad job or task. SearchError: results of a search with this name exist
+        (and ``resume`` is False), or the Ray cluster cannot be reached. TrackingError: the
+        MLflow store cannot be reached. Interrupted: Ctrl+C (the state is kept for ``resume``).
+    """
+    from lrsearch.tuning.runner import run_search
+
+    return run_search(load_job(job), task=task, num_trials=num_trials, address=address,
+                      resume=resume, verbose=verbose, show_progress=show_progress, track=track)
+
+
+def find_lr(job: JobLike, *, task: TaskLike = None, save: bool = True, plot: str | Path | None = None,
+            progress: Callable[[int, int, float, float], None] | None = None) -> RangeTestResult:
+    """Run the job's LR range test on a fresh model of its task (or of ``task``).
+
+    With ``save``, the curve's plot (``plot``, default ``STORAGE/NAME/range_test.png``) and
+    ``range_test.json`` are written next to the job's results. Returns the result, with
+    ``.suggestions()`` and ``.bounds()``.
+    """
+    from lrsearch.finder import find_lr as _find_lr
+    from lrsearch.finder import save_range_test
+    from lrsearch.train import TaskSource
+
+    job = load_job(job)
+    built = TaskSource.of(job, task).get()
+    _, result = _find_lr(job, task=built, progress=progress)
+    if save:
+        save_range_test(job, built.name, result, plot)
+    return result
+
+
+class Exported(NamedTuple):
+    """An exported best config: the text, and a note for the user (or ``None``)."""
+
+    text: str
+    note: str | None
+
+
+def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, format: str = "yaml",
+           experiment: str | None = None, run_id: str | None = None,
+           tracking_uri: str | None = None) -> Exported:
+    """The best config in a form a training script uses: ``yaml``, ``json``, ``hf``
+    (``transformers.TrainingArguments`` kwargs) or ``torch`` (a scheduler-building snippet).
+
+    Give the config itself (``best``: a search result or its ``.best``), or where MLflow has it:
+    an ``experiment`` name (its latest search) or a ``run_id``.
+
+    Raises:
+        ConfigError: not exactly one source, or an unknown format. TrackingError: no such run.
+    """
+    from lrsearch.formats import render
+
+    sources = sum(x is not None for x in (best, experiment, run_id))
+    if sources != 1:
+        raise ConfigError("export: give exactly one of best, experiment or run_id "
+                          f"(got {sources})")
+    if isinstance(best, SearchResult):
+        if best.best is None:
+            raise ConfigError("export: this search has no best config (no trial completed its budget)")
+        best = best.best
+    if best is None:
+        from lrsearch.tracking import find_search_run, read_best_config, resolve_tracking
+
+        uri, _ = resolve_tracking(tracking_uri, None, "")
+        run = find_search_run(uri, experiment=experiment, run_id=run_id)
+        best = read_best_config(uri, run.info.run_id)
+    text, note = render(best.to_dict() if isinstance(best, BestConfig) else best, format)
+    return Exported(text, note)

@@ -1,0 +1,122 @@
+"""Suggestions and search bounds read off a range-test curve: pure functions of its points.
+
+:class:`~lrsearch.range_test.RangeTestResult` exposes them as ``suggest``, ``suggestions`` and
+``bounds``, whose docstrings describe each method and the bounds rule; the functions here take the
+usable points (before divergence) of the smoothed curve, LRs increasing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+__all__ = ["SUGGESTION_METHODS", "bounds_from_curve", "suggest_lr"]
+
+SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
+
+
+def suggest_lr(lrs: list[float], losses: list[float], method: str) -> float | None:
+    """Suggestion ``method`` for the curve; ``None`` when it is too short or flat for the method.
+
+    Raises:
+        ValueError: ``method`` is not one of :data:`SUGGESTION_METHODS`.
+    """
+    if method not in SUGGESTION_METHODS:
+        raise ValueError(
+            f"unknown suggestion method {method!r}; allowed: {', '.join(SUGGESTION_METHODS)}"
+        )
+    if len(lrs) < 5:
+        return None
+    return _SUGGESTERS[method](lrs, losses)
+
+
+def bounds_from_curve(
+    lrs: list[float], losses: list[float], suggestions: Mapping[str, float | None]
+) -> tuple[float, float]:
+    """``(low, high)`` for a log-uniform ``max_lr`` search from a non-empty curve and its suggestions.
+
+    The rule is :meth:`lrsearch.range_test.RangeTestResult.bounds`'s.
+    """
+    edge = lrs[int(np.argmin(losses))]
+    if edge <= lrs[0]:
+        # the loss only rose: nothing to the right of the start is safe
+        edge = lrs[0]
+    found = [s for s in suggestions.values() if s is not None and 0 < s <= edge]
+    if not found:
+        low, high = edge / 100.0, edge
+    else:
+        center = float(np.exp(np.median(np.log(found))))
+        high = min(edge, center * 3.0)
+        low = min(center, high) / 30.0
+    if not low < high:
+        low = high / 10.0
+    return (float(low), float(high))
+
+
+def _suggest_steepest(lrs: list[float], losses: list[float]) -> float | None:
+    # Only the descent counts: the points up to and including the lowest smoothed loss. A loss that
+    # spikes past the minimum and falls back can fall faster than the descent did, at an LR that
+    # is already too high. The gradient is taken on that stretch alone, so that no point after the
+    # minimum enters it (np.gradient's central difference would look one point ahead).
+    n = len(lrs)
+    bottom = int(np.argmin(losses))
+    start, end = int(0.1 * n), min(bottom + 1, n - max(1, int(0.05 * n)))
+    if end - start < 3:
+        start, end = 0, bottom + 1
+    if end - start < 2:
+        return None  # the loss never fell
+    x = np.log10(np.asarray(lrs[start:end]))
+    y = np.asarray(losses[start:end])
+    grad = np.gradient(y, x)
+    i = int(np.argmin(grad))
+    if grad[i] >= 0:
+        return None
+    return float(lrs[start + i])
+
+
+def _suggest_minimum(lrs: list[float], losses: list[float]) -> float | None:
+    return float(lrs[int(np.argmin(losses))] / 10.0)
+
+
+def _suggest_valley(lrs: list[float], losses: list[float]) -> float | None:
+    # The descent runs from the last point still near the starting plateau (less than 10 % of the
+    # total drop below it) to the minimum; the valley suggestion is its middle on the log axis.
+    y = np.asarray(losses)
+    bottom = int(np.argmin(y))
+    plateau = float(np.median(y[: max(1, len(y) // 10)]))
+    drop = plateau - float(y[bottom])
+    if bottom < 2 or drop <= 0:
+        return None
+    top = 0
+    for i in range(bottom):
+        if y[i] > plateau - 0.1 * drop:
+            top = i
+    if bottom - top < 2:
+        return None
+    return float(np.sqrt(lrs[top] * lrs[bottom]))
+
+
+def _suggest_slide(lrs: list[float], losses: list[float]) -> float | None:
+    x = np.log10(np.asarray(lrs))
+    y = np.asarray(losses)
+    span = float(np.ptp(y))
+    if span <= 0:
+        return None
+    slope = np.gradient(y / span, x)  # loss range per decade
+    window = max(2, len(lrs) // 7)
+    right = int(np.argmin(y))  # start left of where the loss rises
+    while right - window >= 0:
+        left = right - window
+        if abs(slope[right] - slope[left]) < 0.05:
+            return float(lrs[left])
+        right -= 1
+    return None
+
+
+_SUGGESTERS: dict[str, Callable[[list[float], list[float]], float | None]] = {
+    "steepest": _suggest_steepest,
+    "valley": _suggest_valley,
+    "minimum": _suggest_minimum,
+    "slide": _suggest_slide,
+}

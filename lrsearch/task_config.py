@@ -1,0 +1,109 @@
+"""The job file's ``task`` section: one pydantic model per task kind (``kind`` picks it)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, and values are re-checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+
+
+class SyntheticTask(Strict):
+    """A tiny synthetic task for tests (Gaussian clusters, an MLP trained from scratch)."""
+
+    kind: Literal["synthetic"]
+    num_train: PositiveInt = 2048
+    num_val: PositiveInt = 512
+    num_features: PositiveInt = 32
+    num_classes: Annotated[int, Field(ge=2)] = 8
+    hidden: PositiveInt = 64
+    noise: NonNegFloat = 2.0
+    batch_size: PositiveInt = 64
+    seed: int = 0
+
+
+class TextClassificationTask(Strict):
+    """A Hugging Face sequence classifier fine-tuned on labelled text."""
+
+    kind: Literal["text_classification"]
+    model: str = "minilm-l6"
+    dataset: str = "fortunes"
+    categories: list[str] | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    num_train: Annotated[int, Field(ge=2)] = 512
+    num_val: Annotated[int, Field(ge=2)] = 256
+    max_length: Annotated[int, Field(ge=2)] = 64
+    batch_size: PositiveInt = 16
+    seed: int = 0
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) < 2:
+            raise ValueError("needs at least 2 distinct categories")
+        return value
+
+
+class ImageClassificationTask(Strict):
+    """A pretrained image classifier fine-tuned on labelled images."""
+
+    kind: Literal["image_classification"]
+    model: str = "efficientnet-lite0"
+    dataset: str = "fashion_mnist"
+    weights: str | None = None
+    num_classes: Annotated[int, Field(ge=2)] | None = None
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 64
+    num_train: PositiveInt = 512
+    num_val: PositiveInt = 256
+    batch_size: PositiveInt = 32
+    seed: int = 0
+
+
+_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class PythonTask(Strict):
+    """The user's own task: ``entrypoint`` is ``package.module:function`` returning a ``Task``.
+
+    The function is called with ``options`` as keyword arguments. ``path`` (relative to the job
+    file) is put on ``sys.path`` first, so a task module can sit next to the job file.
+    """
+
+    kind: Literal["python"]
+    entrypoint: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = None
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: str) -> str:
+        if not _ENTRYPOINT.match(value):
+            raise ValueError("must look like 'package.module:function'")
+        return value
+
+
+TaskConfig = Annotated[
+    SyntheticTask | TextClassificationTask | ImageClassificationTask | PythonTask,
+    Field(discriminator="kind"),
+]
+
+
+#: ``task.kind`` -> its model
+TASK_MODELS = {
+    "synthetic": SyntheticTask,
+    "text_classification": TextClassificationTask,
+    "image_classification": ImageClassificationTask,
+    "python": PythonTask,
+}

@@ -1,0 +1,212 @@
+"""The search's MLflow runs: the parent run (driver) and one nested child run per trial (workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from lrsearch import __version__
+from lrsearch.errors import TrackingError
+from lrsearch.tracking.store import (
+    PARENT_KEY,
+    PARENT_TAG,
+    ROLE_TAG,
+    SEARCH_TAG,
+    SPOOL,
+    TRIAL_TAG,
+    TrackingInfo,
+    _client,
+    _metric,
+    _RunLogger,
+    _spool_keys,
+    check_reachable,
+)
+
+
+class TrialLogger(_RunLogger):
+    """The child run of one trial, nested under the search's parent run (used on Ray workers)."""
+
+    def __init__(self, info: TrackingInfo, trial_id: str, trial_name: str | None = None) -> None:
+        super().__init__(info, trial_id)
+        self.trial_name = trial_name or trial_id
+
+    def _find_or_create(self) -> str:
+        client = self.client
+        found = client.search_runs(
+            [self.info.experiment_id],
+            filter_string=f"tags.`{TRIAL_TAG}` = '{self.key}' and tags.`{SEARCH_TAG}` = '{self.info.search_id}'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(
+            self.info.experiment_id,
+            run_name=self.trial_name,
+            tags={PARENT_TAG: self.info.parent_run_id, TRIAL_TAG: self.key,
+                  SEARCH_TAG: self.info.search_id, ROLE_TAG: "trial"},
+        )
+        return run.info.run_id
+
+    def log_config(self, config: dict[str, Any], schedule_params: dict[str, Any]) -> None:
+        params = {"max_lr": config["max_lr"], "schedule": config["schedule"]}
+        params.update({f"{config['schedule']}.{k}": v for k, v in (config.get(config["schedule"]) or {}).items()})
+        params.update({f"schedule_params.{k}": v for k, v in schedule_params.items()})
+        for key in ("weight_decay", "layer_decay"):
+            if key in config:
+                params[key] = config[key]
+        self.log({"op": "batch", "params": params})
+
+    def logged_epochs(self, metric: str) -> int:
+        """The last epoch this trial's run already holds (a resumed trial re-runs the epochs after
+        Tune's last saved state; they are not logged twice). 0 if none, or the store is down."""
+        try:
+            history = self.client.get_metric_history(self.run_id(), metric)
+        except Exception:
+            return 0
+        return max((m.step for m in history), default=0)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float], lrs: list[float], first_step: int) -> None:
+        batch = [_metric(k, v, epoch) for k, v in metrics.items()]
+        batch += [_metric("lr_step", lr, first_step + i) for i, lr in enumerate(lrs)]
+        self.log({"op": "batch", "metrics": batch})
+
+
+class SearchTracker(_RunLogger):
+    """The parent run of a search (driver side)."""
+
+    def __init__(self, info: TrackingInfo) -> None:
+        super().__init__(info, PARENT_KEY)
+        self._run_id = info.parent_run_id
+
+    def _find_or_create(self) -> str:  # the parent run always exists before this object
+        return self.info.parent_run_id
+
+    @classmethod
+    def start(cls, *, uri: str, experiment: str, job_name: str, results_dir: str,
+              resume: bool, tags: dict[str, str] | None = None) -> SearchTracker:
+        """Check the store, then create the parent run (or re-attach to it on ``--resume``).
+
+        A new search (no ``resume``) whose results directory names the parent run of a search
+        killed before it saved any trial closes that run as KILLED, so no parent stays RUNNING.
+        """
+        check_reachable(uri)
+        client = _client(uri)
+        state_file = Path(results_dir) / "mlflow.json" if "://" not in results_dir else None
+        if not resume and state_file is not None and state_file.is_file():
+            _close_dead_parent(client, json.loads(state_file.read_text()), uri)
+        if resume and state_file is not None and state_file.is_file():
+            saved = json.loads(state_file.read_text())
+            if saved.get("uri") == uri:
+                info = TrackingInfo(uri, saved["experiment_id"], saved["run_id"], saved["search_id"],
+                                    f"{results_dir}/{SPOOL}")
+                try:
+                    client.update_run(info.parent_run_id, status="RUNNING")
+                    client.set_tag(info.parent_run_id, "lrsearch.state", "running (resumed)")
+                except Exception as exc:
+                    raise TrackingError(f"--resume: parent run {info.parent_run_id} not found at {uri}: {exc}") from None
+                return cls(info)
+        exp = client.get_experiment_by_name(experiment)
+        # experimentKind: MLflow's UI opens a training experiment on its runs table (nested runs
+        # expandable), not on the GenAI overview
+        experiment_id = exp.experiment_id if exp else client.create_experiment(
+            experiment, tags={"mlflow.experimentKind": "custom_model_development"})
+        search_id = uuid.uuid4().hex[:12]
+        all_tags = {ROLE_TAG: "search", SEARCH_TAG: search_id, "lrsearch.job": job_name,
+                    "lrsearch.version": __version__, "lrsearch.results": results_dir}
+        submission = os.environ.get("LRSEARCH_SUBMISSION_ID")  # set by lrsearch submit
+        if submission:
+            all_tags["ray.submission_id"] = submission
+        all_tags.update(tags or {})
+        run = client.create_run(experiment_id, run_name=f"{job_name}-{search_id[:6]}", tags=all_tags)
+        info = TrackingInfo(uri, experiment_id, run.info.run_id, search_id, f"{results_dir}/{SPOOL}")
+        if state_file is not None:
+            state_file.parent.mkdir(parents=True, exist_ok=True)
+            state_file.write_text(json.dumps({"uri": uri, "experiment_id": experiment_id,
+                                              "run_id": run.info.run_id, "search_id": search_id}))
+        return cls(info)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.log({"op": "batch", "params": params})
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.log({"op": "batch", "metrics": [_metric(k, v, step) for k, v in metrics.items()]})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.log({"op": "artifact", "path": str(path), "artifact_path": artifact_path})
+
+    def finish_trials(self, trials: list[dict[str, Any]]) -> None:
+        """Tag each trial's child run with its final state and close it (ASHA's stops happen on the
+        driver; the worker never learns it was pruned)."""
+        status = {"completed": "FINISHED", "pruned": "KILLED", "diverged": "FAILED", "errored": "FAILED"}
+        self._close_abandoned({t["trial_id"] for t in trials})
+        for t in trials:
+            state = t["state"]
+            label = f"pruned at rung {t['stopped_at_epoch']}" if state == "pruned" else state
+            trial = TrialLogger(self.info, t["trial_id"])
+            trial.log({"op": "batch", "tags": {"lrsearch.state": label, "lrsearch.stopped_at_epoch": t["stopped_at_epoch"]}})
+            trial.log({"op": "terminate", "status": status[state]})
+
+    def _close_abandoned(self, trial_ids: set[str]) -> None:
+        # A trial that had started when the driver was killed, but that Ray Tune had not yet recorded
+        # in its experiment state, is not resumed: Tune starts a new trial instead. Its child run
+        # stays, marked as such, so nothing is silently dropped and nothing counts twice.
+        try:
+            runs = self.client.search_runs(
+                [self.info.experiment_id],
+                filter_string=f"tags.`{SEARCH_TAG}` = '{self.info.search_id}' and tags.`{ROLE_TAG}` = 'trial'",
+                max_results=1000)
+        except Exception:
+            return  # the store is down: the trials' own logging is spooled, this tag can wait
+        for run in runs:
+            if run.data.tags.get(TRIAL_TAG) not in trial_ids:
+                trial = TrialLogger(self.info, run.data.tags[TRIAL_TAG])
+                trial.log({"op": "batch", "tags": {"lrsearch.state": "abandoned (search interrupted)"}})
+                trial.log({"op": "terminate", "status": "KILLED"})
+
+    def interrupted(self) -> int:
+        """Mark the parent run stopped by the user (``--resume`` sets it running again)."""
+        self.log({"op": "batch", "tags": {"lrsearch.state": "interrupted (resume with --resume)"}})
+        self.log({"op": "terminate", "status": "KILLED"})
+        return sync_spool(self.info)
+
+    def finish(self, ok: bool = True) -> int:
+        """Close the parent run and replay every spool; returns the number still pending."""
+        self.log({"op": "batch", "tags": {"lrsearch.state": "finished" if ok else "failed"}})
+        self.log({"op": "terminate", "status": "FINISHED" if ok else "FAILED"})
+        return sync_spool(self.info)
+
+
+def _close_dead_parent(client: Any, saved: dict[str, Any], uri: str) -> None:
+    if saved.get("uri") != uri:
+        return
+    try:
+        run = client.get_run(saved["run_id"])
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "lrsearch.state", "abandoned (killed; a new search replaced it)")
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception:
+        return  # deleted, or another store: nothing of ours to close
+
+
+def sync_spool(info: TrackingInfo) -> int:
+    """Replay every spooled operation of a search; returns how many are still pending."""
+    pending = 0
+    for key in _spool_keys(info.spool_dir):
+        logger = SearchTracker(info) if key == PARENT_KEY else TrialLogger(info, key)
+        pending += logger.flush()
+    return pending
+
+
+def load_tracking_info(results_dir: str) -> TrackingInfo:
+    """The tracking info a search saved in its results directory (for ``lrsearch sync``)."""
+    state = Path(results_dir) / "mlflow.json"
+    if not state.is_file():
+        raise TrackingError(f"{results_dir}: no MLflow state (mlflow.json); was this a search's results directory?")
+    saved = json.loads(state.read_text())
+    return TrackingInfo(saved["uri"], saved["experiment_id"], saved["run_id"], saved["search_id"],
+                        f"{results_dir}/{SPOOL}")
+
+

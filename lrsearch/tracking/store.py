@@ -1,0 +1,218 @@
+"""The MLflow store: where it is, retried calls, the on-disk spool of what could not be logged,
+and a logger for one run that replays the spool in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lrsearch.errors import TrackingError
+from lrsearch.storage import filesystem, listing
+
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "lrsearch.role"
+TRIAL_TAG = "lrsearch.trial_id"
+SEARCH_TAG = "lrsearch.search_id"
+SPOOL = "mlflow-spool"
+PARENT_KEY = "_search"
+
+
+@dataclass(frozen=True)
+class TrackingInfo:
+    """Everything a worker needs to log into a search's MLflow runs (pickles; no client inside)."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    search_id: str
+    spool_dir: str
+
+
+def resolve_tracking(uri: str | None, experiment: str | None, job_name: str) -> tuple[str, str]:
+    """The tracking URI and experiment name a job uses."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # relative sqlite paths are relative to the working directory: make that explicit so
+        # Ray workers (whose working directory differs) write to the same file
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri, experiment or job_name
+
+
+def _quiet_http() -> None:
+    # MLflow's own HTTP retries default to 7 with exponential back-off (minutes). lrsearch retries
+    # itself and spools what fails, so keep each call short.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    # "Creating initial MLflow database tables..." and alembic's migration chatter
+    for name in ("mlflow", "alembic"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _client(uri: str):
+    _quiet_http()
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn: Callable[[], Any], *, tries: int = 3, delay: float = 0.5) -> Any:
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            time.sleep(delay * 2**attempt)
+    return None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, with one line, when the tracking store cannot be reached."""
+    client = _client(uri)
+    try:
+        _retry(lambda: client.search_experiments(max_results=1), tries=2)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(
+            f"tracking.uri: cannot reach the MLflow tracking store at {uri!r} ({first}); "
+            "start it, or set tracking.uri / MLFLOW_TRACKING_URI to one that is up"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Spool: operations that could not be logged, replayed later
+# --------------------------------------------------------------------------------------------
+
+
+def _spool_write(spool_dir: str, key: str, op: dict[str, Any]) -> None:
+    fs, base = filesystem(spool_dir)
+    folder = f"{base}/{key}"
+    fs.create_dir(folder, recursive=True)
+    # one file per operation, named so that sorting gives the order: no appends needed (S3-safe)
+    name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+    with fs.open_output_stream(f"{folder}/{name}") as out:
+        out.write(json.dumps(op).encode())
+
+
+def _spool_pending(spool_dir: str, key: str) -> list[tuple[str, dict[str, Any]]]:
+    fs, base = filesystem(spool_dir)
+    files = sorted(path for name, path in listing(fs, f"{base}/{key}", dirs=False).items()
+                   if name.endswith(".json"))
+    out = []
+    for path in files:
+        with fs.open_input_stream(path) as fh:
+            out.append((path, json.loads(fh.read().decode())))
+    return out
+
+
+def _spool_keys(spool_dir: str) -> list[str]:
+    fs, base = filesystem(spool_dir)
+    return sorted(listing(fs, base, dirs=True))
+
+
+def _spool_delete(spool_dir: str, path: str) -> None:
+    fs, _ = filesystem(spool_dir)
+    fs.delete_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Applying operations
+# --------------------------------------------------------------------------------------------
+
+
+def _apply(client: Any, run_id: str, op: dict[str, Any]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    kind = op["op"]
+    if kind == "batch":
+        metrics = [Metric(m["key"], float(m["value"]), int(m["timestamp"]), int(m["step"]))
+                   for m in op.get("metrics", [])]
+        params = [Param(k, str(v)[:6000]) for k, v in op.get("params", {}).items()]
+        tags = [RunTag(k, str(v)) for k, v in op.get("tags", {}).items()]
+        # MLflow's log_batch limits: 1000 metrics, 100 params + tags per call
+        for i in range(0, max(1, len(metrics)), 1000):
+            chunk = metrics[i:i + 1000]
+            if chunk:
+                client.log_batch(run_id, metrics=chunk, synchronous=True)
+        pt = params + tags
+        for i in range(0, len(pt), 100):
+            part = pt[i:i + 100]
+            client.log_batch(run_id, params=[p for p in part if isinstance(p, Param)],
+                             tags=[t for t in part if isinstance(t, RunTag)], synchronous=True)
+    elif kind == "artifact":
+        if Path(op["path"]).exists():
+            client.log_artifact(run_id, op["path"], op.get("artifact_path"))
+    elif kind == "terminate":
+        client.set_terminated(run_id, op["status"])
+    else:  # pragma: no cover - written by this module only
+        raise ValueError(f"unknown spooled operation {kind!r}")
+
+
+def _metric(key: str, value: float, step: int) -> dict[str, Any]:
+    return {"key": key, "value": float(value), "step": int(step), "timestamp": int(time.time() * 1000)}
+
+
+class _RunLogger:
+    """Logs into one run (found or created lazily); spools what fails; replays in order."""
+
+    def __init__(self, info: TrackingInfo, key: str) -> None:
+        self.info = info
+        self.key = key
+        self._client = None
+        self._run_id: str | None = None
+        self._down_until = 0.0
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _client(self.info.uri)
+        return self._client
+
+    def run_id(self) -> str:
+        if self._run_id is None:
+            self._run_id = self._find_or_create()
+        return self._run_id
+
+    def _find_or_create(self) -> str:
+        raise NotImplementedError
+
+    def log(self, op: dict[str, Any]) -> bool:
+        """Log ``op`` now (after anything spooled before it); spool it if that fails."""
+        if time.monotonic() < self._down_until:
+            # the store failed moments ago: spool at once instead of stalling training on retries
+            _spool_write(self.info.spool_dir, self.key, op)
+            return False
+        try:
+            self.flush(raise_errors=True)
+            _retry(lambda: _apply(self.client, self.run_id(), op))
+            return True
+        except Exception:
+            self._down_until = time.monotonic() + 5.0
+            _spool_write(self.info.spool_dir, self.key, op)
+            return False
+
+    def flush(self, *, raise_errors: bool = False) -> int:
+        """Replay spooled operations in order; returns how many are still pending."""
+        pending = _spool_pending(self.info.spool_dir, self.key)
+        for i, (path, op) in enumerate(pending):
+            try:
+                _retry(lambda op=op: _apply(self.client, self.run_id(), op), tries=2)
+            except Exception:
+                if raise_errors:
+                    raise
+                return len(pending) - i
+            _spool_delete(self.info.spool_dir, path)
+        return 0
+
+

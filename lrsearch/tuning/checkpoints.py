@@ -1,0 +1,58 @@
+"""Trial checkpoints on the search's storage: repair before a resume, prune after the search."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from lrsearch.storage import filesystem, listing
+from lrsearch.train import REPLAY_FILE
+
+
+def checkpoint_dirs(fs: Any, trial_dir: str) -> dict[int, str]:
+    """``{N: path}`` of a trial's ``checkpoint_NNNNNN`` directories."""
+    numbered = ((re.fullmatch(r"checkpoint_(\d+)", name), path)
+                for name, path in listing(fs, trial_dir, dirs=True).items())
+    return {int(match[1]): path for match, path in numbered if match}
+
+
+def fill_replaced_checkpoints(tune_path: str, epochs: list[int]) -> None:
+    """Make every checkpoint an interrupted search's saved state can name restorable.
+
+    Tune saves the search's state (which checkpoint each trial resumes from) every 10 s or so,
+    but deletes a trial's previous checkpoint as soon as the next one is registered
+    (``num_to_keep=1``). A driver killed in between leaves a state naming a checkpoint that is
+    gone, and the trial would fail to restore (ray-project/ray#27790). A trial's checkpoint
+    ``N`` holds epoch ``epochs[N]`` (the epochs the job's ``search.checkpoint`` policy saves at),
+    so each missing one below the newest becomes a ``replay.json`` that tells
+    :func:`~lrsearch.train.run_trial` to retrain up to that epoch.
+    """
+    fs, base = filesystem(tune_path)
+    for trial_dir in listing(fs, base, dirs=True).values():
+        found = checkpoint_dirs(fs, trial_dir)
+        for index in range(max(found, default=-1)):
+            if index not in found:
+                missing = f"{trial_dir}/checkpoint_{index:06d}"
+                fs.create_dir(missing)
+                with fs.open_output_stream(f"{missing}/{REPLAY_FILE}") as f:
+                    f.write(json.dumps({"epoch": epochs[index]}).encode())
+
+
+def prune_checkpoints(trial_paths: dict[str, str], keep: str, best_id: str | None) -> None:
+    """Free the disk the finished search no longer needs (a fine-tuned model per trial adds up).
+
+    Args:
+        trial_paths: ``{trial_id: trial directory}``.
+        keep: ``all``, ``best`` (the best trial's last checkpoint) or ``none``.
+        best_id: the best trial's id.
+    """
+    if keep == "all":
+        return
+    for trial_id, path in trial_paths.items():
+        fs, trial_dir = filesystem(path)
+        found = checkpoint_dirs(fs, trial_dir)
+        if keep == "best" and trial_id == best_id and found:
+            del found[max(found)]  # its final state stays
+        for ckpt in found.values():
+            fs.delete_dir(ckpt)

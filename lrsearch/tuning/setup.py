@@ -1,0 +1,94 @@
+"""A search's first steps: its results directory, MLflow parent run, range test and first trials.
+
+Each step continues whatever an earlier, interrupted run of the same search left: a saved range
+test is reused and the same MLflow parent run continues, whatever moment the driver was killed at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lrsearch.config import JobConfig
+from lrsearch.errors import SearchError
+from lrsearch.space import SearchSpace, SpaceSampler
+from lrsearch.tasks import Task
+from lrsearch.tracking import SearchTracker, resolve_tracking
+from lrsearch.tuning.tuner import tune_state_exists
+
+
+def prepare_dir(job: JobConfig, root: str, resume: bool, show: bool) -> tuple[Path | None, bool, list[str]]:
+    """Check what ``root`` holds against ``resume``.
+
+    Returns:
+        The local results directory (``None`` on remote storage), whether Ray Tune's state is
+        there to restore, and notes for the user.
+
+    Raises:
+        SearchError: results exist and ``resume`` is False.
+    """
+    out = Path(root) if "://" not in root else None
+    exists = tune_state_exists(root)
+    if exists and not resume:
+        raise SearchError(f"a search named {job.name!r} already has results in {root}; "
+                          f"continue it with --resume, or change 'name' / delete that directory")
+    notes = []
+    if resume and not exists:
+        kept = [n for n in ("range_test.json", "mlflow.json") if out is not None and (out / n).is_file()]
+        notes.append(f"--resume: no trial of {job.name!r} had been saved in {root}; starting the trials "
+                     f"from the beginning" + (f" (continuing its {' and '.join(kept)})" if kept else ""))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if not exists and (out / "optuna.db").is_file():
+            (out / "optuna.db").unlink()  # a study whose trials Ray Tune never recorded
+    if show:
+        from lrsearch.console import err
+
+        for note in notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    return out, exists and resume, notes
+
+
+def start_tracker(job: JobConfig, root: str, resume: bool) -> SearchTracker:
+    """The search's MLflow parent run: created, or continued on ``resume``. An unreachable
+    tracking store fails here, before any training starts."""
+    uri, experiment = resolve_tracking(job.tracking.uri, job.tracking.experiment, job.name)
+    return SearchTracker.start(uri=uri, experiment=experiment, job_name=job.name, results_dir=root,
+                               resume=resume)
+
+
+def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, show: bool) -> dict | None:
+    """The range test's data: the saved one when resuming, else a new run (saved next to the results)."""
+    if not job.range_test.enabled:
+        return None
+    saved = out / "range_test.json" if out else None
+    if resume and saved is not None and saved.is_file():
+        return json.loads(saved.read_text())
+    from lrsearch.console import RangeTestProgress
+    from lrsearch.finder import find_lr, range_test_steps, save_range_test
+
+    with RangeTestProgress(range_test_steps(job, task), enabled=show) as bar:
+        _, result = find_lr(job, task=task, progress=bar.callback)
+    return save_range_test(job, task.name, result)["range_test"]
+
+
+def first_points(job: JobConfig, space: SearchSpace, range_test: dict | None) -> list[dict[str, Any]]:
+    """The trials run before the searcher's own: the job's ``search.start_points``, then the range
+    test's consensus suggestion (their geometric mean / 3, clipped into the space) with the space's
+    default schedule."""
+    points = [_flat(p) for p in job.search.start_points]
+    if range_test:
+        s = [v for v in range_test["suggestions"].values() if v]
+        low, high = space.max_lr_prior.low, space.max_lr_prior.high
+        guess = math.exp(sum(math.log(v) for v in s) / len(s)) / 3 if s else math.sqrt(low * high)
+        points.append(SpaceSampler(space).first_point(min(max(guess, low), high)))
+    return points
+
+
+def _flat(point: dict[str, Any]) -> dict[str, Any]:
+    """``{max_lr, schedule, warmup_frac}`` -> Optuna's names ``{max_lr, schedule, linear/warmup_frac}``."""
+    top = {"max_lr", "schedule", "weight_decay", "layer_decay"}
+    name = point["schedule"]
+    return {k if k in top else f"{name}/{k}": v for k, v in point.items()}

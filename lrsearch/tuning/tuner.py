@@ -1,0 +1,155 @@
+"""Ray Tune wiring: start or join Ray, and build the ``Tuner`` (fresh, or restored to resume).
+
+The one use of Ray's private API is here: a restored ``Tuner`` does not take callbacks, and
+lrsearch's live progress line is a callback (ray-project/ray#41364).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lrsearch.config import JobConfig
+from lrsearch.errors import SearchError
+from lrsearch.tuning.optuna_adapter import PrunedAwareOptunaSearch, make_sampler, study_storage
+
+TUNE_DIR = "tune"
+
+
+def init_ray(address: str | None, verbose: bool) -> bool:
+    """Connect to (or start) Ray. Returns True if this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not verbose:
+        # Fast trials checkpoint often; Tune's "snapshotting may become a bottleneck" is noise here.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        # --address, or RAY_ADDRESS (set by Ray for a submitted job's entrypoint): join that cluster
+        try:
+            ray.init(address=target, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SearchError(f"--address {target!r}: cannot connect to a Ray cluster: {first}") from None
+    else:
+        # "local": a fresh Ray for this search, never whatever cluster `ray start` last left recorded
+        # on this machine (ray.init()'s default would join that one)
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    return True
+
+
+def _fits(node: dict[str, float], need: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) >= v for k, v in need.items() if v)
+
+
+def check_resources(job: JobConfig, *, show: bool) -> None:
+    """Fail before anything starts when no node of the Ray cluster can hold one trial (Ray Tune
+    would leave the search pending forever), or wait ``resources.wait_for_node_s`` for one.
+
+    Raises:
+        SearchError: naming the field (``resources.gpu`` / ``resources.cpu``), the value asked for
+            and the largest node's.
+    """
+    import ray
+
+    r = job.resources
+    need = {"CPU": r.cpu, "GPU": r.gpu}
+    deadline, said = time.monotonic() + r.wait_for_node_s, False
+    while True:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if any(_fits(n, need) for n in nodes):
+            return
+        if time.monotonic() >= deadline:
+            raise SearchError(_too_big(need, nodes, r.wait_for_node_s))
+        if show and not said:
+            from lrsearch.console import err
+
+            err.print(f"waiting up to {r.wait_for_node_s:g} s for a node with {r.cpu:g} CPU and {r.gpu:g} GPU "
+                      "(resources.wait_for_node_s), e.g. from the cluster's autoscaler", highlight=False)
+            said = True
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+
+
+def _too_big(need: dict[str, float], nodes: list[dict[str, float]], waited: float) -> str:
+    most = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in need}
+    field, key = ("gpu", "GPU") if need["GPU"] > most["GPU"] else ("cpu", "CPU")
+    if need[key] <= most[key]:  # each fits somewhere, never both on one node
+        largest = ", ".join(f"{n.get('CPU', 0):g} CPU + {n.get('GPU', 0):g} GPU" for n in nodes)
+        return (f"resources: got cpu {need['CPU']:g} and gpu {need['GPU']:g} per trial; no single node has "
+                f"both (nodes: {largest}); lower one of them")
+    after = f" after waiting {waited:g} s" if waited else ""
+    return (f"resources.{field}: got {need[key]:g} per trial; the largest node of this Ray cluster has "
+            f"{most[key]:g} {key}{after}; allowed: at most {most[key]:g} (or add such a node; with an "
+            f"autoscaler, set resources.wait_for_node_s)")
+
+
+def tune_state_exists(root: str) -> bool:
+    """Whether ``root`` holds a Ray Tune experiment state to resume."""
+    from ray import tune
+
+    tune_path = f"{root}/{TUNE_DIR}"
+    if "://" not in root and not Path(tune_path).exists():
+        return False
+    return tune.Tuner.can_restore(tune_path)
+
+
+def _scheduler(job: JobConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = job.search
+    if s.early_stopping == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="training_iteration", max_t=s.max_epochs,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
+def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: list[dict],
+                metric: str, mode: str, root: str, study_path: str | None, resume: bool,
+                callbacks: list[Any], verbose: bool) -> tuple[Any, PrunedAwareOptunaSearch | None]:
+    """The ``Tuner`` for a job, and its searcher (``None`` when restored: Tune restores it)."""
+    from ray import tune
+
+    s = job.search
+    if not verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # a job's start_points may lie outside the space (a default config to compare with): intended
+    warnings.filterwarnings("ignore", message=r"Fixed parameter .* is out of range")
+    trainable = tune.with_resources(trainable, {"cpu": job.resources.cpu, "gpu": job.resources.gpu})
+    tune_path = f"{root}/{TUNE_DIR}"
+    if resume:
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        # callbacks are not part of the saved state and restore() takes none (ray-project/ray#41364)
+        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
+        return tuner, None
+    searcher = PrunedAwareOptunaSearch(
+        space=sampler, metric=metric, mode=mode, points_to_evaluate=first_points or None,
+        sampler=make_sampler(s.algorithm, seed=s.seed, num_trials=s.num_trials),
+        storage=study_storage(study_path), study_name=job.name, max_t=s.max_epochs,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, search_alg=searcher, scheduler=_scheduler(job),
+            num_samples=s.num_trials, max_concurrent_trials=s.max_concurrent_trials,
+            time_budget_s=s.time_budget_s,
+            # a reused worker keeps the built task (pretrained weights, tokenised data)
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=root,
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=2 if verbose else 0, callbacks=callbacks,
+        ),
+    )
+    return tuner, searcher

@@ -1,0 +1,148 @@
+"""The public Python API on a real local Ray: an in-memory task searched from a Python session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+import lrsearch
+from lrsearch import BestConfig, TrialRecord, TrialState
+
+EXAMPLE = str(Path(__file__).resolve().parent.parent / "examples" / "synthetic.yaml")
+
+
+def _job(tmp_path, name: str, **search) -> dict:
+    return {
+        "name": name,
+        "task": {"kind": "synthetic", "num_train": 256, "num_val": 128, "batch_size": 64},
+        "range_test": {"num_steps": 30},
+        "search": {"num_trials": 4, "max_epochs": 2, "max_concurrent_trials": 2, **search},
+        "storage": {"path": str(tmp_path / "runs")},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db"},
+    }
+
+
+def test_public_names_stay_functions_whatever_is_imported():
+    # a submodule named like a function would replace it on the package once imported
+    import lrsearch.api  # noqa: F401
+    import lrsearch.finder  # noqa: F401
+    import lrsearch.formats  # noqa: F401
+    import lrsearch.tuning  # noqa: F401
+
+    for name in ("search", "find_lr", "load_job", "export"):
+        assert callable(getattr(lrsearch, name)) and getattr(lrsearch, name).__module__ == "lrsearch.api"
+    assert set(lrsearch.__all__) <= set(dir(lrsearch))
+
+
+def test_load_job_takes_a_path_a_dict_or_a_job(tmp_path):
+    from_path = lrsearch.load_job(EXAMPLE)
+    assert from_path.name == "synthetic" and from_path.search.num_trials == 8
+    from_dict = lrsearch.load_job({"name": "d", "task": {"kind": "synthetic"}})
+    assert lrsearch.load_job(from_dict) is from_dict
+    with pytest.raises(lrsearch.ConfigError, match="job: got int"):
+        lrsearch.load_job(3)
+    with pytest.raises(lrsearch.ConfigError, match=r"search.algorithm: got 'bayes'"):
+        lrsearch.load_job({"name": "d", "task": {"kind": "synthetic"}, "search": {"algorithm": "bayes"}})
+
+
+def _session_task() -> lrsearch.Task:
+    """A model and data that exist only in this process (defined here, not importable by name)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 12, generator=g)
+    y = (x @ torch.randn(12, 3, generator=g)).argmax(1)
+    data = TensorDataset(x, y)
+    width = 24  # captured by the closure below: travels by value
+
+    def build_model() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(12, width), torch.nn.ReLU(), torch.nn.Linear(width, 3))
+
+    return lrsearch.Task(name="session-mlp", build_model=build_model,
+                         train_loader=DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator()),
+                         val_loader=DataLoader(data, batch_size=128), criterion=torch.nn.functional.cross_entropy)
+
+
+@pytest.fixture(scope="module")
+def in_memory_search(local_ray, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    start = {"max_lr": 5e-5, "schedule": "linear", "warmup_frac": 0.0}
+    res = lrsearch.search(_job(tmp, "mem", num_trials=5, start_points=[start]), task=_session_task)
+    return tmp, res
+
+
+def test_search_an_in_memory_task_and_read_the_typed_result(in_memory_search):
+    tmp, res = in_memory_search
+    assert isinstance(res, lrsearch.SearchResult) and len(res.trials) == 5
+    assert all(isinstance(t, TrialRecord) and isinstance(t.state, TrialState) for t in res.trials)
+    assert [t.number for t in res.trials] == [1, 2, 3, 4, 5]
+    # the job's task was synthetic with 256 examples of 32 features at batch 64 (4 steps per
+    # epoch); the in-memory task has 256 examples at batch 32: 8 steps per epoch
+    assert res.steps_per_epoch == 8
+    first = res.trials[0]
+    assert first.max_lr == 5e-5 and first.schedule == "linear" and first.params == {"warmup_frac": 0.0}
+    assert isinstance(res.best, BestConfig) and res.best.value == max(
+        t.final_metric for t in res.trials if t.state is TrialState.COMPLETED)
+    assert res.best.search_horizon["total_steps"] == 16
+    assert res.best.scheduler_params(1000)  # horizon-free: resolves for any run length
+    # compute: epochs trained by the trials, and the range test's 30 steps in trial epochs
+    assert res.trial_epochs == sum(t.stopped_at_epoch for t in res.trials)
+    assert res.range_test_epochs == pytest.approx(len(res.range_test["lrs"]) / 8)
+    # the Parquet table holds the same records
+    rows = pq.read_table(res.paths["trials"]).to_pylist()
+    assert [r["trial_id"] for r in rows] == [t.trial_id for t in res.trials]
+    assert [r["state"] for r in rows] == [t.state.value for t in res.trials]
+
+
+def test_summary_on_disk_matches_the_result_and_says_how_long_it_took(in_memory_search):
+    _, res = in_memory_search
+    summary = json.loads(Path(res.paths["summary"]).read_text())
+    assert res.seconds > 0 and summary["seconds"] == round(res.seconds, 1)  # was 0.0 on disk
+    assert summary["counts"] == res.counts and summary["best_metric"] == res.best.value
+    assert summary["importances"] == res.importances
+
+
+def test_the_study_is_persisted_where_optunas_tools_open_it(in_memory_search):
+    _, res = in_memory_search
+    study = optuna.load_study(study_name="mem", storage=res.paths["optuna_study"])
+    assert len(study.trials) == 5
+    states = {t.number + 1: t.state.name for t in study.trials}  # optuna counts from 0
+    for t in res.trials:
+        assert states[t.number] == {"completed": "COMPLETE", "pruned": "PRUNED", "diverged": "PRUNED"}[t.state.value]
+    if res.importances:
+        assert set(res.importances) <= {"max_lr", "schedule"} and sum(res.importances.values()) == pytest.approx(1)
+
+
+def test_export_takes_the_result_itself(in_memory_search):
+    _, res = in_memory_search
+    text, note = lrsearch.export(res, format="yaml")
+    exported = yaml.safe_load(text)
+    assert exported["schedule"] == res.best.schedule and exported["max_lr"] == res.best.max_lr
+    with pytest.raises(lrsearch.ConfigError, match="exactly one"):
+        lrsearch.export(res, experiment="x")
+
+
+def test_random_search_without_early_stopping_trains_every_trial_fully(local_ray, tmp_path):
+    res = lrsearch.search(_job(tmp_path, "rand", algorithm="random", early_stopping="none", num_trials=4,
+                               grace_period=1), track=False)
+    assert [t.state for t in res.trials] == [TrialState.COMPLETED] * 4
+    assert all(t.stopped_at_epoch == 2 for t in res.trials)
+    # random search: every trial's max_lr drawn independently within the range-test bounds
+    low, high = res.range_test["bounds"]
+    assert all(low <= t.max_lr <= high for t in res.trials[1:])
+    assert res.tracking is None and "mlflow_run" not in res.paths
+
+
+def test_a_start_point_naming_another_schedule_is_one_clear_error(tmp_path):
+    job = _job(tmp_path, "bad", start_points=[{"max_lr": 1e-3, "schedule": "one_cycle", "warmup_frac": 0.1}])
+    with pytest.raises(lrsearch.ConfigError, match=r"start_points\[0\]\.warmup_frac: unknown for schedule 'one_cycle'"):
+        lrsearch.search(job)
+    job = _job(tmp_path, "bad", start_points=[{"max_lr": -1, "schedule": "linear"}])
+    with pytest.raises(lrsearch.ConfigError, match=r"start_points\[0\].max_lr: needs a number > 0"):
+        lrsearch.load_job(job)
+    assert not (tmp_path / "runs").exists()  # nothing started
