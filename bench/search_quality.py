@@ -187,9 +187,12 @@ def num_trials(method: str, budget: float, task: dict[str, Any]) -> int:
         return len(GRID)
     if method == "random":
         return math.ceil(budget / MAX_EPOCHS) + 1  # +1: a diverged trial stops early
-    # lrsearch as shipped: its range test's default length, read from the library's own defaults
-    steps = lrsearch.load_job({"name": "x", "task": {"kind": "synthetic"}}).range_test.num_steps
-    range_test = steps / steps_per_epoch(task) if method == "lrsearch" else 0.0
+    range_test = 0.0
+    if method == "lrsearch":
+        # as shipped: range_test.num_steps "auto" is 5 % of trials x epochs x steps, within 30..100
+        spe = steps_per_epoch(task)
+        guess = math.ceil(budget / ASHA_EPOCHS_PER_TRIAL) + 2
+        range_test = min(100, max(30, round(0.05 * guess * MAX_EPOCHS * spe))) / spe
     return math.ceil(max(budget - range_test, MAX_EPOCHS) / ASHA_EPOCHS_PER_TRIAL) + 2
 
 

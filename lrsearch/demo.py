@@ -21,7 +21,7 @@ def demo_job(*, quick: bool = False, storage: str = "lrsearch-runs") -> JobConfi
                 "batch_size": 16,
             },
             "optimizer": {"name": "adamw", "weight_decay": 0.01},
-            "range_test": {"start_lr": 1e-7, "end_lr": 1.0, "num_steps": 60 if quick else 100},
+            "range_test": {"start_lr": 1e-7, "end_lr": 1.0},  # num_steps: auto
             "space": {"family": "bert"},
             "search": {
                 "num_trials": 6 if quick else 16,

@@ -231,7 +231,7 @@ def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo
         if epoch < replay_to and not diverged:
             continue
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": _peak_lr(optimizer),
-                   "total_steps": per_epoch * job.search.max_epochs, "diverged": diverged, "node_id": node_id,
+                   "total_steps": total_steps(job, task), "diverged": diverged, "node_id": node_id,
                    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                    "epoch_started_at": started_at}
         if diverged:

@@ -51,7 +51,7 @@ def test_records_are_typed_ordered_by_creation_and_state_is_decided_by_the_budge
 def test_the_best_config_is_the_best_completed_trial_horizon_free():
     trials = trial_records(GRID, metric="val_accuracy", max_epochs=3, total_steps=30)
     best = best_config(trials, mode="max", metric="val_accuracy", optimizer=OPTIMIZER, epochs=3,
-                       steps_per_epoch=10)
+                       steps_per_epoch=10, total_steps=30)
     # "ccc" reached 0.95 but was pruned at epoch 1: a partial value is not a result
     assert best.trial_id == "aaa" and best.value == 0.85
     assert best.params == {"step_size_frac": 0.5, "gamma": 0.1}
@@ -59,7 +59,7 @@ def test_the_best_config_is_the_best_completed_trial_horizon_free():
                                    "schedule_params": {"step_size": 15, "gamma": 0.1}}
     assert best.scheduler_params(1000) == {"step_size": 500, "gamma": 0.1}
     assert best_config(trials[2:], mode="max", metric="val_accuracy", optimizer=OPTIMIZER, epochs=3,
-                       steps_per_epoch=10) is None
+                       steps_per_epoch=10, total_steps=30) is None
 
 
 def test_a_schedule_parameter_the_schedule_rejects_is_an_error_not_an_empty_dict():
@@ -75,5 +75,5 @@ def test_files_hold_the_same_records(tmp_path):
     assert [r["state"] for r in rows] == ["completed", "completed", "pruned", "diverged"]
     assert rows[0]["final_metric"] == 0.85 and rows[0]["metric_per_epoch"] == [0.6, 0.9, 0.85]
     best = best_config(trials, mode="max", metric="val_accuracy", optimizer=OPTIMIZER, epochs=3,
-                       steps_per_epoch=10)
+                       steps_per_epoch=10, total_steps=30)
     assert yaml.safe_load(write_best_config(best, tmp_path).read_text()) == best.to_dict()

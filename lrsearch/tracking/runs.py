@@ -10,6 +10,7 @@ from typing import Any
 
 from lrsearch import __version__
 from lrsearch.errors import TrackingError
+from lrsearch.storage import filesystem, listing
 from lrsearch.tracking.store import (
     PARENT_KEY,
     PARENT_TAG,
@@ -34,20 +35,24 @@ class TrialLogger(_RunLogger):
         self.trial_name = trial_name or trial_id
 
     def _find_or_create(self) -> str:
-        client = self.client
-        found = client.search_runs(
-            [self.info.experiment_id],
-            filter_string=f"tags.`{TRIAL_TAG}` = '{self.key}' and tags.`{SEARCH_TAG}` = '{self.info.search_id}'",
-            max_results=1,
-        )
-        if found:
-            return found[0].info.run_id
-        run = client.create_run(
+        # The trial's run id lives in a small file next to the results: found again in O(1) by a
+        # retried or resumed trial and by the driver (a search of the store by tag scans every run
+        # of the experiment: O(trials) per trial)
+        fs, base = filesystem(_runs_dir(self.info))
+        try:
+            with fs.open_input_stream(f"{base}/{self.key}") as f:
+                return f.read().decode().strip()
+        except (FileNotFoundError, OSError):
+            pass  # a new trial
+        run = self.client.create_run(
             self.info.experiment_id,
             run_name=self.trial_name,
             tags={PARENT_TAG: self.info.parent_run_id, TRIAL_TAG: self.key,
                   SEARCH_TAG: self.info.search_id, ROLE_TAG: "trial"},
         )
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(f"{base}/{self.key}") as out:
+            out.write(run.info.run_id.encode())
         return run.info.run_id
 
     def log_config(self, config: dict[str, Any], schedule_params: dict[str, Any]) -> None:
@@ -153,18 +158,26 @@ class SearchTracker(_RunLogger):
         # A trial that had started when the driver was killed, but that Ray Tune had not yet recorded
         # in its experiment state, is not resumed: Tune starts a new trial instead. Its child run
         # stays, marked as such, so nothing is silently dropped and nothing counts twice.
-        try:
-            runs = self.client.search_runs(
-                [self.info.experiment_id],
-                filter_string=f"tags.`{SEARCH_TAG}` = '{self.info.search_id}' and tags.`{ROLE_TAG}` = 'trial'",
-                max_results=1000)
-        except Exception:
-            return  # the store is down: the trials' own logging is spooled, this tag can wait
-        for run in runs:
-            if run.data.tags.get(TRIAL_TAG) not in trial_ids:
-                trial = TrialLogger(self.info, run.data.tags[TRIAL_TAG])
-                trial.log({"op": "batch", "tags": {"lrsearch.state": "abandoned (search interrupted)"}})
-                trial.log({"op": "terminate", "status": "KILLED"})
+        # A run whose trial id file names another run (its trial was retried where the file could
+        # not be read) is closed the same way. One pass over the search's runs, page by page.
+        mapped, token = _run_ids(self.info), None
+        while True:
+            try:
+                runs = self.client.search_runs(
+                    [self.info.experiment_id], max_results=1000, page_token=token,
+                    filter_string=f"tags.`{SEARCH_TAG}` = '{self.info.search_id}' and tags.`{ROLE_TAG}` = 'trial'")
+            except Exception:
+                return  # the store is down: the trials' own logging is spooled, this tag can wait
+            for run in runs:
+                trial_id = run.data.tags.get(TRIAL_TAG)
+                if trial_id not in trial_ids or mapped.get(trial_id, run.info.run_id) != run.info.run_id:
+                    trial = TrialLogger(self.info, f"{trial_id}-{run.info.run_id[:8]}")
+                    trial._run_id = run.info.run_id  # this run, whatever the file says
+                    trial.log({"op": "batch", "tags": {"lrsearch.state": "abandoned (search interrupted)"}})
+                    trial.log({"op": "terminate", "status": "KILLED"})
+            token = runs.token
+            if not token:
+                return
 
     def interrupted(self) -> int:
         """Mark the parent run stopped by the user (``--resume`` sets it running again)."""
@@ -177,6 +190,20 @@ class SearchTracker(_RunLogger):
         self.log({"op": "batch", "tags": {"lrsearch.state": "finished" if ok else "failed"}})
         self.log({"op": "terminate", "status": "FINISHED" if ok else "FAILED"})
         return sync_spool(self.info)
+
+
+def _runs_dir(info: TrackingInfo) -> str:
+    return info.spool_dir.rsplit("/", 1)[0] + "/mlflow-runs"
+
+
+def _run_ids(info: TrackingInfo) -> dict[str, str]:
+    """``{trial id: MLflow run id}`` of the search's trial runs so far."""
+    fs, base = filesystem(_runs_dir(info))
+    ids = {}
+    for name, path in listing(fs, base, dirs=False).items():
+        with fs.open_input_stream(path) as f:
+            ids[name] = f.read().decode().strip()
+    return ids
 
 
 def _close_dead_parent(client: Any, saved: dict[str, Any], uri: str) -> None:

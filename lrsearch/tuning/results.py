@@ -241,7 +241,7 @@ def trial_records(grid: Any, *, metric: str, max_epochs: int, total_steps: int) 
 
 
 def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer: dict[str, Any],
-                epochs: int, steps_per_epoch: int) -> BestConfig | None:
+                epochs: int, steps_per_epoch: int, total_steps: int) -> BestConfig | None:
     """The best trial that completed its full budget (pruned trials' values are partial)."""
     finished = [t for t in trials if t.state is TrialState.COMPLETED and t.final_metric is not None]
     if not finished:
@@ -253,7 +253,7 @@ def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer:
         schedule=best.schedule, max_lr=best.max_lr, params=best.params, optimizer=optimizer,
         layer_decay=best.layer_decay, metric=metric, value=best.final_metric, trial_id=best.trial_id,
         search_horizon={"epochs": epochs, "steps_per_epoch": steps_per_epoch,
-                        "total_steps": epochs * steps_per_epoch,
+                        "total_steps": total_steps,
                         "schedule_params": best.schedule_params},
         search_config=best.config,
     )

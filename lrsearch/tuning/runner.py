@@ -99,7 +99,7 @@ def _collect(job: JobConfig, task: Task, grid, searcher, out: Path | None, range
     per_epoch, s, metric = steps_per_epoch(job, task), job.search, metric_key(task)
     trials = res.trial_records(grid, metric=metric, max_epochs=s.max_epochs, total_steps=total_steps(job, task))
     best = res.best_config(trials, mode=task.mode, metric=metric, optimizer=job.optimizer.model_dump(mode="json"),
-                           epochs=s.max_epochs, steps_per_epoch=per_epoch)
+                           epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total_steps(job, task))
     study = searcher.study if searcher is not None else _saved_study(job, out)
     result = res.SearchResult(best=best, trials=trials, metric=metric, mode=task.mode, range_test=range_test,
                               steps_per_epoch=per_epoch, importances=importances(study) if study else {},
