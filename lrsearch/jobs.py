@@ -149,8 +149,9 @@ def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None =
         _stage(job_file, job, Path(tmp))
         runtime_env: dict[str, Any] = {"working_dir": tmp, "env_vars": env_vars}
         # Right after a cluster starts, its Jobs API answers "No available agent to submit job,
-        # please try again later" until the head's agent is up: wait for it (up to ~2 minutes).
-        deadline = time.monotonic() + 120
+        # please try again later" until the head's agent is up: wait for it (up to 5 minutes: a
+        # busy head takes minutes)
+        deadline = time.monotonic() + 300
         while True:
             try:
                 client.submit_job(entrypoint=entrypoint, submission_id=sub_id, runtime_env=runtime_env,

@@ -23,8 +23,9 @@ def one_logical_gpu():
 def _job(tmp_path, name, **resources):
     return {
         "name": name,
-        # ~2 s of training per trial: long enough for their time spans to overlap measurably
-        "task": {"kind": "synthetic", "num_train": 4096, "num_val": 256, "batch_size": 64, "hidden": 512},
+        # ~8 s of training per trial: four of them overlap even when a busy machine starts their
+        # workers seconds apart
+        "task": {"kind": "synthetic", "num_train": 16384, "num_val": 256, "batch_size": 64, "hidden": 512},
         "range_test": {"enabled": False},
         "search": {"num_trials": 8, "max_epochs": 1, "grace_period": 1, "max_concurrent_trials": 8,
                    "early_stopping": "none", "checkpoint": "none", "keep_checkpoints": "none"},

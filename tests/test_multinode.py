@@ -184,7 +184,8 @@ def test_missing_or_wrong_token_is_one_clear_line(cluster, token, fragment):
 
 
 def test_worker_node_killed_mid_search(cluster):
-    job = _job_file(cluster, "survivor", num_trials=4, max_epochs=4, grace_period=4)
+    # a checkpoint every epoch: the kill comes while trials are between epochs
+    job = _job_file(cluster, "survivor", num_trials=4, max_epochs=4, grace_period=4, checkpoint="epoch")
     sub = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--json")
     assert sub.exit_code == 0, sub.output
     sub_id = json.loads(sub.stdout)["submission_id"]
