@@ -144,8 +144,11 @@ def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
     from lrsearch.report import search_tables
 
     if not json_:
-        out.print(f"[bold]lrsearch search[/] {job.name!r}: {job.search.num_trials if kwargs.get('num_trials') is None else kwargs['num_trials']} trials, "
-                  f"up to {job.search.max_epochs} epochs each, ASHA grace {job.search.grace_period}")
+        s = job.search
+        stopping = (f"ASHA from epoch {s.grace_period} (x{s.reduction_factor:g})" if s.early_stopping == "asha"
+                    else "no early stopping")
+        out.print(f"[bold]lrsearch search[/] {job.name!r}: {kwargs.get('num_trials') or s.num_trials} trials "
+                  f"({s.algorithm.upper()}), up to {s.max_epochs} epochs each, {stopping}", highlight=False)
     try:
         result = lrsearch.search(job, show_progress=not json_, **kwargs)
     except Interrupted as exc:

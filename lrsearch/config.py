@@ -183,9 +183,10 @@ class ResourcesConfig(Strict):
 
     cpu: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     gpu: NonNegFloat = 0.0
-    #: when no node of the cluster can hold one trial: 0 fails at once; more waits that long for
-    #: one to join (e.g. added by the cluster's autoscaler) before failing
-    wait_for_node_s: NonNegFloat = 0.0
+    #: when no node of the cluster can hold one trial, wait this long for one to join (added by the
+    #: cluster's autoscaler), then fail; default: 0 on a Ray the search started itself (nothing
+    #: can join it), 600 on a cluster it joined (autoscaling GPU workers often start at zero)
+    wait_for_node_s: NonNegFloat | None = None
 
 
 class TrackingConfig(Strict):

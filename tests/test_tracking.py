@@ -71,6 +71,9 @@ def test_parent_run_with_every_trial_nested(tracked_search):
     assert parent.data.tags["lrsearch.job"] == "tracked" and "lrsearch.version" in parent.data.tags
     assert float(parent.data.params["range_test.bounds_low"]) == pytest.approx(result.range_test["bounds"][0])
     assert "range_test.steepest" in parent.data.metrics
+    # what mattered: the study's parameter importances, as in the CLI summary and --json
+    assert {f"importance.{k}": pytest.approx(v) for k, v in result.importances.items()} == {
+        k: v for k, v in parent.data.metrics.items() if k.startswith("importance.")}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"job.yaml", "space.yaml", "trials.parquet", "search.png", "lr_curves_top.png",
             "best_config.yaml", "range_test"} <= artifacts

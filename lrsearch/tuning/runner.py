@@ -45,7 +45,7 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
     out, resume_tune, notes = prepare_dir(job, root, resume, show_progress)
     started_ray = init_ray(address, verbose)
     try:
-        check_resources(job, show=show_progress)  # before anything else starts
+        check_resources(job, joined=not started_ray)  # before anything else starts
         tracker = start_tracker(job, root, resume) if track else None
         source = TaskSource.of(job, task)
         built = source.get()

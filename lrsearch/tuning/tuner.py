@@ -49,9 +49,10 @@ def _fits(node: dict[str, float], need: dict[str, float]) -> bool:
     return all(node.get(k, 0.0) >= v for k, v in need.items() if v)
 
 
-def check_resources(job: JobConfig, *, show: bool) -> None:
+def check_resources(job: JobConfig, *, joined: bool) -> None:
     """Fail before anything starts when no node of the Ray cluster can hold one trial (Ray Tune
-    would leave the search pending forever), or wait ``resources.wait_for_node_s`` for one.
+    would leave the search pending forever), or wait ``resources.wait_for_node_s`` for one
+    (default: 600 s on a cluster the search ``joined``, where an autoscaler may add the node).
 
     Raises:
         SearchError: naming the field (``resources.gpu`` / ``resources.cpu``), the value asked for
@@ -61,17 +62,18 @@ def check_resources(job: JobConfig, *, show: bool) -> None:
 
     r = job.resources
     need = {"CPU": r.cpu, "GPU": r.gpu}
-    deadline, said = time.monotonic() + r.wait_for_node_s, False
+    wait = r.wait_for_node_s if r.wait_for_node_s is not None else (600.0 if joined else 0.0)
+    deadline, said = time.monotonic() + wait, False
     while True:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         if any(_fits(n, need) for n in nodes):
             return
         if time.monotonic() >= deadline:
-            raise SearchError(_too_big(need, nodes, r.wait_for_node_s))
-        if show and not said:
+            raise SearchError(_too_big(need, nodes, wait))
+        if not said:  # always shown: a search that seems to hang must say why
             from lrsearch.console import err
 
-            err.print(f"waiting up to {r.wait_for_node_s:g} s for a node with {r.cpu:g} CPU and {r.gpu:g} GPU "
+            err.print(f"waiting up to {wait:g} s for a node with {r.cpu:g} CPU and {r.gpu:g} GPU "
                       "(resources.wait_for_node_s), e.g. from the cluster's autoscaler", highlight=False)
             said = True
         time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
@@ -87,7 +89,7 @@ def _too_big(need: dict[str, float], nodes: list[dict[str, float]], waited: floa
     after = f" after waiting {waited:g} s" if waited else ""
     return (f"resources.{field}: got {need[key]:g} per trial; the largest node of this Ray cluster has "
             f"{most[key]:g} {key}{after}; allowed: at most {most[key]:g} (or add such a node; with an "
-            f"autoscaler, set resources.wait_for_node_s)")
+            f"autoscaler, raise resources.wait_for_node_s)")
 
 
 def tune_state_exists(root: str) -> bool:
