@@ -62,7 +62,9 @@ the seconds) is one JSON file under ``bench/results/search_quality/``, named wit
 job and the budget; a rerun skips every file already there, so the benchmark resumes after an
 interruption and can be built up in the background (``nohup ... &``), one regime or task at a
 time. Each search writes Ray Tune's results and Ray's session files into temporary directories
-that are deleted once the summary is written. The report (Markdown on stdout and in
+that are deleted once the summary is written. The hash covers the job as written here, not
+lrsearch's own defaults: after changing a default (the ``lrsearch`` method's sampler, rungs or
+range test), delete that method's files (``rm bench/results/search_quality/*-lrsearch-*``). The report (Markdown on stdout and in
 ``bench/results/search_quality.md``, median best-so-far curves with IQR bands in
 ``bench/results/search_quality.png``; ``_quick`` in both names with ``--quick``) is built from the
 cache alone, from whatever runs are there.

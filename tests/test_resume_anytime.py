@@ -80,7 +80,10 @@ def test_kill_at_any_moment_then_resume_finishes_the_search(tmp_path):
     def moment(ready, what, *args):
         proc = _start(job_file, *args)
         procs.append(proc)
-        _kill_driver_when(proc, ready, what)
+        try:
+            _kill_driver_when(proc, ready, what)
+        finally:
+            _reap(proc)  # its orphaned Ray, now: three of them would slow the rest of the test
         assert not (out / "summary.json").exists()
 
     try:
