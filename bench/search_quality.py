@@ -62,9 +62,9 @@ the seconds) is one JSON file under ``bench/results/search_quality/``, named wit
 job and the budget; a rerun skips every file already there, so the benchmark resumes after an
 interruption and can be built up in the background (``nohup ... &``), one regime or task at a
 time. Each search writes Ray Tune's results and Ray's session files into temporary directories
-that are deleted once the summary is written. The hash covers the job as written here, not
-lrsearch's own defaults: after changing a default (the ``lrsearch`` method's sampler, rungs or
-range test), delete that method's files (``rm bench/results/search_quality/*-lrsearch-*``). The report (Markdown on stdout and in
+that are deleted once the summary is written. The hash covers the job as lrsearch resolves it,
+defaults included, so a change of a default makes new runs (a change of code behind the same
+config does not: delete those files by hand). The report (Markdown on stdout and in
 ``bench/results/search_quality.md``, median best-so-far curves with IQR bands in
 ``bench/results/search_quality.png``; ``_quick`` in both names with ``--quick``) is built from the
 cache alone, from whatever runs are there.
@@ -115,7 +115,7 @@ WIDE_PRIOR = {"low": 1e-6, "high": 1e-2, "log": True}
 GRID = [float(f"{10 ** (e / 2):.3g}") for e in range(-12, -3)]  # 1e-6 .. 1e-2, 2 per decade: 9 values
 ASHA_EPOCHS_PER_TRIAL = 1.3  # below ASHA's ~1.75 (1 + 1/2 + 1/4) on purpose: overshoot B, not fall short
 
-METHODS = ("lrsearch", "peer", "random", "hf_default", "family_default", "grid")
+METHODS = ("lrsearch", "lrsearch_no_es", "peer", "random", "hf_default", "family_default", "grid")
 ASHA_METHODS = ("lrsearch", "peer")
 
 CATEGORIES = ["politics", "songs-poems", "startrek", "linux"]
@@ -189,6 +189,8 @@ def num_trials(method: str, budget: float, task: dict[str, Any]) -> int:
         return len(GRID)
     if method == "random":
         return math.ceil(budget / MAX_EPOCHS) + 1  # +1: a diverged trial stops early
+    if method == "lrsearch_no_es":  # ~2.5 trial-epochs of range test, then whole trials
+        return math.ceil((budget - 2.5) / MAX_EPOCHS) + 1
     range_test = 0.0
     if method == "lrsearch":
         # as shipped: range_test.num_steps "auto" is 5 % of trials x epochs x steps, within 30..100
@@ -216,12 +218,14 @@ def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
         "search": search,
         "resources": {"cpu": 1, "gpu": 0},
     }
-    if method == "lrsearch":
+    if method in ("lrsearch", "lrsearch_no_es"):
         # as shipped: the sampler, early stopping and rungs are lrsearch's own defaults
         for key in ("algorithm", "early_stopping", "grace_period", "reduction_factor"):
             del search[key]
     else:
         job["range_test"] = {"enabled": False}
+    if method == "lrsearch_no_es":  # ablation: as shipped, with early stopping off
+        search["early_stopping"] = "none"
     if method in ("peer", "random"):
         job["space"]["max_lr"] = dict(WIDE_PRIOR)
     if method in ("random", "hf_default", "family_default", "grid"):
