@@ -182,21 +182,25 @@ def steps_per_epoch(task: dict[str, Any]) -> int:
     return n // b if task["kind"] == "image_classification" else math.ceil(n / b)
 
 
+def range_test_epochs(num_trials_guess: int, task: dict[str, Any]) -> float:
+    """As shipped: range_test.num_steps "auto" is 5 % of trials x epochs x steps, within 30..100."""
+    spe = steps_per_epoch(task)
+    return min(100, max(30, round(0.05 * num_trials_guess * MAX_EPOCHS * spe))) / spe
+
+
 def num_trials(method: str, budget: float, task: dict[str, Any]) -> int:
     if method in ("hf_default", "family_default"):
         return 1
     if method == "grid":
         return len(GRID)
+    whole_trials = math.ceil(budget / MAX_EPOCHS) + 1  # +1: a diverged trial stops early
     if method == "random":
-        return math.ceil(budget / MAX_EPOCHS) + 1  # +1: a diverged trial stops early
-    if method == "lrsearch_no_es":  # ~2.5 trial-epochs of range test, then whole trials
-        return math.ceil((budget - 2.5) / MAX_EPOCHS) + 1
+        return whole_trials
+    if method == "lrsearch_no_es":  # the range test first, then whole trials
+        return math.ceil((budget - range_test_epochs(whole_trials, task)) / MAX_EPOCHS) + 1
     range_test = 0.0
     if method == "lrsearch":
-        # as shipped: range_test.num_steps "auto" is 5 % of trials x epochs x steps, within 30..100
-        spe = steps_per_epoch(task)
-        guess = math.ceil(budget / ASHA_EPOCHS_PER_TRIAL) + 2
-        range_test = min(100, max(30, round(0.05 * guess * MAX_EPOCHS * spe))) / spe
+        range_test = range_test_epochs(math.ceil(budget / ASHA_EPOCHS_PER_TRIAL) + 2, task)
     return math.ceil(max(budget - range_test, MAX_EPOCHS) / ASHA_EPOCHS_PER_TRIAL) + 2
 
 
