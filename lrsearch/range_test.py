@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from lrsearch.divergence import DivergenceMonitor
-from lrsearch.range_test_suggestions import SUGGESTION_METHODS, bounds_from_curve, suggest_lr
+from lrsearch.range_test_suggestions import (
+    SUGGESTION_METHODS,
+    bounds_from_curve,
+    no_descent,
+    suggest_lr,
+)
 
 # forward and move_to_device live in lrsearch.tasks.base; re-exported here for modules that still
 # import them from this one
@@ -72,7 +77,8 @@ class RangeTestResult:
               slope over a window of points flattens below 5 % of the loss range per decade.
 
         Every method returns an LR at or below the LR of the lowest smoothed loss: past it the loss
-        rises, whatever it does afterwards.
+        rises, whatever it does afterwards. The lowest loss is looked for past the curve's first
+        tenth, where the EMA has averaged too few batches to be trusted.
         """
         lrs, losses = self._usable()
         return suggest_lr(lrs, losses, method)
@@ -86,7 +92,7 @@ class RangeTestResult:
 
         Rule (single-point suggestions are unreliable on noisy curves, so none decides alone):
 
-        1. ``edge`` = the LR at the lowest smoothed loss. Past it the loss rises: it is the upper
+        1. ``edge`` = the LR at the lowest smoothed loss past the curve's first tenth. Past it the loss rises: it is the upper
            limit of the useful region. ``high`` never exceeds ``edge``, so the range never reaches
            into the region where the loss climbs or diverges.
         2. ``center`` = the geometric median of the suggestions that exist and lie at or below
@@ -95,13 +101,24 @@ class RangeTestResult:
            skewed low, because a full fine-tuning run trains best below the LR at which a
            100-step sweep makes the fastest progress.
         4. Degenerate curves (fewer than 5 usable points, or no suggestion) fall back to
-           ``(edge / 100, edge)``; ``low < high`` always holds.
+           ``(edge / 100, edge)``.
+        5. ``low`` is never below the sweep's first LR (nothing there was measured); ``low < high``
+           always holds. When the loss never fell, :attr:`warning` says so.
         """
         lrs, losses = self._usable()
         if not lrs:
             start = float(self.settings.get("start_lr", 1e-7))
             return (start, start * 10.0)
         return bounds_from_curve(lrs, losses, self.suggestions())
+
+    @property
+    def warning(self) -> str | None:
+        """Why the bounds should not be trusted, or ``None`` when the curve showed a descent."""
+        lrs, losses = self._usable()
+        if not no_descent(losses):
+            return None
+        return (f"the smoothed loss never fell over {len(lrs)} usable steps, so the bounds are a guess; "
+                "raise range_test.num_steps or the batch size, or lower range_test.start_lr")
 
     def _usable(self) -> tuple[list[float], list[float]]:
         """The points before divergence (a diverged last point is shown, never suggested)."""
@@ -118,6 +135,7 @@ class RangeTestResult:
         data = asdict(self)
         data["suggestions"] = self.suggestions()
         data["bounds"] = [low, high]
+        data["warning"] = self.warning
         return data
 
     def plot(self, path: str, *, title: str | None = None) -> str:

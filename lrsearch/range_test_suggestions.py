@@ -11,9 +11,25 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["SUGGESTION_METHODS", "bounds_from_curve", "suggest_lr"]
+__all__ = ["SUGGESTION_METHODS", "bottom_index", "bounds_from_curve", "no_descent", "suggest_lr"]
 
 SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
+
+
+def bottom_index(losses: list[float]) -> int:
+    """Index of the lowest smoothed loss, ignoring the curve's first tenth.
+
+    There the bias-corrected EMA averages only a few batches, so one lucky batch can set a
+    minimum the rest of the sweep never beats (a 85-step test at batch 4 put it at the 8th step,
+    and its bounds fell below the sweep's own start).
+    """
+    skip = len(losses) // 10
+    return skip + int(np.argmin(losses[skip:]))
+
+
+def no_descent(losses: list[float]) -> bool:
+    """True when the smoothed loss never fell past the curve's first tenth: the bounds are a guess."""
+    return len(losses) < 5 or bottom_index(losses) == len(losses) // 10
 
 
 def suggest_lr(lrs: list[float], losses: list[float], method: str) -> float | None:
@@ -38,10 +54,7 @@ def bounds_from_curve(
 
     The rule is :meth:`lrsearch.range_test.RangeTestResult.bounds`'s.
     """
-    edge = lrs[int(np.argmin(losses))]
-    if edge <= lrs[0]:
-        # the loss only rose: nothing to the right of the start is safe
-        edge = lrs[0]
+    edge = lrs[bottom_index(losses)]
     found = [s for s in suggestions.values() if s is not None and 0 < s <= edge]
     if not found:
         low, high = edge / 100.0, edge
@@ -49,8 +62,11 @@ def bounds_from_curve(
         center = float(np.exp(np.median(np.log(found))))
         high = min(edge, center * 3.0)
         low = min(center, high) / 30.0
+    # never below the sweep: nothing there was measured, and a noisy start must not drag the search
+    # into LRs too small to train at all
+    low = max(low, lrs[0])
     if not low < high:
-        low = high / 10.0
+        high = max(high, low * 10.0)
     return (float(low), float(high))
 
 
@@ -60,7 +76,7 @@ def _suggest_steepest(lrs: list[float], losses: list[float]) -> float | None:
     # is already too high. The gradient is taken on that stretch alone, so that no point after the
     # minimum enters it (np.gradient's central difference would look one point ahead).
     n = len(lrs)
-    bottom = int(np.argmin(losses))
+    bottom = bottom_index(losses)
     start, end = int(0.1 * n), min(bottom + 1, n - max(1, int(0.05 * n)))
     if end - start < 3:
         start, end = 0, bottom + 1
@@ -76,14 +92,14 @@ def _suggest_steepest(lrs: list[float], losses: list[float]) -> float | None:
 
 
 def _suggest_minimum(lrs: list[float], losses: list[float]) -> float | None:
-    return float(lrs[int(np.argmin(losses))] / 10.0)
+    return float(lrs[bottom_index(losses)] / 10.0)
 
 
 def _suggest_valley(lrs: list[float], losses: list[float]) -> float | None:
     # The descent runs from the last point still near the starting plateau (less than 10 % of the
     # total drop below it) to the minimum; the valley suggestion is its middle on the log axis.
     y = np.asarray(losses)
-    bottom = int(np.argmin(y))
+    bottom = bottom_index(losses)
     plateau = float(np.median(y[: max(1, len(y) // 10)]))
     drop = plateau - float(y[bottom])
     if bottom < 2 or drop <= 0:
@@ -105,7 +121,7 @@ def _suggest_slide(lrs: list[float], losses: list[float]) -> float | None:
         return None
     slope = np.gradient(y / span, x)  # loss range per decade
     window = max(2, len(lrs) // 7)
-    right = int(np.argmin(y))  # start left of where the loss rises
+    right = bottom_index(losses)  # start left of where the loss rises
     while right - window >= 0:
         left = right - window
         if abs(slope[right] - slope[left]) < 0.05:

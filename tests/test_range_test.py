@@ -244,12 +244,14 @@ def test_suggestions_are_pure_and_bounds_sane_on_a_synthetic_curve():
 
 
 def test_bounds_never_inverted_or_in_the_diverged_region():
-    # a curve that only rises: the edge is the start; bounds stay below it
+    # a curve that only rises: the bounds stay inside the swept range, at its start, and say they
+    # are a guess
     lrs = [1e-6 * 1.2**i for i in range(30)]
     rising = RangeTestResult(lrs=lrs, losses=[1 + 0.1 * i for i in range(30)],
                              raw_losses=[1 + 0.1 * i for i in range(30)])
     low, high = rising.bounds()
-    assert low < high <= lrs[0]
+    assert lrs[0] <= low < high <= lrs[3] * 10
+    assert "never fell" in rising.warning and rising.to_dict()["warning"] == rising.warning
     # a flat, noisy curve that then diverges: high stays before the diverged point
     noisy = [1 + 0.01 * ((i * 7919) % 13) for i in range(40)] + [50.0]
     result = RangeTestResult(lrs=[1e-6 * 1.3**i for i in range(41)], losses=noisy,
@@ -261,6 +263,26 @@ def test_bounds_never_inverted_or_in_the_diverged_region():
                             settings={"start_lr": 1e-7})
     assert empty.bounds()[0] < empty.bounds()[1]
     assert all(v is None for v in empty.suggestions().values())
+
+
+def test_a_lucky_first_tenth_does_not_set_the_bounds():
+    # An 85-step sweep at batch 4 (a real long-regime run): a few lucky early batches put the
+    # smoothed minimum at step 7, below the real descent's bottom. Bounds were 3.3e-9..3.0e-7,
+    # below the sweep's own start of 1e-7, and every trial trained at ~1e-8.
+    lrs = [1e-7 * 10 ** (i * 8 / 84) for i in range(85)]
+    losses = []
+    for i, lr in enumerate(lrs):
+        x = math.log10(lr)
+        lucky = -0.35 * math.exp(-((i - 6) / 1.5) ** 2)
+        descent = -0.25 / (1 + math.exp(-4 * (x + 3.5)))  # bottoms out near 2.05, above the lucky 2.0
+        losses.append(2.3 + lucky + descent + 2.0 * max(0.0, x + 2.5) ** 2)
+    result = RangeTestResult(lrs=lrs, losses=losses, raw_losses=losses)
+    assert losses.index(min(losses)) < len(lrs) // 10  # the curve is the one described
+    low, high = result.bounds()
+    assert lrs[0] <= low < high
+    assert 1e-4 < high < 1e-2  # at the real descent, not the lucky start
+    assert result.warning is None
+    assert all(v is None or v > 1e-6 for v in result.suggestions().values())
 
 
 def test_unknown_suggestion_method():

@@ -24,7 +24,7 @@ from lrsearch.tuning.checkpoints import fill_replaced_checkpoints, prune_checkpo
 from lrsearch.tuning.interrupt import CtrlC
 from lrsearch.tuning.optuna_adapter import importances, study_trials
 from lrsearch.tuning.progress import LiveProgress
-from lrsearch.tuning.setup import first_points, prepare_dir, range_test_data, start_tracker
+from lrsearch.tuning.setup import first_points, prepare_dir, range_test_data, start_tracker, warn
 from lrsearch.tuning.track import log_results, log_setup
 from lrsearch.tuning.tuner import TUNE_DIR, build_tuner, check_resources, init_ray
 
@@ -50,6 +50,8 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         source = TaskSource.of(job, task)
         built = source.get()
         range_test = range_test_data(job, built, out, resume, show_progress)
+        if range_test and range_test.get("warning"):
+            notes.append(warn(f"range test: {range_test['warning']}", show_progress))
         space = job.search_space(tuple(range_test["bounds"]) if range_test else None)
         metric, mode = metric_key(built), built.mode
         if tracker is not None and not resume_tune:

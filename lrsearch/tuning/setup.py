@@ -43,12 +43,18 @@ def prepare_dir(job: JobConfig, root: str, resume: bool, show: bool) -> tuple[Pa
         out.mkdir(parents=True, exist_ok=True)
         if not exists and (out / "optuna.db").is_file():
             (out / "optuna.db").unlink()  # a study whose trials Ray Tune never recorded
+    for note in notes:
+        warn(note, show)
+    return out, exists and resume, notes
+
+
+def warn(note: str, show: bool) -> str:
+    """``note``, printed to stderr first when ``show``."""
     if show:
         from lrsearch.console import err
 
-        for note in notes:
-            err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
-    return out, exists and resume, notes
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    return note
 
 
 def start_tracker(job: JobConfig, root: str, resume: bool) -> SearchTracker:
