@@ -115,8 +115,10 @@ WIDE_PRIOR = {"low": 1e-6, "high": 1e-2, "log": True}
 GRID = [float(f"{10 ** (e / 2):.3g}") for e in range(-12, -3)]  # 1e-6 .. 1e-2, 2 per decade: 9 values
 ASHA_EPOCHS_PER_TRIAL = 1.3  # below ASHA's ~1.75 (1 + 1/2 + 1/4) on purpose: overshoot B, not fall short
 
-METHODS = ("lrsearch", "lrsearch_no_es", "peer", "random", "hf_default", "family_default", "grid")
-ASHA_METHODS = ("lrsearch", "peer")
+METHODS = ("lrsearch", "lrsearch_no_es", "lrsearch_loss_rungs", "peer", "random", "hf_default",
+           "family_default", "grid")
+ASHA_METHODS = ("lrsearch", "lrsearch_loss_rungs", "peer")
+LRSEARCH_METHODS = ("lrsearch", "lrsearch_no_es", "lrsearch_loss_rungs")  # the range test, lrsearch's defaults
 
 CATEGORIES = ["politics", "songs-poems", "startrek", "linux"]
 FAMILY = {"text": "bert", "image": "efficientnet", "digits": "efficientnet"}
@@ -199,7 +201,7 @@ def num_trials(method: str, budget: float, task: dict[str, Any]) -> int:
     if method == "lrsearch_no_es":  # the range test first, then whole trials
         return math.ceil((budget - range_test_epochs(whole_trials, task)) / MAX_EPOCHS) + 1
     range_test = 0.0
-    if method == "lrsearch":
+    if method in ("lrsearch", "lrsearch_loss_rungs"):
         range_test = range_test_epochs(math.ceil(budget / ASHA_EPOCHS_PER_TRIAL) + 2, task)
     return math.ceil(max(budget - range_test, MAX_EPOCHS) / ASHA_EPOCHS_PER_TRIAL) + 2
 
@@ -222,7 +224,7 @@ def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
         "search": search,
         "resources": {"cpu": 1, "gpu": 0},
     }
-    if method in ("lrsearch", "lrsearch_no_es"):
+    if method in LRSEARCH_METHODS:
         # as shipped: the sampler, early stopping and rungs are lrsearch's own defaults
         for key in ("algorithm", "early_stopping", "grace_period", "reduction_factor"):
             del search[key]
@@ -230,6 +232,8 @@ def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
         job["range_test"] = {"enabled": False}
     if method == "lrsearch_no_es":  # ablation: as shipped, with early stopping off
         search["early_stopping"] = "none"
+    if method == "lrsearch_loss_rungs":  # ablation: as shipped, ASHA ranking its rungs by val_loss
+        search["rung_metric"] = "val_loss"
     if method in ("peer", "random"):
         job["space"]["max_lr"] = dict(WIDE_PRIOR)
     if method in ("random", "hf_default", "family_default", "grid"):
@@ -282,7 +286,8 @@ def value_at(points: list[list[float]], budget: float) -> float | None:
 def summarize(result: Any, job: dict[str, Any], budget: float, method: str) -> dict[str, Any]:
     trials = [{
         "number": t.number, "state": t.state.value, "epochs": t.stopped_at_epoch,
-        "metric_per_epoch": list(t.metric_per_epoch), "schedule": t.schedule, "max_lr": t.max_lr,
+        "metric_per_epoch": list(t.metric_per_epoch), "val_loss_per_epoch": list(t.val_loss_per_epoch),
+        "schedule": t.schedule, "max_lr": t.max_lr,
         "params": t.params, "train_seconds": round(t.train_seconds, 2), "error": t.error,
     } for t in result.trials]
     start = float(result.range_test_epochs)
@@ -407,10 +412,15 @@ def first_reach(points: list[list[float]], target: float) -> float:
     return next((c for c, v in points if v >= target - 1e-12), math.inf)
 
 
-def spearman(trials: list[dict[str, Any]]) -> tuple[float | None, int]:
+def spearman(trials: list[dict[str, Any]], by_loss: bool = False) -> tuple[float | None, int]:
+    """Rank correlation of the rung-1 value (accuracy, or minus the val loss when ``by_loss``) with
+    the final accuracy."""
     from scipy.stats import spearmanr
 
-    pairs = [(t["metric_per_epoch"][0], t["metric_per_epoch"][-1]) for t in trials
+    def rung1(t: dict[str, Any]) -> float:
+        return -t["val_loss_per_epoch"][0] if by_loss else t["metric_per_epoch"][0]
+
+    pairs = [(rung1(t), t["metric_per_epoch"][-1]) for t in trials
              if t["state"] == "completed" and len(t["metric_per_epoch"]) == MAX_EPOCHS]
     if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
         return None, len(pairs)
@@ -548,11 +558,12 @@ def report(args: argparse.Namespace) -> str:
             cells = []
             for m in methods:
                 trials = [t for s in data.get((regime, task, m), {}).values() for t in s["trials"]]
-                rho, n = spearman(trials)
+                rho, n = spearman(trials, by_loss=m == "lrsearch_loss_rungs")
                 cells.append(f"{fmt(rho, 2)} (n={n})" if trials else "-")
             w(f"| {task} | " + " | ".join(cells) + " |")
         w("\n(ASHA methods' completed trials are the ones that ranked well at rung 1: a restricted "
-          "range; `random` trains every trial to the end and is the unbiased sample.)\n")
+          "range; `random` trains every trial to the end and is the unbiased sample. "
+          "`lrsearch_loss_rungs` is ranked by what its rungs rank by: minus the epoch-1 val loss.)\n")
 
         # fidelity
         w("### Fidelity of early stopping\n")

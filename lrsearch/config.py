@@ -129,6 +129,10 @@ class SearchConfig(Strict):
     #: ``asha`` stops the worse trials at rungs (``grace_period`` x ``reduction_factor``^k epochs);
     #: ``none`` trains every trial its full budget
     early_stopping: Literal["asha", "none"] = "asha"
+    #: what ASHA ranks trials by at its rungs: the search's ``objective`` (the task's metric), or
+    #: ``val_loss``, which is continuous where accuracy on a small validation set moves in steps of
+    #: one example; the search still optimises, reports and picks the best by the objective
+    rung_metric: Literal["objective", "val_loss"] = "objective"
     #: configs to try first, e.g. ``{max_lr: 5.0e-5, schedule: linear, warmup_frac: 0.0}``
     start_points: list[dict[str, Any]] = Field(default_factory=list)
     num_trials: PositiveInt = 12

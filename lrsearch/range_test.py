@@ -64,7 +64,7 @@ class RangeTestResult:
     # ---- suggestions -------------------------------------------------------------------------
 
     def suggest(self, method: str = "steepest") -> float | None:
-        """One LR suggestion; ``None`` when the curve is too short or flat for the method.
+        """One LR suggestion; ``None`` when the curve shows no descent or is too flat for the method.
 
         Methods:
             - ``steepest``: where the smoothed loss falls fastest against log(lr), on the descent
@@ -100,10 +100,13 @@ class RangeTestResult:
         3. ``high = min(edge, 3 * center)`` and ``low = min(center, high) / 30``: about two decades,
            skewed low, because a full fine-tuning run trains best below the LR at which a
            100-step sweep makes the fastest progress.
-        4. Degenerate curves (fewer than 5 usable points, or no suggestion) fall back to
-           ``(edge / 100, edge)``.
+        4. Curves with no descent to read (fewer than 5 usable points, or a smoothed loss that never
+           fell 5 % below its starting level, as when a head trained from scratch sees too few
+           examples per step) have no suggestions; their ``edge`` is a third of the first LR where
+           the loss climbs 5 % above its starting level (the last LR if it never does), and they,
+           like curves without suggestions, get ``(edge / 100, edge)``. :attr:`warning` says so.
         5. ``low`` is never below the sweep's first LR (nothing there was measured); ``low < high``
-           always holds. When the loss never fell, :attr:`warning` says so.
+           always holds.
         """
         lrs, losses = self._usable()
         if not lrs:
@@ -117,8 +120,9 @@ class RangeTestResult:
         lrs, losses = self._usable()
         if not no_descent(losses):
             return None
-        return (f"the smoothed loss never fell over {len(lrs)} usable steps, so the bounds are a guess; "
-                "raise range_test.num_steps or the batch size, or lower range_test.start_lr")
+        return (f"the smoothed loss never fell 5 % below its starting level over {len(lrs)} usable steps, "
+                "so the bounds are a guess from where it began to climb; raise range_test.num_steps or "
+                "the batch size, or lower range_test.start_lr")
 
     def _usable(self) -> tuple[list[float], list[float]]:
         """The points before divergence (a diverged last point is shown, never suggested)."""

@@ -16,24 +16,39 @@ __all__ = ["SUGGESTION_METHODS", "bottom_index", "bounds_from_curve", "no_descen
 SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
 
 
+#: a descent counts when the smoothed loss falls below the starting plateau by this share of it;
+#: less is within the noise of a flat curve
+MIN_DROP = 0.05
+
+
 def bottom_index(losses: list[float]) -> int:
     """Index of the lowest smoothed loss, ignoring the curve's first tenth.
 
     There the bias-corrected EMA averages only a few batches, so one lucky batch can set a
-    minimum the rest of the sweep never beats (a 85-step test at batch 4 put it at the 8th step,
-    and its bounds fell below the sweep's own start).
+    minimum the rest of the sweep never beats.
     """
     skip = len(losses) // 10
     return skip + int(np.argmin(losses[skip:]))
 
 
+def _plateau(losses: list[float]) -> float:
+    """The starting level: the median smoothed loss over the curve's first tenth."""
+    return float(np.median(losses[: max(1, len(losses) // 10)]))
+
+
 def no_descent(losses: list[float]) -> bool:
-    """True when the smoothed loss never fell past the curve's first tenth: the bounds are a guess."""
-    return len(losses) < 5 or bottom_index(losses) == len(losses) // 10
+    """True when the curve shows no descent to read: too short, or the smoothed loss never fell
+    past its first tenth by :data:`MIN_DROP` of its starting level (a flat curve's minimum is noise).
+    """
+    if len(losses) < 5:
+        return True
+    plateau = _plateau(losses)
+    bottom = bottom_index(losses)
+    return bottom == len(losses) // 10 or plateau - losses[bottom] < MIN_DROP * abs(plateau)
 
 
 def suggest_lr(lrs: list[float], losses: list[float], method: str) -> float | None:
-    """Suggestion ``method`` for the curve; ``None`` when it is too short or flat for the method.
+    """Suggestion ``method`` for the curve; ``None`` when it is too short or shows no descent.
 
     Raises:
         ValueError: ``method`` is not one of :data:`SUGGESTION_METHODS`.
@@ -42,7 +57,7 @@ def suggest_lr(lrs: list[float], losses: list[float], method: str) -> float | No
         raise ValueError(
             f"unknown suggestion method {method!r}; allowed: {', '.join(SUGGESTION_METHODS)}"
         )
-    if len(lrs) < 5:
+    if no_descent(losses):
         return None
     return _SUGGESTERS[method](lrs, losses)
 
@@ -54,8 +69,13 @@ def bounds_from_curve(
 
     The rule is :meth:`lrsearch.range_test.RangeTestResult.bounds`'s.
     """
-    edge = lrs[bottom_index(losses)]
-    found = [s for s in suggestions.values() if s is not None and 0 < s <= edge]
+    if no_descent(losses):
+        # nothing to read but where the loss starts to climb: a third of that is taken as the edge
+        edge = max(_rise_lr(lrs, losses) / 3.0, lrs[0])
+        found = []
+    else:
+        edge = lrs[bottom_index(losses)]
+        found = [s for s in suggestions.values() if s is not None and 0 < s <= edge]
     if not found:
         low, high = edge / 100.0, edge
     else:
@@ -68,6 +88,14 @@ def bounds_from_curve(
     if not low < high:
         high = max(high, low * 10.0)
     return (float(low), float(high))
+
+
+def _rise_lr(lrs: list[float], losses: list[float]) -> float:
+    """The first LR past the curve's first tenth where the smoothed loss climbs :data:`MIN_DROP`
+    above its starting level; the last LR when it never does."""
+    limit = _plateau(losses) + MIN_DROP * abs(_plateau(losses))
+    skip = len(losses) // 10
+    return next((lrs[i] for i in range(skip, len(losses)) if losses[i] > limit), lrs[-1])
 
 
 def _suggest_steepest(lrs: list[float], losses: list[float]) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pyarrow.parquet as pq
 import pytest
@@ -136,6 +137,40 @@ def test_random_search_without_early_stopping_trains_every_trial_fully(local_ray
     low, high = res.range_test["bounds"]
     assert all(low <= t.max_lr <= high for t in res.trials[1:])
     assert res.tracking is None and "mlflow_run" not in res.paths
+
+
+def _unlearning_task() -> lrsearch.Task:
+    """The session task with a loss that falls as accuracy falls (the true class's probability):
+    ranking by validation loss and ranking by accuracy disagree."""
+    task = _session_task()
+
+    def true_class_probability(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return logits.softmax(-1).gather(1, targets[:, None]).mean()
+
+    task.criterion = true_class_probability
+    return task
+
+
+def test_asha_can_rank_its_rungs_by_validation_loss(local_ray, tmp_path):
+    # one trial at a time, so ASHA's decisions can be replayed: at the rung (epoch 1) a trial stops
+    # when its value is worse than the median of those recorded there before it (reduction factor 2)
+    res = lrsearch.search(_job(tmp_path, "rung", rung_metric="val_loss", num_trials=8, max_epochs=2,
+                               max_concurrent_trials=1, reduction_factor=2),
+                          task=_unlearning_task, track=False)
+    trials = sorted(res.trials, key=lambda t: t.number)
+    assert len(trials) == 8 and res.metric == "val_accuracy"
+    by_loss, by_accuracy, losses, accuracies = [], [], [], []
+    for t in trials:
+        loss, accuracy = t.val_loss_per_epoch[0], t.metric_per_epoch[0]
+        by_loss.append(bool(losses) and bool(loss > np.percentile(losses, 50)))
+        by_accuracy.append(bool(accuracies) and bool(accuracy < np.percentile(accuracies, 50)))
+        losses.append(loss)
+        accuracies.append(accuracy)
+    assert by_loss != by_accuracy  # the task is what it means to be: the two rankings disagree
+    assert [t.state == TrialState.PRUNED for t in trials] == by_loss
+    # the best is still the objective's best among the finished trials
+    finished = [t for t in trials if t.state == TrialState.COMPLETED]
+    assert res.best.value == max(t.final_metric for t in finished)
 
 
 def test_a_start_point_naming_another_schedule_is_one_clear_error(tmp_path):

@@ -47,6 +47,8 @@ class TrialRecord:
     stopped_at_epoch: int
     metric_per_epoch: list[float]
     train_loss_per_epoch: list[float]
+    #: what ``search.rung_metric: val_loss`` ranks by (1e9 for an epoch that diverged)
+    val_loss_per_epoch: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
     train_seconds: float = 0.0
     node_id: str | None = None
@@ -228,6 +230,7 @@ def trial_records(grid: Any, *, metric: str, max_epochs: int, total_steps: int) 
             stopped_at_epoch=epochs,
             metric_per_epoch=_column(df, metric),
             train_loss_per_epoch=_column(df, "train_loss"),
+            val_loss_per_epoch=_column(df, "val_loss"),
             wall_seconds=float(metrics.get("time_total_s") or 0.0),
             train_seconds=sum(_column(df, "train_seconds")),
             node_id=metrics.get("node_id"),

@@ -108,8 +108,11 @@ def _scheduler(job: JobConfig) -> Any:
     s = job.search
     if s.early_stopping == "none":
         return FIFOScheduler()
+    # Tune hands its metric to a scheduler without one of its own; one ranking by another metric
+    # is built with it (and Tune is then given no metric: it refuses both)
+    own = {"metric": "val_loss", "mode": "min"} if s.rung_metric == "val_loss" else {}
     return ASHAScheduler(time_attr="training_iteration", max_t=s.max_epochs,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor, **own)
 
 
 def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: list[dict],
@@ -138,10 +141,13 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
         sampler=make_sampler(s.algorithm, seed=s.seed, num_trials=s.num_trials),
         storage=study_storage(study_path), study_name=job.name, max_t=s.max_epochs,
     )
+    scheduler = _scheduler(job)
+    if getattr(scheduler, "metric", None):  # ranks by its own metric; the searcher keeps the objective
+        metric, mode = None, None
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, search_alg=searcher, scheduler=_scheduler(job),
+            metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
             num_samples=s.num_trials, max_concurrent_trials=s.max_concurrent_trials,
             time_budget_s=s.time_budget_s,
             # a reused worker keeps the built task (pretrained weights, tokenised data)
