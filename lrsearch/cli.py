@@ -117,6 +117,8 @@ def _print_range_test(summary: dict) -> None:
     from lrsearch.report import range_test_table
 
     out.print(range_test_table(summary["range_test"], title=f"LR range test: {summary['task']}"))
+    if summary["range_test"].get("warning"):
+        out.print(f"[yellow]warning:[/] {summary['range_test']['warning']}", highlight=False)
     out.print(f"plot: [bold]{summary['plot']}[/]   data: {summary['results']}")
 
 

@@ -80,8 +80,6 @@ def range_test_table(data: dict[str, Any], title: str = "LR range test") -> Tabl
     if data.get("diverged_lr") is not None:
         stopped += f" at lr {data['diverged_lr']:.3g}"
     table.caption = f"{len(data['lrs'])} steps, {stopped}"
-    if data.get("warning"):
-        table.caption += f"\n[yellow]warning: {data['warning']}[/]"
     return table
 
 

@@ -117,6 +117,19 @@ def test_find_lr_json_on_synthetic(tmp_path, monkeypatch):
     assert saved["bounds"] == [low, high]
 
 
+def test_find_lr_says_when_the_curve_shows_no_descent(tmp_path, monkeypatch):
+    # a sweep over LRs far too small to move the loss: nothing to suggest, bounds inside the sweep
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "job.yaml").write_text(OK + "range_test: {num_steps: 30, start_lr: 1.0e-12, end_lr: 1.0e-10}\n")
+    result = runner.invoke(app, ["find-lr", "job.yaml"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "warning: the smoothed loss never fell 5 %" in result.output
+    data = json.loads((tmp_path / "lrsearch-runs" / "ok" / "range_test.json").read_text())
+    assert all(v is None for v in data["suggestions"].values())
+    assert 1e-12 <= data["bounds"][0] < data["bounds"][1] <= 1e-10
+    assert data["warning"].startswith("the smoothed loss never fell")
+
+
 def test_find_lr_on_the_python_task_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = Path(__file__).resolve().parent.parent / "examples" / "python_task" / "job.yaml"
