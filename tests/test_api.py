@@ -173,6 +173,14 @@ def test_asha_can_rank_its_rungs_by_validation_loss(local_ray, tmp_path):
     assert res.best.value == max(t.final_metric for t in finished)
 
 
+def test_a_range_test_that_shows_no_descent_is_a_note_and_the_trials_stay_in_its_sweep(local_ray, tmp_path):
+    job = _job(tmp_path, "flat", algorithm="random", early_stopping="none", num_trials=2, max_epochs=1)
+    job["range_test"] = {"num_steps": 30, "start_lr": 1e-12, "end_lr": 1e-10}
+    res = lrsearch.search(job, track=False)
+    assert any(n.startswith("range test: the smoothed loss never fell") for n in res.notes), res.notes
+    assert all(1e-12 <= t.max_lr <= 1e-10 for t in res.trials)
+
+
 def test_a_start_point_naming_another_schedule_is_one_clear_error(tmp_path):
     job = _job(tmp_path, "bad", start_points=[{"max_lr": 1e-3, "schedule": "one_cycle", "warmup_frac": 0.1}])
     with pytest.raises(lrsearch.ConfigError, match=r"start_points\[0\]\.warmup_frac: unknown for schedule 'one_cycle'"):
