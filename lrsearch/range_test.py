@@ -20,6 +20,7 @@ from torch import nn
 
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.range_test_suggestions import (
+    MIN_DROP,
     SUGGESTION_METHODS,
     bounds_from_curve,
     no_descent,
@@ -92,9 +93,9 @@ class RangeTestResult:
 
         Rule (single-point suggestions are unreliable on noisy curves, so none decides alone):
 
-        1. ``edge`` = the LR at the lowest smoothed loss past the curve's first tenth. Past it the loss rises: it is the upper
-           limit of the useful region. ``high`` never exceeds ``edge``, so the range never reaches
-           into the region where the loss climbs or diverges.
+        1. ``edge`` = the LR at the lowest smoothed loss past the curve's first tenth. Past it the
+           loss rises: it is the upper limit of the useful region. ``high`` never exceeds ``edge``,
+           so the range never reaches into the region where the loss climbs or diverges.
         2. ``center`` = the geometric median of the suggestions that exist and lie at or below
            ``edge`` (``steepest``, ``valley``, ``minimum``, ``slide``).
         3. ``high = min(edge, 3 * center)`` and ``low = min(center, high) / 30``: about two decades,
@@ -120,7 +121,7 @@ class RangeTestResult:
         lrs, losses = self._usable()
         if not no_descent(losses):
             return None
-        return (f"the smoothed loss never fell 5 % below its starting level over {len(lrs)} usable steps, "
+        return (f"the smoothed loss never fell {MIN_DROP * 100:g} % below its starting level over {len(lrs)} usable steps, "
                 "so the bounds are a guess from where it began to climb; raise range_test.num_steps or "
                 "the batch size, or lower range_test.start_lr")
 

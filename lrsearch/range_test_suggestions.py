@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-__all__ = ["SUGGESTION_METHODS", "bottom_index", "bounds_from_curve", "no_descent", "suggest_lr"]
+__all__ = ["MIN_DROP", "SUGGESTION_METHODS", "bounds_from_curve", "no_descent", "suggest_lr"]
 
 SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
 
@@ -93,7 +93,8 @@ def bounds_from_curve(
 def _rise_lr(lrs: list[float], losses: list[float]) -> float:
     """The first LR past the curve's first tenth where the smoothed loss climbs :data:`MIN_DROP`
     above its starting level; the last LR when it never does."""
-    limit = _plateau(losses) + MIN_DROP * abs(_plateau(losses))
+    plateau = _plateau(losses)
+    limit = plateau + MIN_DROP * abs(plateau)
     skip = len(losses) // 10
     return next((lrs[i] for i in range(skip, len(losses)) if losses[i] > limit), lrs[-1])
 
@@ -128,7 +129,7 @@ def _suggest_valley(lrs: list[float], losses: list[float]) -> float | None:
     # total drop below it) to the minimum; the valley suggestion is its middle on the log axis.
     y = np.asarray(losses)
     bottom = bottom_index(losses)
-    plateau = float(np.median(y[: max(1, len(y) // 10)]))
+    plateau = _plateau(losses)
     drop = plateau - float(y[bottom])
     if bottom < 2 or drop <= 0:
         return None
