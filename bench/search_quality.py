@@ -428,6 +428,23 @@ def spearman(trials: list[dict[str, Any]], by_loss: bool = False) -> tuple[float
     return float(rho), len(pairs)
 
 
+def winner_cut(runs: dict[int, dict[str, Any]]) -> str:
+    """In how many seeds a rung-1 halving would have cut the trial that wins at the full budget,
+    for a search that trained every trial to the end (``k/n``; ``-`` when there is none)."""
+    bottom = seeds = 0
+    for s in runs.values():
+        done = [t for t in s["trials"] if t["state"] == "completed" and len(t["metric_per_epoch"]) == MAX_EPOCHS]
+        if len(done) < 2:
+            continue
+        seeds += 1
+        winner = max(done, key=lambda t: t["metric_per_epoch"][-1])
+        firsts = sorted((t["metric_per_epoch"][0] for t in done), reverse=True)
+        # synchronous successive halving with reduction factor 2 keeps the top half at rung 1
+        keep = firsts[: math.ceil(len(firsts) / 2)]
+        bottom += winner["metric_per_epoch"][0] < keep[-1]
+    return f"{bottom}/{seeds}" if seeds else "-"
+
+
 def warmup_frac(t: dict[str, Any]) -> float:
     p = t["params"] or {}
     return float(p.get("warmup_frac", p.get("pct_start", p.get("cut_frac", 0.0))) or 0.0)
@@ -568,7 +585,8 @@ def report(args: argparse.Namespace) -> str:
         # fidelity
         w("### Fidelity of early stopping\n")
         heads = [f"{m}: pruned inside warm-up" for m in ASHA_METHODS if m in methods]
-        heads.append("random: winner in the bottom half at epoch 1")
+        unpruned = [m for m in ("lrsearch_no_es", "random") if m in methods]
+        heads += [f"{m}: winner in the bottom half at epoch 1" for m in unpruned]
         w("| task | " + " | ".join(heads) + " |")
         w("|---" * (1 + len(heads)) + "|")
         for task in args.tasks:
@@ -583,22 +601,12 @@ def report(args: argparse.Namespace) -> str:
                 pruned = [t for s in runs.values() for t in s["trials"] if t["state"] == "pruned"]
                 inside = sum(1 for t in pruned if t["epochs"] / MAX_EPOCHS < warmup_frac(t))
                 cells.append(f"{inside}/{len(pruned)}" + (f" ({inside / len(pruned):.0%})" if pruned else ""))
-            bottom = seeds = 0
-            for s in data.get((regime, task, "random"), {}).values():
-                done = [t for t in s["trials"] if t["state"] == "completed" and len(t["metric_per_epoch"]) == MAX_EPOCHS]
-                if len(done) < 2:
-                    continue
-                seeds += 1
-                winner = max(done, key=lambda t: t["metric_per_epoch"][-1])
-                firsts = sorted((t["metric_per_epoch"][0] for t in done), reverse=True)
-                # synchronous successive halving with reduction factor 2 keeps the top half at rung 1
-                keep = firsts[: math.ceil(len(firsts) / 2)]
-                bottom += winner["metric_per_epoch"][0] < keep[-1]
-            cells.append(f"{bottom}/{seeds}" if seeds else "-")
+            cells += [winner_cut(data.get((regime, task, m), {})) for m in unpruned]
             w(f"| {task} | " + " | ".join(cells) + " |")
         w("\n(warm-up: `warmup_frac`, `pct_start` or `cut_frac` > epochs trained / 3 when pruned. "
           "Bottom half: the config that wins at the full budget would have been cut by a rung-1 "
-          "halving of the random search's trials.)\n")
+          "halving of a search whose trials all ran to the end: `lrsearch_no_es` samples lrsearch's "
+          "own space, `random` the wide prior.)\n")
 
         # range test bounds
         if "lrsearch" in methods:
