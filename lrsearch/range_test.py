@@ -103,8 +103,9 @@ class RangeTestResult:
            100-step sweep makes the fastest progress.
         4. Curves with no descent to read (fewer than 5 usable points, or a smoothed loss that never
            fell 5 % below its starting level, as when a head trained from scratch sees too few
-           examples per step) have no suggestions; their ``edge`` is a third of the first LR where
-           the loss climbs 5 % above its starting level (the last LR if it never does), and they,
+           examples per step) have no suggestions; their ``edge`` is a third of the LR from which
+           the loss stays more than 5 % above its starting level, climbing for good (a noise bump
+           that comes back does not count; the last LR if it never does), and they,
            like curves without suggestions, get ``(edge / 100, edge)``. :attr:`warning` says so.
         5. ``low`` is never below the sweep's first LR (nothing there was measured); ``low < high``
            always holds.
@@ -122,7 +123,7 @@ class RangeTestResult:
         if not no_descent(losses):
             return None
         return (f"the smoothed loss never fell {MIN_DROP * 100:g} % below its starting level over {len(lrs)} usable steps, "
-                "so the bounds are a guess from where it began to climb; raise range_test.num_steps or "
+                "so the bounds are a guess from where it climbs for good; raise range_test.num_steps or "
                 "the batch size, or lower range_test.start_lr")
 
     def _usable(self) -> tuple[list[float], list[float]]:

@@ -91,12 +91,16 @@ def bounds_from_curve(
 
 
 def _rise_lr(lrs: list[float], losses: list[float]) -> float:
-    """The first LR past the curve's first tenth where the smoothed loss climbs :data:`MIN_DROP`
-    above its starting level; the last LR when it never does."""
+    """The LR past the curve's first tenth from which the smoothed loss stays more than
+    :data:`MIN_DROP` above its starting level to the end: where it climbs for good (a flat, noisy
+    curve crosses that line and comes back long before it diverges); the last LR when it ends
+    below it."""
     plateau = _plateau(losses)
     limit = plateau + MIN_DROP * abs(plateau)
-    skip = len(losses) // 10
-    return next((lrs[i] for i in range(skip, len(losses)) if losses[i] > limit), lrs[-1])
+    first = len(losses)
+    while first > len(losses) // 10 and losses[first - 1] > limit:
+        first -= 1
+    return lrs[min(first, len(lrs) - 1)]
 
 
 def _suggest_steepest(lrs: list[float], losses: list[float]) -> float | None:
