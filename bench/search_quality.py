@@ -61,7 +61,9 @@ state, epochs, metric per epoch, schedule, max_lr and params, the range test's b
 the seconds) is one JSON file under ``bench/results/search_quality/``, named with a hash of the
 job and the budget; a rerun skips every file already there, so the benchmark resumes after an
 interruption and can be built up in the background (``nohup ... &``), one regime or task at a
-time. Each search writes Ray Tune's results and Ray's session files into temporary directories
+time. The files (a few KB each) are committed with the repository: the report is rebuilt with
+``--report-only`` on any checkout, and a run on another machine adds to the same records (runs
+kept only on a machine's disk are lost with it). Each search writes Ray Tune's results and Ray's session files into temporary directories
 that are deleted once the summary is written. The hash covers the job as lrsearch resolves it,
 defaults included, so a change of a default makes new runs (a change of code behind the same
 config does not: delete those files by hand). The report (Markdown on stdout and in
@@ -373,7 +375,7 @@ def run_all(args: argparse.Namespace) -> None:
             print(f"    {len(errored)} trial(s) errored ({errored[0]['error']}); not cached", file=sys.stderr)
             continue
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.write_text(json.dumps(summary, separators=(",", ":")) + "\n")
         tmp.replace(path)
         print(f"    best at B {fmt(summary['best_at_budget'])}, compute {summary['compute_total']:.1f}, "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
