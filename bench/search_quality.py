@@ -17,6 +17,12 @@ job that selects the method (no monkeypatching of lrsearch, Optuna or Ray):
   1e-6 to 1e-2, every trial trained to the end; by default on one seed only (``--grid-seeds``).
   It is reported with the best of the whole grid (27 trial-epochs), not cut at the budget.
 
+Ablations of lrsearch, each as shipped but for one documented job option:
+``lrsearch_no_es`` (``search.early_stopping: none``), ``lrsearch_loss_rungs``
+(``search.rung_metric: val_loss``) and ``lrsearch_rt5pct`` (``range_test.num_steps`` set to 5 % of
+the trials' most steps with no cap at 100, e.g. 840 steps in the long regime where the shipped
+rule stops at 100; the same 30 steps as shipped in the tiny one).
+
 All methods train ``max_epochs`` 3, at most 2 trials at once (1 CPU and 1 torch thread each);
 ASHA, where used, has grace period 1 and reduction factor 2 (lrsearch's defaults). Seed ``s``
 sets both ``search.seed`` and the task's ``seed`` (data split, batch order, head init).
@@ -117,10 +123,10 @@ WIDE_PRIOR = {"low": 1e-6, "high": 1e-2, "log": True}
 GRID = [float(f"{10 ** (e / 2):.3g}") for e in range(-12, -3)]  # 1e-6 .. 1e-2, 2 per decade: 9 values
 ASHA_EPOCHS_PER_TRIAL = 1.3  # below ASHA's ~1.75 (1 + 1/2 + 1/4) on purpose: overshoot B, not fall short
 
-METHODS = ("lrsearch", "lrsearch_no_es", "lrsearch_loss_rungs", "peer", "random", "hf_default",
-           "family_default", "grid")
-ASHA_METHODS = ("lrsearch", "lrsearch_loss_rungs", "peer")
-LRSEARCH_METHODS = ("lrsearch", "lrsearch_no_es", "lrsearch_loss_rungs")  # the range test, lrsearch's defaults
+METHODS = ("lrsearch", "lrsearch_no_es", "lrsearch_loss_rungs", "lrsearch_rt5pct", "peer", "random",
+           "hf_default", "family_default", "grid")
+ASHA_METHODS = ("lrsearch", "lrsearch_loss_rungs", "lrsearch_rt5pct", "peer")
+LRSEARCH_METHODS = ("lrsearch", "lrsearch_no_es", "lrsearch_loss_rungs", "lrsearch_rt5pct")  # the range test, lrsearch's defaults
 
 CATEGORIES = ["politics", "songs-poems", "startrek", "linux"]
 FAMILY = {"text": "bert", "image": "efficientnet", "digits": "efficientnet"}
@@ -186,10 +192,15 @@ def steps_per_epoch(task: dict[str, Any]) -> int:
     return n // b if task["kind"] == "image_classification" else math.ceil(n / b)
 
 
-def range_test_epochs(num_trials_guess: int, task: dict[str, Any]) -> float:
-    """As shipped: range_test.num_steps "auto" is 5 % of trials x epochs x steps, within 30..100."""
-    spe = steps_per_epoch(task)
-    return min(100, max(30, round(0.05 * num_trials_guess * MAX_EPOCHS * spe))) / spe
+def range_test_steps(num_trials_guess: int, task: dict[str, Any], cap: int | None = 100) -> int:
+    """As shipped (``cap`` 100): range_test.num_steps "auto" is 5 % of trials x epochs x steps,
+    within 30..100; ``cap=None`` is the same share with no upper limit (``lrsearch_rt5pct``)."""
+    steps = max(30, round(0.05 * num_trials_guess * MAX_EPOCHS * steps_per_epoch(task)))
+    return steps if cap is None else min(cap, steps)
+
+
+def range_test_epochs(num_trials_guess: int, task: dict[str, Any], cap: int | None = 100) -> float:
+    return range_test_steps(num_trials_guess, task, cap) / steps_per_epoch(task)
 
 
 def num_trials(method: str, budget: float, task: dict[str, Any]) -> int:
@@ -203,8 +214,9 @@ def num_trials(method: str, budget: float, task: dict[str, Any]) -> int:
     if method == "lrsearch_no_es":  # the range test first, then whole trials
         return math.ceil((budget - range_test_epochs(whole_trials, task)) / MAX_EPOCHS) + 1
     range_test = 0.0
-    if method in ("lrsearch", "lrsearch_loss_rungs"):
-        range_test = range_test_epochs(math.ceil(budget / ASHA_EPOCHS_PER_TRIAL) + 2, task)
+    if method in ("lrsearch", "lrsearch_loss_rungs", "lrsearch_rt5pct"):
+        cap = None if method == "lrsearch_rt5pct" else 100
+        range_test = range_test_epochs(math.ceil(budget / ASHA_EPOCHS_PER_TRIAL) + 2, task, cap)
     return math.ceil(max(budget - range_test, MAX_EPOCHS) / ASHA_EPOCHS_PER_TRIAL) + 2
 
 
@@ -236,6 +248,8 @@ def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
         search["early_stopping"] = "none"
     if method == "lrsearch_loss_rungs":  # ablation: as shipped, ASHA ranking its rungs by val_loss
         search["rung_metric"] = "val_loss"
+    if method == "lrsearch_rt5pct":  # ablation: a range test of 5 % of the trials' steps, no cap
+        job["range_test"] = {"num_steps": range_test_steps(search["num_trials"], task, cap=None)}
     if method in ("peer", "random"):
         job["space"]["max_lr"] = dict(WIDE_PRIOR)
     if method in ("random", "hf_default", "family_default", "grid"):
