@@ -55,9 +55,9 @@ def run(task: str, seed: int, steps: int) -> dict[str, Any]:
         return json.loads(path.read_text())
     job = sq.make_job("long", task, "lrsearch", seed, 18.0)
     job["range_test"] = {"num_steps": steps}
-    job["storage"] = {"path": tempfile.mkdtemp(prefix="lrrth-")}
     started = time.perf_counter()
-    result = lrsearch.find_lr(job, save=False)
+    with tempfile.TemporaryDirectory(prefix="lrrth-") as storage:  # save=False: nothing stays there
+        result = lrsearch.find_lr({**job, "storage": {"path": storage}}, save=False)
     suggestions, bounds = result.suggestions(), result.bounds()
     record = {"task": task, "seed": seed, "num_steps": steps, "steps_run": len(result.lrs),
               "stop_reason": result.stop_reason, "suggestions": suggestions, "bounds": list(bounds),
