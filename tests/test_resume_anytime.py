@@ -61,6 +61,8 @@ def _reap(proc: subprocess.Popen) -> None:
 
 
 def _finished_trials(out: Path) -> int:
+    # Opens the study as optuna-dashboard would, every 50 ms from the moment the file appears: it
+    # races the driver's own creation of the storage, which must survive that.
     if not (out / "optuna.db").is_file():
         return 0
     import optuna

@@ -8,6 +8,7 @@ intermediate values). Per-trial work is O(1): no copy of the study, no file writ
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from optuna.trial import TrialState
@@ -15,6 +16,8 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 __all__ = ["PrunedAwareOptunaSearch", "make_sampler", "study_storage"]
+
+_INIT_ATTEMPTS = 5
 
 #: ``search.algorithm`` -> a function building the Optuna sampler
 ALGORITHMS = ("tpe", "random")
@@ -41,8 +44,23 @@ def study_storage(path: str | None) -> Any:
     if path is None:
         return None
     import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
-    return optuna.storages.RDBStorage(f"sqlite:///{path}")
+    # Writers wait up to a minute for a reader's lock (a dashboard open on the file) instead of
+    # failing a trial with "database is locked".
+    engine_kwargs = {"connect_args": {"timeout": 60}}
+    for attempt in range(_INIT_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs=engine_kwargs)
+        except (IntegrityError, OperationalError):
+            # Another process opening the new file at the same moment (optuna-dashboard, a
+            # script polling the study) creates the same tables and version row: "table ...
+            # already exists" or "UNIQUE constraint failed: alembic_version". Once either of
+            # them has finished, opening it again finds the schema in place.
+            if attempt == _INIT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):

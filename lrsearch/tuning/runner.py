@@ -22,7 +22,7 @@ from lrsearch.train import (
 from lrsearch.tuning import results as res
 from lrsearch.tuning.checkpoints import fill_replaced_checkpoints, prune_checkpoints
 from lrsearch.tuning.interrupt import CtrlC
-from lrsearch.tuning.optuna_adapter import importances, study_trials
+from lrsearch.tuning.optuna_adapter import importances, study_storage, study_trials
 from lrsearch.tuning.progress import LiveProgress
 from lrsearch.tuning.setup import first_points, prepare_dir, range_test_data, start_tracker, warn
 from lrsearch.tuning.track import log_results, log_setup
@@ -118,7 +118,7 @@ def _saved_study(job: JobConfig, out: Path | None):
         return None
     import optuna
 
-    return optuna.load_study(study_name=job.name, storage=f"sqlite:///{out / 'optuna.db'}")
+    return optuna.load_study(study_name=job.name, storage=study_storage(str(out / "optuna.db")))
 
 
 def _write_files(result: res.SearchResult, out: Path, study) -> None:
