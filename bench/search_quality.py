@@ -70,9 +70,9 @@ interruption and can be built up in the background (``nohup ... &``), one regime
 time. The files (about 5.5 KB each) are committed with the repository: the report is rebuilt
 with ``--report-only`` on any checkout, and a run on another machine adds to the same records
 (runs kept only on a machine's disk are lost with it). Each search writes Ray Tune's results and
-Ray's session files into temporary directories that are deleted once the summary is written. The hash covers the job as lrsearch resolves it,
-defaults included, so a change of a default makes new runs (a change of code behind the same
-config does not: delete those files by hand). The report (Markdown on stdout and in
+Ray's session files into temporary directories that are deleted once the summary is written. The
+hash covers the job as lrsearch resolves it, defaults included, so a change of a default makes
+new runs (a change of code behind the same config does not: delete those files by hand). The report (Markdown on stdout and in
 ``bench/results/search_quality.md``, median best-so-far curves with IQR bands in
 ``bench/results/search_quality.png``; ``_quick`` in both names with ``--quick``) is built from the
 cache alone, from whatever runs are there.

@@ -48,19 +48,17 @@ def study_storage(path: str | None) -> Any:
 
     # Writers wait up to a minute for a reader's lock (a dashboard open on the file) instead of
     # failing a trial with "database is locked".
-    engine_kwargs = {"connect_args": {"timeout": 60}}
-    for attempt in range(_INIT_ATTEMPTS):
+    url, engine_kwargs = f"sqlite:///{path}", {"connect_args": {"timeout": 60}}
+    for attempt in range(_INIT_ATTEMPTS - 1):
         try:
-            return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs=engine_kwargs)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
         except (IntegrityError, OperationalError):
             # Another process opening the new file at the same moment (optuna-dashboard, a
             # script polling the study) creates the same tables and version row: "table ...
             # already exists" or "UNIQUE constraint failed: alembic_version". Once either of
             # them has finished, opening it again finds the schema in place.
-            if attempt == _INIT_ATTEMPTS - 1:
-                raise
             time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)  # last try: its error is raised
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
