@@ -39,7 +39,8 @@ average under ASHA with these rungs); runs with no early stopping get ``ceil(B /
 whose total compute stays under B is counted with what it has and flagged as ``short``.
 
 Tasks (all offline) and regimes; ``tiny`` has 12 optimizer steps per epoch (the range test costs
-up to 8.3 trial-epochs, less when it stops at divergence), ``long`` 400 (4x the range test's steps, which then cost 0.25 trial-epochs):
+up to 8.3 trial-epochs, less when it stops at divergence), ``long`` 400 (4x the range test's
+steps, which then cost 0.25 trial-epochs):
 
 =======  =========================================================  ========================  =====================
 task     model / data                                               tiny                      long
@@ -72,10 +73,10 @@ with ``--report-only`` on any checkout, and a run on another machine adds to the
 (runs kept only on a machine's disk are lost with it). Each search writes Ray Tune's results and
 Ray's session files into temporary directories that are deleted once the summary is written. The
 hash covers the job as lrsearch resolves it, defaults included, so a change of a default makes
-new runs (a change of code behind the same config does not: delete those files by hand). The report (Markdown on stdout and in
-``bench/results/search_quality.md``, median best-so-far curves with IQR bands in
-``bench/results/search_quality.png``; ``_quick`` in both names with ``--quick``) is built from the
-cache alone, from whatever runs are there.
+new runs (a change of code behind the same config does not: delete those files by hand). The
+report (Markdown on stdout and in ``bench/results/search_quality.md``, median best-so-far curves
+with IQR bands in ``bench/results/search_quality.png``; ``_quick`` in both names with
+``--quick``) is built from the cache alone, from whatever runs are there.
 
 Time on 2 CPUs. Measured through ``lrsearch.search`` (one trial, so one core, while other work
 kept the machine's load at 3-6), seconds per trial-epoch including validation: tiny text 14,
