@@ -4,6 +4,7 @@
     res = lrsearch.search("job.yaml")        # or a dict, a JobConfig; task=<your Task or factory>
     res.best, res.trials, res.importances
     lrsearch.export(res, format="hf")
+    final = lrsearch.train("job.yaml", res, epochs=9)   # the model you ship, scored on held-out test data
 
 See :mod:`lrsearch.api` for the functions, :mod:`lrsearch.schedules` and :mod:`lrsearch.range_test`
 for the schedule and range-test libraries. Names are imported on first use, so that the CLI's
@@ -19,7 +20,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "search": "lrsearch.api", "find_lr": "lrsearch.api", "load_job": "lrsearch.api",
-    "export": "lrsearch.api", "Exported": "lrsearch.api",
+    "export": "lrsearch.api", "Exported": "lrsearch.api", "train": "lrsearch.api",
+    "FinalResult": "lrsearch.final",
     "JobConfig": "lrsearch.config",
     "ConfigError": "lrsearch.errors", "Interrupted": "lrsearch.errors",
     "LRSearchError": "lrsearch.errors", "SearchError": "lrsearch.errors", "TaskError": "lrsearch.errors",
@@ -30,9 +32,10 @@ _EXPORTS = {
     "TrialRecord": "lrsearch.tuning.results", "TrialState": "lrsearch.tuning.results",
 }
 __all__ = [
-    "SCHEDULES", "BestConfig", "ConfigError", "Exported", "Interrupted", "JobConfig", "LRSearchError",
+    "SCHEDULES", "BestConfig", "ConfigError", "Exported", "FinalResult", "Interrupted", "JobConfig", "LRSearchError",
     "RangeTestResult", "SearchError", "SearchResult", "Task", "TaskError", "TrialRecord", "TrialState",
     "__version__", "build_scheduler", "export", "find_lr", "load_job", "lr_range_test", "search",
+    "train",
 ]
 
 
@@ -49,9 +52,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from lrsearch.api import Exported, export, find_lr, load_job, search
+    from lrsearch.api import Exported, export, find_lr, load_job, search, train
     from lrsearch.config import JobConfig
     from lrsearch.errors import ConfigError, Interrupted, LRSearchError, SearchError, TaskError
+    from lrsearch.final import FinalResult
     from lrsearch.range_test import RangeTestResult, lr_range_test
     from lrsearch.schedules import SCHEDULES, build_scheduler
     from lrsearch.tasks import Task

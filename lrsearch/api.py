@@ -31,11 +31,12 @@ from typing import Any, NamedTuple
 from lrsearch.config import JobConfig, parse_job
 from lrsearch.config import load_job as _load_job_file
 from lrsearch.errors import ConfigError
+from lrsearch.final import FinalResult
 from lrsearch.range_test import RangeTestResult
 from lrsearch.tasks import Task
 from lrsearch.tuning.results import BestConfig, SearchResult
 
-__all__ = ["Exported", "export", "find_lr", "load_job", "search"]
+__all__ = ["Exported", "export", "find_lr", "load_job", "search", "train"]
 
 JobLike = JobConfig | str | Path | dict[str, Any]
 TaskLike = Task | Callable[[], Task] | None
@@ -90,6 +91,48 @@ def search(job: JobLike, *, task: TaskLike = None, num_trials: int | None = None
                       resume=resume, verbose=verbose, show_progress=show_progress, track=track)
 
 
+def train(job: JobLike, search: SearchResult | str | None = None, *, epochs: int | None = None,
+          steps: int | None = None, top_k: int = 1, register: str | None = None, resume: bool = False,
+          task: TaskLike = None, address: str | None = None, track: bool = True,
+          tracking_uri: str | None = None, show_progress: bool = False) -> FinalResult:
+    """The final run: train the search's best config at your horizon and score it on held-out data.
+
+    Args:
+        job: the job (its ``task`` section may ask for more data than the search used, e.g. a
+            larger ``task.num_train``; its ``train`` recipe is the one the run trains with).
+        search: the search to take the config from: a :class:`SearchResult`, an MLflow run id (the
+            search's parent run, or one of its trials), an experiment name (its latest search), or
+            ``None``: the job's own latest search (experiment ``tracking.experiment`` or ``name``).
+        epochs: epochs to train (whole passes over the train loader); default the search's
+            ``max_epochs``. steps: or the run's length in optimizer steps.
+        top_k: train the ``top_k`` best completed trials' configs at the horizon and keep the best
+            by validation.
+        register: register the model in MLflow's Model Registry under this name (a new version,
+            tagged with the config and the search's run id).
+        resume: continue a killed final run from its last epoch checkpoint (the same MLflow run).
+        task: an in-memory task, as for :func:`search`.
+        address: run on this Ray cluster; the run gets the job's ``resources`` (GPUs too).
+        track: log the run and its model to MLflow (nested under the search's parent run).
+        tracking_uri: overrides the job's ``tracking.uri``.
+        show_progress: each finished epoch on stderr.
+
+    Returns:
+        :class:`~lrsearch.final.FinalResult`: ``test_metric`` (on the task's test split, which the
+        search never saw), ``val_metric``, ``run_id``, ``model_uri`` (load it with
+        ``mlflow.pytorch.load_model``), ``registered``, the config and each candidate's figures.
+
+    Raises:
+        ConfigError: a horizon or ``top_k`` below 1, both ``epochs`` and ``steps``. TrackingError: no
+        such run or experiment. SearchError: the search has no completed trial, or every config
+        diverged at the horizon. All before anything trains, except the last.
+    """
+    from lrsearch.final import run_final
+
+    return run_final(load_job(job), search=search, epochs=epochs, steps=steps, top_k=top_k,
+                     register=register, resume=resume, task=task, address=address, track=track,
+                     tracking_uri=tracking_uri, show_progress=show_progress)
+
+
 def find_lr(job: JobLike, *, task: TaskLike = None, save: bool = True, plot: str | Path | None = None,
             progress: Callable[[int, int, float, float], None] | None = None) -> RangeTestResult:
     """Run the job's LR range test on a fresh model of its task (or of ``task``).
@@ -100,7 +143,7 @@ def find_lr(job: JobLike, *, task: TaskLike = None, save: bool = True, plot: str
     """
     from lrsearch.finder import find_lr as _find_lr
     from lrsearch.finder import save_range_test
-    from lrsearch.train import TaskSource
+    from lrsearch.trial import TaskSource
 
     job = load_job(job)
     built = TaskSource.of(job, task).get()

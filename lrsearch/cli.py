@@ -164,6 +164,43 @@ def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
 
 @app.command()
 @_clear_errors
+def train(
+    job_file: JobArg,
+    epochs: Annotated[int | None, typer.Option(help="Epochs to train [default: the search's max_epochs].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Or the run's length in optimizer steps.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
+    register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Train from this search run [default: the job's latest search].")] = None,
+    experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
+    address: Annotated[str | None, typer.Option(help="Run on a Ray cluster: auto, ray://HOST:10001 or HOST:6379.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed final run from its last epoch.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train the search's best config at your horizon; score it on the held-out test split; log the model."""
+    import lrsearch
+    from lrsearch.errors import ConfigError
+
+    if run_id is not None and experiment is not None:
+        raise ConfigError("give at most one of --run-id ID and --experiment NAME")
+    job = lrsearch.load_job(job_file)
+    if not json_:
+        horizon = f"{steps} steps" if steps else f"{epochs or job.search.max_epochs} epochs"
+        out.print(f"[bold]lrsearch train[/] {job.name!r}: the best config of "
+                  f"{'run ' + run_id if run_id else 'the latest search in ' + repr(experiment or job.tracking.experiment or job.name)}"
+                  f"{f' (top {top_k})' if top_k > 1 else ''}, {horizon}", highlight=False)
+    result = lrsearch.train(job, run_id or experiment, epochs=epochs, steps=steps, top_k=top_k,
+                            register=register, resume=resume, address=address, show_progress=not json_)
+    if json_:
+        print_json(result.summary())
+        return
+    from lrsearch.report import final_lines
+
+    for line in final_lines(result):
+        out.print(line, highlight=False)
+
+
+@app.command()
+@_clear_errors
 def export(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment: export its latest search.")] = None,
     run_id: Annotated[str | None, typer.Option(help="A search's parent run id (or one of its trial runs).")] = None,
@@ -217,13 +254,28 @@ def submit(
     address: AddressOpt,
     wait: Annotated[bool, typer.Option("--wait", help="Stream the logs until the job ends; fail if it fails.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Run `lrsearch search --resume` (continue an interrupted search).")] = False,
+    train_: Annotated[bool, typer.Option("--train", help="Submit `lrsearch train` (the final run) instead of the search.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="With --train: epochs to train.")] = None,
+    steps: Annotated[int | None, typer.Option(help="With --train: optimizer steps to train.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="With --train: train the K best configs.")] = None,
+    register: Annotated[str | None, typer.Option(help="With --train: register the model under this name.")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Submit the search to a Ray cluster (Ray Jobs API); the same job twice is one submission."""
+    """Submit the search (or, with --train, its final run) to a Ray cluster (Ray Jobs API); the same
+    job twice is one submission."""
+    from lrsearch.errors import ConfigError
     from lrsearch.jobs import submit as submit_job
     from lrsearch.jobs import wait_for_job
 
-    info = submit_job(job_file, address, extra_args=["--resume"] if resume else None)
+    extra = ["--resume"] if resume else []
+    train_options = {"--epochs": epochs, "--steps": steps, "--top-k": top_k, "--register": register}
+    if not train_ and any(v is not None for v in train_options.values()):
+        given = ", ".join(k for k, v in train_options.items() if v is not None)
+        raise ConfigError(f"{given}: only with --train (they set the final run)")
+    for flag, value in train_options.items():
+        if value is not None:
+            extra += [flag, str(value)]
+    info = submit_job(job_file, address, extra_args=extra or None, command="train" if train_ else "search")
     if json_ and not wait:
         print_json(info)
         return

@@ -37,6 +37,7 @@ __all__ = [
     "OptimizerConfig",
     "RangeTestConfig",
     "TaskConfig",
+    "TrainConfig",
     "load_job",
     "parse_job",
 ]
@@ -83,7 +84,8 @@ class RangeTestConfig(Strict):
     #: EMA weight of the newest loss; ``auto``: 5 / num_steps, at most 0.2 (0.05 at 100 steps)
     smooth: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = "auto"
     diverge_factor: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 4.0
-    accumulation_steps: PositiveInt = 1
+    #: batches per optimizer step; default: the job's ``train.gradient_accumulation_steps``
+    accumulation_steps: PositiveInt | None = None
     use_validation: bool = False
 
     @field_validator("end_lr")
@@ -93,6 +95,19 @@ class RangeTestConfig(Strict):
         if start is not None and value <= start:
             raise ValueError(f"must be greater than start_lr ({start:g})")
         return value
+
+
+class TrainConfig(Strict):
+    """The training recipe the range test, every trial and the final run share (and the export
+    carries): gradient clipping, mixed precision and gradient accumulation."""
+
+    #: clip the gradients' global norm to this before each optimizer step; ``null``: no clipping.
+    #: 1.0 is the Hugging Face Trainer's default, so a config found here trains the same there
+    max_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = 1.0
+    #: ``fp32``; ``bf16`` autocast (CPU or CUDA); ``fp16`` autocast with a gradient scaler (CUDA only)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: batches whose gradients add up to one optimizer step (the schedule counts optimizer steps)
+    gradient_accumulation_steps: PositiveInt = 1
 
 
 class SpaceConfig(Strict):
@@ -212,6 +227,7 @@ class JobConfig(Strict):
     range_test: RangeTestConfig = Field(default_factory=RangeTestConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -224,6 +240,11 @@ class JobConfig(Strict):
         if not _NAME.match(value):
             raise ValueError("must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit")
         return value
+
+    def accumulation_steps(self) -> int:
+        """Batches per optimizer step of the range test (``range_test.accumulation_steps``, else the
+        training recipe's)."""
+        return self.range_test.accumulation_steps or self.train.gradient_accumulation_steps
 
     def search_space(self, bounds: tuple[float, float] | None = None) -> SearchSpace:
         """The space this job searches; ``bounds`` are the range test's (``None`` before it runs).
@@ -377,6 +398,9 @@ def parse_job(data: Any, *, source: str = "job", base_dir: str = ".") -> JobConf
     except ValidationError as exc:
         lines = [f"{source}: {line}" for line in _error_lines(exc.errors(), data)]
         raise ConfigError("\n".join(lines)) from None
+    if job.train.precision == "fp16" and job.resources.gpu == 0:
+        raise ConfigError(f"{source}: train.precision: got 'fp16'; fp16 needs a CUDA GPU per trial "
+                          "(resources.gpu > 0); on the CPU use bf16 or fp32")
     try:
         space = job.search_space()  # a bad space fails here, before anything starts
     except ConfigError as exc:

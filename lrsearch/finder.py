@@ -23,7 +23,7 @@ def default_device() -> torch.device:
 def range_test_steps(job: JobConfig, task: Task) -> int:
     """The range test's length: ``range_test.num_steps``, or for ``auto`` 5 % of the most the
     search's trials can train (``num_trials x max_epochs x steps per epoch``), within 30..100."""
-    from lrsearch.train import steps_per_epoch
+    from lrsearch.trial import steps_per_epoch
 
     steps = job.range_test.num_steps
     if steps != "auto":
@@ -46,7 +46,8 @@ def find_lr(
     progress: Callable[[int, int, float, float], None] | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[Task, RangeTestResult]:
-    """Run the job's range test on a fresh model of its task. Returns the task and the result."""
+    """Run the job's range test on a fresh model of its task, with the trials' training recipe
+    (``train``: clipping, precision, accumulation). Returns the task and the result."""
     task = task or build_task(job)
     reseed(task, job.search.seed)  # the same job gives the same curve and bounds in any process
     cfg = job.range_test
@@ -65,9 +66,11 @@ def find_lr(
         smooth=range_test_smooth(job, num_steps),
         diverge_factor=cfg.diverge_factor,
         val_loader=task.val_loader if cfg.use_validation else None,
-        accumulation_steps=cfg.accumulation_steps,
+        accumulation_steps=job.accumulation_steps(),
         device=device or default_device(),
         progress=progress,
+        max_grad_norm=job.train.max_grad_norm,
+        precision=job.train.precision,
     )
     return task, result
 

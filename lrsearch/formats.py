@@ -94,12 +94,31 @@ def _load(best: Any) -> dict[str, Any]:
         "max_lr": float(best["max_lr"]),
         "params": params,
         "optimizer": optimizer,
+        "train": _train_recipe(best.get("train")),
         "layer_decay": best.get("layer_decay"),
         "metric": best["metric"],
         "value": best["value"],
         "trial_id": best.get("trial_id"),
         "search_horizon": dict(horizon) if horizon else None,
     }
+
+
+#: what a best config without a ``train`` recipe was searched with (lrsearch before the recipe)
+_NO_RECIPE = {"max_grad_norm": None, "precision": "fp32", "gradient_accumulation_steps": 1}
+
+
+def _train_recipe(train: Any) -> dict[str, Any]:
+    """The training recipe of a best config, validated (a config from before recipes: none)."""
+    if not train:
+        return dict(_NO_RECIPE)
+    from lrsearch.config import TrainConfig
+
+    try:
+        return TrainConfig.model_validate(train).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"best config: train.{where}: {first['msg']} (got {first['input']!r})") from None
 
 
 def _from_step_schema(best: dict[str, Any]) -> dict[str, Any]:
@@ -180,7 +199,9 @@ def hf_training_arguments(best: Any) -> tuple[dict[str, Any], str]:
     """``transformers.TrainingArguments`` keyword arguments for the best config, for any run length.
 
     Warmup is ``warmup_steps`` as a fraction (< 1) of the run's steps, the form transformers 5
-    reads (it has no ``warmup_ratio``); ``num_train_epochs`` is left to the user. Where transformers
+    reads (it has no ``warmup_ratio``); ``num_train_epochs`` is left to the user. The training
+    recipe the search used becomes ``max_grad_norm`` (0 for none: the Trainer's own default clips
+    at 1.0), ``bf16`` / ``fp16`` and ``gradient_accumulation_steps``. Where transformers
     has no schedule equal to lrsearch's (``stlr``, ``cosine_restarts``, ``exponential``, ``step``,
     ``one_cycle``) the kwargs hold everything else and the note gives the ``build_scheduler`` call
     to pass as ``Trainer(optimizers=(optimizer, scheduler))``.
@@ -211,6 +232,11 @@ def hf_training_arguments(best: Any) -> tuple[dict[str, Any], str]:
                          "pass torch.optim.Adam yourself through Trainer(optimizers=...) to match it.")
     else:
         kwargs.update(optim="sgd", optim_args=f"momentum={opt['momentum']}")
+    recipe = b["train"]
+    # the Trainer clips when max_grad_norm > 0: 0 turns its default clipping at 1.0 off, as searched
+    kwargs.update(max_grad_norm=recipe["max_grad_norm"] or 0.0,
+                  bf16=recipe["precision"] == "bf16", fp16=recipe["precision"] == "fp16",
+                  gradient_accumulation_steps=recipe["gradient_accumulation_steps"])
     resolved = schedule_params({"schedule": name, name: b["params"]}, 1000)
     horizon = _horizon_text(b)
     if name in _HF_SCHEDULES:
@@ -286,6 +312,20 @@ def torch_snippet(best: Any) -> str:
         if b["search_horizon"].get("schedule_params"):
             horizon_lines += f"# At the search's horizon it was: {b['search_horizon']['schedule_params']!r}\n"
     args = "".join(f"        {a},\n" for a in _scheduler_args(b))
+    recipe = b["train"]
+    norm, precision = recipe["max_grad_norm"], recipe["precision"]
+    clip = ("    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)\n" if norm
+            else "    # the search did not clip gradients (train.max_grad_norm: null)\n")
+    if precision == "fp16":
+        clip = "    scaler.unscale_(optimizer)\n" + clip + "    scaler.step(optimizer)\n    scaler.update()\n"
+        sig_step, amp_doc = "model, optimizer, scheduler, scaler", (
+            "    scaler = torch.amp.GradScaler('cuda'); forward under\n"
+            "    torch.autocast('cuda', dtype=torch.float16) and call scaler.scale(loss).backward().\n")
+    else:
+        clip += "    optimizer.step()\n"
+        sig_step = "model, optimizer, scheduler"
+        amp_doc = ("    Forward under torch.autocast(device_type, dtype=torch.bfloat16), as the search did.\n"
+                   if precision == "bf16" else "")
     return f'''# Best LR strategy found by lrsearch: {b['metric']} = {score} (trial {b['trial_id']})
 {horizon_lines}import torch
 
@@ -293,6 +333,10 @@ from lrsearch.optim import param_groups
 from lrsearch.schedules import build_scheduler
 
 MAX_LR = {b['max_lr']!r}
+# the training recipe the search used (its train section)
+MAX_GRAD_NORM = {norm!r}
+PRECISION = {precision!r}
+GRAD_ACCUMULATION_STEPS = {recipe['gradient_accumulation_steps']!r}
 
 
 def build_optimizer({sig}) -> torch.optim.Optimizer:
@@ -310,8 +354,17 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int):
 {args}    )
 
 
+def optimizer_step({sig_step}) -> None:
+    """After loss.backward() on GRAD_ACCUMULATION_STEPS batches (each loss divided by it): clip
+    the gradients as the search did, step, advance the schedule, zero the gradients.
+{amp_doc}    """
+{clip}    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 # optimizer = build_optimizer(model)
 # scheduler = build_lr_scheduler(optimizer, total_steps)
+# per optimizer step: loss.backward() on each batch, then optimizer_step({sig_step})
 '''
 
 

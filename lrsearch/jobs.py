@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -80,8 +81,12 @@ def _translate(exc: Exception, address: str, token: str | None) -> JobsError:
     return JobsError(f"{address}: cannot reach the Ray Jobs API ({first}); is the head's dashboard up?")
 
 
-def submission_id(job: JobConfig, job_text: str) -> str:
-    """``lrsearch-NAME-HASH``: the same job file content gives the same id."""
+def submission_id(job: JobConfig, job_text: str, command: list[str] | None = None) -> str:
+    """``lrsearch-NAME-HASH`` (``lrsearch-train-NAME-HASH`` for a final run): the same job file
+    content (and final-run options) gives the same id."""
+    if command and command[0] == "train":
+        digest = hashlib.sha256("\0".join([job_text, *command]).encode()).hexdigest()[:10]
+        return f"lrsearch-train-{job.name}-{digest}"
     digest = hashlib.sha256(job_text.encode()).hexdigest()[:10]
     return f"lrsearch-{job.name}-{digest}"
 
@@ -108,8 +113,10 @@ def _stage(job_file: Path, job: JobConfig, staging: Path) -> None:
         (staging / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None = None) -> dict[str, Any]:
-    """Submit ``lrsearch search JOB`` to the cluster at ``address`` (the dashboard URL).
+def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None = None,
+           command: str = "search") -> dict[str, Any]:
+    """Submit ``lrsearch search JOB`` (or ``lrsearch train JOB``: ``command="train"``, the final run)
+    to the cluster at ``address`` (the dashboard URL).
 
     Returns:
         ``{"submission_id", "status", "already_submitted", "dashboard", "experiment", "entrypoint"}``.
@@ -117,7 +124,9 @@ def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None =
     job_file = Path(job_file)
     job = load_job(job_file)  # a bad job fails here, before anything is sent
     text = job_file.read_text()
-    sub_id = submission_id(job, text)
+    if command not in ("search", "train"):
+        raise JobsError(f"command: got {command!r}; allowed: search, train")
+    sub_id = submission_id(job, text, [command, *(extra_args or [])] if command == "train" else None)
     client = _client(address)
     token = _token()
     experiment = job.tracking.experiment or job.name
@@ -140,8 +149,11 @@ def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None =
         attempt += 1  # a failed or stopped submission may be tried again
         sub_id = f"{base_id}-{attempt}"
     info.update(submission_id=sub_id, dashboard=f"{address.rstrip('/')}/#/jobs/{sub_id}")
-    entrypoint = " ".join([*search_entrypoint("job.yaml"), *(extra_args or [])])
-    metadata = {"lrsearch.job": job.name, "lrsearch.experiment": experiment}
+    argv = search_entrypoint("job.yaml")
+    if command == "train":
+        argv[1] = "train"
+    entrypoint = " ".join([*argv, *(shlex.quote(a) for a in extra_args or [])])
+    metadata = {"lrsearch.job": job.name, "lrsearch.experiment": experiment, "lrsearch.command": command}
     # Tags the MLflow parent run; not a secret. The tracking URI is the job's tracking.uri or the
     # cluster's own MLFLOW_TRACKING_URI: the submitter's (often a loopback address) is not forwarded.
     env_vars = {"LRSEARCH_SUBMISSION_ID": sub_id}

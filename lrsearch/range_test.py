@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ from lrsearch.range_test_suggestions import (
     no_descent,
     suggest_lr,
 )
+from lrsearch.recipe import Recipe, Stepper, autocast_for
 
 # forward and move_to_device live in lrsearch.tasks.base; re-exported here for modules that still
 # import them from this one
@@ -258,33 +258,15 @@ class _Snapshot:
         model.train(self.was_training)
 
 
-def _amp_tools(amp: bool) -> tuple[torch.amp.GradScaler | None, Callable[[], Any]]:
-    """The gradient scaler (``None`` without AMP) and the autocast context factory."""
-    if not amp:
-        return None, contextlib.nullcontext
-    return torch.amp.GradScaler("cuda"), partial(torch.autocast, "cuda", dtype=torch.float16)
-
-
-def _step_loss(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
-               batches: Iterator, *, device: torch.device, accumulation_steps: int,
-               scaler: torch.amp.GradScaler | None, autocast: Callable[[], Any],
-               val_loader: Iterable | None) -> float:
-    """One optimizer step at the current LRs; its training loss, or the validation loss after it."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    step_loss = 0.0
-    for _ in range(accumulation_steps):
-        with autocast():
-            loss = forward(model, criterion, next(batches), device) / accumulation_steps
-        (scaler.scale(loss) if scaler else loss).backward()
-        step_loss += float(loss.detach())
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+def _step_loss(stepper: Stepper, batches: Iterator, val_loader: Iterable | None) -> float:
+    """One optimizer step at the current LRs, the recipe's way; its training loss, or the
+    validation loss after it."""
+    stepper.model.train()
+    step_loss = stepper.backward([next(batches) for _ in range(stepper.recipe.accumulation_steps)])
+    stepper.step()
     if val_loader is not None:
-        step_loss = _evaluate(model, criterion, val_loader, device, autocast)
+        step_loss = _evaluate(stepper.model, stepper.criterion, val_loader, stepper.device,
+                              stepper.autocast)
     return step_loss
 
 
@@ -327,6 +309,8 @@ def lr_range_test(
     device: torch.device | str | None = None,
     amp: bool = False,
     progress: Callable[[int, int, float, float], None] | None = None,
+    max_grad_norm: float | None = None,
+    precision: str = "fp32",
 ) -> RangeTestResult:
     """Run an LR range test: raise the LR from ``start_lr`` to ``end_lr`` over ``num_steps`` steps.
 
@@ -350,8 +334,13 @@ def lr_range_test(
             training batch's.
         accumulation_steps: batches accumulated per optimizer step (>= 1).
         device: where to run; defaults to the model's device.
-        amp: use mixed precision (float16 autocast and a gradient scaler); only on CUDA.
+        amp: use mixed precision (float16 autocast and a gradient scaler); only on CUDA. The
+            same as ``precision="fp16"``.
         progress: called as ``progress(step, num_steps, lr, smoothed_loss)`` after each step.
+        max_grad_norm: clip the gradients' global norm to this before each step (``None``: no
+            clipping), as the trials of a search do (its ``train.max_grad_norm``).
+        precision: ``"fp32"``, ``"bf16"`` (autocast, CPU or CUDA) or ``"fp16"`` (autocast and a
+            gradient scaler, CUDA only): the recipe the trials train with.
 
     Returns:
         A :class:`RangeTestResult`.
@@ -366,20 +355,24 @@ def lr_range_test(
     device = torch.device(device) if device is not None else original_device
     if amp and device.type != "cuda":
         raise ValueError(f"amp=True is not allowed on device {str(device)!r}; amp needs a CUDA device")
+    if max_grad_norm is not None:
+        _check("max_grad_norm", _num(max_grad_norm) and max_grad_norm > 0, max_grad_norm,
+               "a number > 0 or None")
+    recipe = Recipe(max_grad_norm, "fp16" if amp else precision, accumulation_steps)
+    autocast_for(recipe.precision, device)  # an unknown precision, or fp16 off CUDA, fails here
 
     snapshot = _Snapshot.take(model, optimizer, original_device)
     ratios = _group_ratios(optimizer)
     lrs = [_lr_at(i, start_lr, end_lr, num_steps, mode) for i in range(num_steps)]
     settings = dict(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, mode=mode, smooth=smooth,
                     diverge_factor=diverge_factor, accumulation_steps=accumulation_steps,
-                    validation=val_loader is not None, device=str(device), amp=amp)
+                    validation=val_loader is not None, device=str(device), amp=amp,
+                    max_grad_norm=max_grad_norm, precision=recipe.precision)
     result = RangeTestResult(lrs=[], losses=[], raw_losses=[], settings=settings)
-    scaler, autocast = _amp_tools(amp)
 
     model.to(device)
-    measure = partial(_step_loss, model, optimizer, criterion, _cycle(train_loader), device=device,
-                      accumulation_steps=accumulation_steps, scaler=scaler, autocast=autocast,
-                      val_loader=val_loader)
+    stepper = Stepper(recipe, model, optimizer, criterion, device)
+    measure = partial(_step_loss, stepper, _cycle(train_loader), val_loader)
     monitor = DivergenceMonitor(factor=diverge_factor, smooth=smooth, reference="min")
     try:
         _sweep(result, optimizer, lrs, ratios, measure, monitor, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -95,12 +96,17 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
         (t for t in result.trials if t.final_metric is not None),
         key=lambda t: (t.state.value != "completed", -t.final_metric if reverse else t.final_metric),
     )
-    table = Table(title=f"best trials by {result.metric} ({result.mode})")
-    for col in ("trial", "schedule", "max_lr", "params", "state", "epochs", result.metric):
-        table.add_column(col, justify="right" if col in ("max_lr", "epochs", result.metric) else "left")
+    # 80 columns hold it: light borders, one schedule parameter a line (the params column wraps
+    # where the others keep their width), the stopping epoch in the state ("pruned @1")
+    table = Table(title=f"best trials by {result.metric} ({result.mode})", box=box.SIMPLE_HEAD)
+    for col in ("trial", "schedule", "max_lr", "params", "state", result.metric):
+        table.add_column(col, justify="right" if col in ("max_lr", result.metric) else "left",
+                         no_wrap=col != "params", overflow="fold" if col == "params" else "ellipsis")
     for t in ranked[:top]:
         table.add_row(t.trial_id, t.schedule or "-", f"{t.max_lr:.3g}" if t.max_lr else "-",
-                      _fmt_params(t.params), t.state.value, str(t.stopped_at_epoch), f"{t.final_metric:.4f}")
+                      _fmt_params(t.params).replace(", ", "\n"),
+                      t.state.value if t.state.value == "completed" else f"{t.state.value} @{t.stopped_at_epoch}",
+                      f"{t.final_metric:.4f}")
     c = result.counts
     table.caption = (f"{c['total']} trials: {c['completed']} completed, {c['pruned']} pruned early, "
                      f"{c['diverged']} diverged, {c['errored']} errored; {result.seconds:.0f} s")
@@ -129,6 +135,34 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
         if not uri.startswith(("http://", "https://")):
             parts.append(f"             see it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return parts
+
+
+def final_lines(result: Any) -> list[str]:
+    """What ``lrsearch train`` prints: the config trained, its scores, where the model is."""
+    c, m = result.config, result.metric
+    params = _fmt_params(c.get(c["schedule"]) or {}, 4)
+    lines = [f"trained trial {result.trial_id}: {c['schedule']} max_lr={c['max_lr']:.3g} ({params}) for "
+             f"{result.epochs} epochs ({result.total_steps} optimizer steps)"
+             + (f", resumed from epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "")]
+    if len(result.candidates) > 1:
+        shown = ", ".join(f"{x['trial_id']} " + ("diverged" if x["diverged"] else f"{x['val_metric']:.4f}")
+                          for x in result.candidates)
+        lines.append(f"top {len(result.candidates)} at this horizon, val_{m}: {shown} (kept the best)")
+    test = "no test split (the task has no test_loader)" if result.test_metric is None else \
+        f"test_{m} {result.test_metric:.4f} (held out: the search never saw it)"
+    lines.append(f"val_{m} {result.val_metric:.4f}, {test}")
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    if result.run_id:
+        lines.append(f"MLflow run:  {result.run_id} (nested under search {result.search_run_id})")
+    if result.model_uri:
+        lines.append(f"model:       {result.model_uri}")
+        uri = result.registered["uri"] if result.registered else result.model_uri
+        lines.append(f"load it:     mlflow.pytorch.load_model({uri!r})")
+    if result.registered:
+        lines.append(f"registered:  {result.registered['name']} version {result.registered['version']}")
+    lines.append(f"weights:     {result.paths['model']}")
+    return lines
 
 
 def plot_search(trials: list[Any], path: str, metric: str) -> str:

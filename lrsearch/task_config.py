@@ -25,6 +25,8 @@ class SyntheticTask(Strict):
     kind: Literal["synthetic"]
     num_train: PositiveInt = 2048
     num_val: PositiveInt = 512
+    #: held-out examples only a final run (``lrsearch train``) scores; the search never sees them
+    num_test: Annotated[int, Field(ge=0)] = 512
     num_features: PositiveInt = 32
     num_classes: Annotated[int, Field(ge=2)] = 8
     hidden: PositiveInt = 64
@@ -44,6 +46,8 @@ class TextClassificationTask(Strict):
     label_column: str = "label"
     num_train: Annotated[int, Field(ge=2)] = 512
     num_val: Annotated[int, Field(ge=2)] = 256
+    #: held-out texts only a final run (``lrsearch train``) scores; the search never sees them
+    num_test: Annotated[int, Field(ge=0)] = 256
     max_length: Annotated[int, Field(ge=2)] = 64
     batch_size: PositiveInt = 16
     seed: int = 0
@@ -67,6 +71,8 @@ class ImageClassificationTask(Strict):
     image_size: Annotated[int, Field(ge=8, le=1024)] = 64
     num_train: PositiveInt = 512
     num_val: PositiveInt = 256
+    #: held-out images only a final run (``lrsearch train``) scores; the search never sees them
+    num_test: Annotated[int, Field(ge=0)] = 512
     batch_size: PositiveInt = 32
     seed: int = 0
 

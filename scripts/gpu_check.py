@@ -19,7 +19,7 @@ from lrsearch.config import parse_job
 from lrsearch.optim import build_optimizer
 from lrsearch.range_test import forward, lr_range_test
 from lrsearch.tasks import build_task, evaluate
-from lrsearch.train import build_trial, trial_device
+from lrsearch.trial import build_trial, trial_device
 
 
 def _job(name: str) -> object:

@@ -257,7 +257,7 @@ def test_yaml_and_json_hold_the_portable_config():
     text, note = render(best, "yaml")
     assert note is None
     loaded = yaml.safe_load(text)
-    assert list(loaded) == ["schedule", "max_lr", "params", "optimizer", "layer_decay", "metric", "value",
+    assert list(loaded) == ["schedule", "max_lr", "params", "optimizer", "train", "layer_decay", "metric", "value",
                             "trial_id", "search_horizon"]
     assert loaded["params"] == {"T_0_frac": 0.25, "T_mult": 2, "min_lr_ratio": 0.0}
     assert loaded["search_horizon"] == best["search_horizon"]

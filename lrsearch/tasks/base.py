@@ -3,6 +3,7 @@ range test, trials and the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ class Task:
         layer_groups: optional; splits a model's parameters into groups ordered from the input
             (embeddings / stem) to the output (head), for layer-wise LR decay. Must be picklable
             (a module-level function).
+        test_loader: optional; held-out ``(inputs, targets)`` batches, disjoint from the train and
+            validation data. The search never reads it; only a final run (:func:`lrsearch.train`)
+            scores on it.
     """
 
     name: str
@@ -36,6 +40,7 @@ class Task:
     metric: str = "accuracy"
     mode: str = "max"
     layer_groups: Callable[[nn.Module], list[list[nn.Parameter]]] | None = None
+    test_loader: Iterable | None = None
 
 
 def move_to_device(obj: Any, device: torch.device | str) -> Any:
@@ -68,15 +73,19 @@ def forward(model: nn.Module, criterion: Callable, batch: Any, device: torch.dev
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean validation loss and accuracy of ``model`` on ``task.val_loader``."""
+def evaluate(model: nn.Module, task: Task, device: torch.device | str = "cpu", *,
+             loader: Iterable | None = None,
+             autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Mean loss and accuracy of ``model`` on ``loader`` (default ``task.val_loader``), computed
+    under ``autocast`` (the training recipe's precision)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for batch in task.val_loader:
+    for batch in task.val_loader if loader is None else loader:
         inputs, targets = move_to_device(batch, device)
-        outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-        logits = getattr(outputs, "logits", outputs)
+        with autocast():
+            outputs = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+        logits = getattr(outputs, "logits", outputs).float()
         loss_sum += float(task.criterion(logits, targets)) * len(targets)
         correct += int((logits.argmax(dim=-1) == targets).sum())
         count += len(targets)

@@ -45,6 +45,7 @@ def image_classification_task(
     image_size: int = 64,
     num_train: int = 512,
     num_val: int = 256,
+    num_test: int = 512,
     batch_size: int = 32,
     seed: int = 0,
 ) -> Task:
@@ -68,6 +69,9 @@ def image_classification_task(
         image_size: side of the square images fed to the model.
         num_train: training images, drawn by ``seed``.
         num_val: validation images, drawn by ``seed``, disjoint from the training ones.
+        num_test: held-out test images (0 for none), disjoint from both and drawn after them, so
+            the train and validation images are the same with or without it. Only a final run
+            (``lrsearch train``) scores them.
         batch_size: batch size of both loaders; the train loader drops its last partial batch.
         seed: picks the subsets, the shuffling order and the new head's initial weights.
 
@@ -82,7 +86,8 @@ def image_classification_task(
             the ``task.*`` field and says how to fix it.
     """
     for field, value, minimum in (("image_size", image_size, 8), ("num_train", num_train, 1),
-                                  ("num_val", num_val, 1), ("batch_size", batch_size, 1)):
+                                  ("num_val", num_val, 1), ("num_test", num_test, 0),
+                                  ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or value < minimum:
             raise ConfigError(f"task.{field}: {value!r} is not allowed; use an integer >= {minimum}")
     if num_train < batch_size:
@@ -90,8 +95,7 @@ def image_classification_task(
                           f"({num_train}); the train loader would yield no batch")
 
     weights_path = resolve_weights(model, weights)
-    train_x, train_y, val_x, val_y, data_classes, data_name = _load_dataset(
-        dataset, num_train, num_val, seed)
+    splits, data_classes, data_name = _load_dataset(dataset, num_train, num_val, num_test, seed)
     if num_classes is None:
         num_classes = data_classes
     if not isinstance(num_classes, int) or num_classes < data_classes:
@@ -99,8 +103,8 @@ def image_classification_task(
                         f"{data_name!r} has {data_classes} classes")
 
     mean, std = input_stats(model)
-    train_x = _preprocess(train_x, image_size, mean, std)
-    val_x = _preprocess(val_x, image_size, mean, std)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
+        (_preprocess(x, image_size, mean, std) if len(y) else x, y) for x, y in splits)
 
     build_model = partial(load_classifier, model, weights_path, num_classes, image_size, seed)
     # Build once now so a weights file that does not fit, or an image size the architecture
@@ -124,6 +128,8 @@ def image_classification_task(
         metric="accuracy",
         mode="max",
         layer_groups=layer_groups,
+        test_loader=(DataLoader(TensorDataset(test_x, test_y), batch_size=batch_size)
+                     if len(test_y) else None),
     )
 
 
@@ -225,45 +231,84 @@ def _wraps_block_list(module: nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def _load_dataset(dataset: str, num_train: int, num_val: int, seed: int):
-    """``(train_x, train_y, val_x, val_y, num_classes, name)`` for the chosen subsets."""
+def _load_dataset(dataset: str, num_train: int, num_val: int, num_test: int, seed: int):
+    """``([(train_x, train_y), (val_x, val_y), (test_x, test_y)], num_classes, name)``."""
     rng = np.random.default_rng(seed)
     if dataset == "fashion_mnist":
-        return (*_fashion_mnist(num_train, num_val, rng), 10, dataset)
+        return _fashion_mnist(num_train, num_val, num_test, rng), 10, dataset
     if dataset == "digits":
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
         labels = torch.from_numpy(digits.target.astype(np.int64))
-        return (*_split(images, labels, num_train, num_val, rng, dataset), 10, dataset)
+        picks = split_indices(len(images), num_train, num_val, num_test, rng, dataset)
+        return [(images[p], labels[p]) for p in picks], 10, dataset
     path = Path(dataset)
     if not path.is_dir():
         raise TaskError(
             f"task.dataset: {dataset!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)})"
             " nor an existing directory; give one of those names or the path of a directory "
             "with one subdirectory of images per class")
-    return _image_folder(path, num_train, num_val, rng)
+    return _image_folder(path, num_train, num_val, num_test, rng)
 
 
-def _fashion_mnist(num_train: int, num_val: int, rng: np.random.Generator):
+def split_indices(num_images: int, num_train: int, num_val: int, num_test: int,
+                  rng: np.random.Generator, name: str) -> list[torch.Tensor]:
+    """Disjoint train, validation and test indices of one shuffled set of images. The test ones
+    come last in the shuffle: adding a test split never changes the train or validation set; it
+    gets what is left, up to ``num_test`` (with a warning when short)."""
+    if num_train + num_val > num_images:
+        raise TaskError(f"task.num_train + task.num_val: {num_train} + {num_val} is more than "
+                        f"the {num_images} images of {name!r}; lower them")
+    order = torch.from_numpy(rng.permutation(num_images))
+    test = order[num_train + num_val:num_train + num_val + num_test]
+    _warn_short_test(len(test), num_test, name)
+    return [order[:num_train], order[num_train:num_train + num_val], test]
+
+
+def fashion_indices(num_train_images: int, num_test_images: int, num_train: int, num_val: int,
+                    num_test: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Fashion-MNIST's picks: training images from its train files; validation, then test images
+    (disjoint, drawn after the validation ones) from its t10k files."""
+    picks = []
+    for total, count, field, split in ((num_train_images, num_train, "num_train", "train"),
+                                       (num_test_images, num_val, "num_val", "t10k")):
+        if count > total:
+            raise TaskError(f"task.{field}: {count} is more than the {total} images of "
+                            f"Fashion-MNIST's {split} split")
+        picks.append(np.sort(rng.choice(total, size=count, replace=False)))
+    rest = np.setdiff1d(np.arange(num_test_images), picks[1])
+    test = np.sort(rng.choice(rest, size=min(num_test, len(rest)), replace=False))
+    _warn_short_test(len(test), num_test, "fashion_mnist")
+    return [*picks, test]
+
+
+def _warn_short_test(got: int, wanted: int, name: str) -> None:
+    if got < wanted:
+        import warnings
+
+        warnings.warn(f"task.num_test: {name!r} has {got} images left after training and "
+                      f"validation, fewer than the {wanted} asked for", stacklevel=4)
+
+
+def _fashion_mnist(num_train: int, num_val: int, num_test: int, rng: np.random.Generator):
     files = {f"{split}-{kind}": FASHION_MNIST_DIR / f"{split}-{kind}-ubyte.gz"
              for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")}
     if not all(f.is_file() for f in files.values()):
         raise TaskError(f"task.dataset: 'fashion_mnist' needs the Debian package "
                         f"dataset-fashion-mnist (files under {FASHION_MNIST_DIR}); install it "
                         "with: apt-get install dataset-fashion-mnist")
+    data = {split: (_read_idx(files[f"{split}-images-idx3"]), _read_idx(files[f"{split}-labels-idx1"]))
+            for split in ("train", "t10k")}
+    picks = fashion_indices(len(data["train"][0]), len(data["t10k"][0]), num_train, num_val,
+                            num_test, rng)
     out = []
-    for split, count, field in (("train", num_train, "num_train"), ("t10k", num_val, "num_val")):
-        images = _read_idx(files[f"{split}-images-idx3"])
-        labels = _read_idx(files[f"{split}-labels-idx1"])
-        if count > len(images):
-            raise TaskError(f"task.{field}: {count} is more than the {len(images)} images of "
-                            f"Fashion-MNIST's {split} split")
-        pick = np.sort(rng.choice(len(images), size=count, replace=False))
-        out.append(torch.from_numpy(images[pick].astype(np.float32) / 255.0).unsqueeze(1))
-        out.append(torch.from_numpy(labels[pick].astype(np.int64)))
-    return tuple(out)
+    for split, pick in zip(("train", "t10k", "t10k"), picks, strict=True):
+        images, labels = data[split]
+        out.append((torch.from_numpy(images[pick].astype(np.float32) / 255.0).unsqueeze(1),
+                    torch.from_numpy(labels[pick].astype(np.int64))))
+    return out
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -276,17 +321,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(tuple(shape))
 
 
-def _split(images: torch.Tensor, labels: torch.Tensor, num_train: int, num_val: int,
-           rng: np.random.Generator, name: str):
-    if num_train + num_val > len(images):
-        raise TaskError(f"task.num_train + task.num_val: {num_train} + {num_val} is more than "
-                        f"the {len(images)} images of {name!r}; lower them")
-    order = torch.from_numpy(rng.permutation(len(images)))
-    train, val = order[:num_train], order[num_train:num_train + num_val]
-    return images[train], labels[train], images[val], labels[val]
-
-
-def _image_folder(path: Path, num_train: int, num_val: int, rng: np.random.Generator):
+def _image_folder(path: Path, num_train: int, num_val: int, num_test: int, rng: np.random.Generator):
     from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
@@ -297,14 +332,10 @@ def _image_folder(path: Path, num_train: int, num_val: int, rng: np.random.Gener
         raise TaskError(f"task.dataset: {str(path)!r} is not an image folder ({exc}); it needs "
                         "one subdirectory of images per class") from exc
     samples = folder.samples
-    if num_train + num_val > len(samples):
-        raise TaskError(f"task.num_train + task.num_val: {num_train} + {num_val} is more than "
-                        f"the {len(samples)} images in {str(path)!r}; lower them")
-    order = rng.permutation(len(samples))
     subsets = []
-    for part in (order[:num_train], order[num_train:num_train + num_val]):
+    for part in split_indices(len(samples), num_train, num_val, num_test, rng, str(path)):
         images, labels = [], []
-        for i in part:
+        for i in part.tolist():
             file, label = samples[i]
             try:
                 with Image.open(file) as img:
@@ -312,8 +343,8 @@ def _image_folder(path: Path, num_train: int, num_val: int, rng: np.random.Gener
             except OSError as exc:
                 raise TaskError(f"task.dataset: cannot read image {file!r} ({exc})") from exc
             labels.append(label)
-        subsets += [images, torch.tensor(labels, dtype=torch.int64)]
-    return (*subsets, len(folder.classes), path.name)
+        subsets.append((images, torch.tensor(labels, dtype=torch.int64)))
+    return subsets, len(folder.classes), path.name
 
 
 def _preprocess(images, image_size: int, mean, std) -> torch.Tensor:

@@ -26,6 +26,7 @@ def synthetic_task(
     *,
     num_train: int = 2048,
     num_val: int = 512,
+    num_test: int = 512,
     num_features: int = 32,
     num_classes: int = 8,
     hidden: int = 64,
@@ -33,7 +34,10 @@ def synthetic_task(
     noise: float = 2.0,
     seed: int = 0,
 ) -> Task:
-    """Gaussian clusters (one per class) in ``num_features`` dimensions and a 2-hidden-layer MLP."""
+    """Gaussian clusters (one per class) in ``num_features`` dimensions and a 2-hidden-layer MLP.
+
+    The train, validation and test sets are drawn in that order from one generator, so the test
+    split (``num_test``; 0 for none) leaves the other two as they were without it."""
     gen = torch.Generator().manual_seed(seed)
     centers = torch.randn(num_classes, num_features, generator=gen) * 1.5
 
@@ -43,6 +47,7 @@ def synthetic_task(
         return TensorDataset(x, y)
 
     train, val = sample(num_train), sample(num_val)
+    test = sample(num_test) if num_test else None
     return Task(
         name="synthetic",
         build_model=partial(_mlp, num_features, num_classes, hidden, seed),
@@ -50,4 +55,5 @@ def synthetic_task(
                                 generator=torch.Generator().manual_seed(seed)),
         val_loader=DataLoader(val, batch_size=256),
         criterion=nn.CrossEntropyLoss(),
+        test_loader=DataLoader(test, batch_size=256) if test is not None else None,
     )

@@ -52,6 +52,7 @@ def text_classification_task(
     label_column: str = "label",
     num_train: int = 512,
     num_val: int = 256,
+    num_test: int = 256,
     max_length: int = 64,
     batch_size: int = 16,
     seed: int = 0,
@@ -75,6 +76,9 @@ def text_classification_task(
             distinct values become classes ``0..K-1``.
         num_train: training examples; fewer are used (with a warning) if the data is short.
         num_val: validation examples; shrunk in proportion with ``num_train`` if the data is short.
+        num_test: held-out test examples (0 for none), drawn after the train and validation ones,
+            so they are the same with or without it; fewer (with a warning) if the data is short.
+            Only a final run (``lrsearch train``) scores them.
         max_length: tokens per text after padding and truncation.
         batch_size: examples per batch in both loaders.
         seed: shuffles the split and the training batches, and initialises the classifier head.
@@ -96,6 +100,7 @@ def text_classification_task(
         loss = task.criterion(model(**inputs).logits, labels)
     """
     for field, value, least in (("num_train", num_train, 2), ("num_val", num_val, 2),
+                                ("num_test", num_test, 0),
                                 ("max_length", max_length, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"task.{field}: got {value!r}; allowed: an integer >= {least}")
@@ -103,7 +108,8 @@ def text_classification_task(
     texts, labels, num_labels, data_name = _load_examples(
         dataset, categories, text_column, label_column
     )
-    train_idx, val_idx = _split(len(texts), num_train, num_val, seed, dataset)
+    train_idx, val_idx, test_idx = split_indices(len(texts), num_train, num_val, num_test, seed,
+                                                 dataset)
 
     name_or_path, model_name, local_only = resolve_model(model)
     tokenizer = load_tokenizer(name_or_path, model, local_only)
@@ -129,6 +135,8 @@ def text_classification_task(
         metric="accuracy",
         mode="max",
         layer_groups=encoder_layer_groups,
+        test_loader=(DataLoader(encode(test_idx), batch_size=batch_size, collate_fn=collate_text)
+                     if test_idx else None),
     )
 
 
@@ -305,9 +313,10 @@ def _read_arrow(path: Path) -> Any:
         raise TaskError(f"task.dataset: cannot read {str(path)!r} as {kind}: {cause}") from None
 
 
-def _split(num_examples: int, num_train: int, num_val: int, seed: int,
-           dataset: str) -> tuple[list[int], list[int]]:
-    """Shuffled, disjoint train and validation indices."""
+def split_indices(num_examples: int, num_train: int, num_val: int, num_test: int, seed: int,
+                  dataset: str) -> tuple[list[int], list[int], list[int]]:
+    """Shuffled, disjoint train, validation and test indices. The test indices come after the
+    other two in the shuffled order: adding a test split never changes the train or validation set."""
     wanted = num_train + num_val
     if num_examples < wanted:
         # keep the requested train:val ratio on what there is
@@ -324,4 +333,9 @@ def _split(num_examples: int, num_train: int, num_val: int, seed: int,
             stacklevel=3,
         )
     order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed)).tolist()
-    return order[:num_train], order[num_train:num_train + num_val]
+    test = order[num_train + num_val:num_train + num_val + num_test]
+    if len(test) < num_test:
+        warnings.warn(f"task.num_test: {dataset!r} has {len(test)} examples left after training and "
+                      f"validation, fewer than the {num_test} asked for; the test split has {len(test)}",
+                      stacklevel=3)
+    return order[:num_train], order[num_train:num_train + num_val], test

@@ -18,7 +18,8 @@ import yaml
 
 from lrsearch.space import schedule_params
 
-__all__ = ["BestConfig", "SearchResult", "TrialRecord", "TrialState", "best_config", "trial_records"]
+__all__ = ["BestConfig", "SearchResult", "TrialRecord", "TrialState", "best_config", "ranked_completed",
+           "trial_records"]
 
 
 class TrialState(str, Enum):
@@ -95,6 +96,9 @@ class BestConfig:
     #: ``schedule_params`` resolved in steps for them (not the user's horizon)
     search_horizon: dict[str, Any]
     search_config: dict[str, Any] = field(default_factory=dict)
+    #: the training recipe the trials used (``max_grad_norm``, ``precision``,
+    #: ``gradient_accumulation_steps``): the export carries it, a final run trains with it
+    train: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,13 +247,20 @@ def trial_records(grid: Any, *, metric: str, max_epochs: int, total_steps: int) 
     return sorted(records, key=lambda t: t.number)
 
 
-def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer: dict[str, Any],
-                epochs: int, steps_per_epoch: int, total_steps: int) -> BestConfig | None:
-    """The best trial that completed its full budget (pruned trials' values are partial)."""
+def ranked_completed(trials: list[TrialRecord], mode: str) -> list[TrialRecord]:
+    """The trials that completed their full budget, best first (pruned trials' values are partial)."""
     finished = [t for t in trials if t.state is TrialState.COMPLETED and t.final_metric is not None]
+    return sorted(finished, key=lambda t: t.final_metric, reverse=mode == "max")
+
+
+def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer: dict[str, Any],
+                epochs: int, steps_per_epoch: int, total_steps: int,
+                train: dict[str, Any] | None = None) -> BestConfig | None:
+    """The best trial that completed its full budget (pruned trials' values are partial)."""
+    finished = ranked_completed(trials, mode)
     if not finished:
         return None
-    best = (max if mode == "max" else min)(finished, key=lambda t: t.final_metric)
+    best = finished[0]
     if best.weight_decay is not None:
         optimizer = {**optimizer, "weight_decay": best.weight_decay}
     return BestConfig(
@@ -259,6 +270,7 @@ def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer:
                         "total_steps": total_steps,
                         "schedule_params": best.schedule_params},
         search_config=best.config,
+        train=dict(train or {}),
     )
 
 

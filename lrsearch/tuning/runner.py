@@ -11,10 +11,11 @@ from lrsearch.config import JobConfig, in_ray_job
 from lrsearch.errors import Interrupted
 from lrsearch.space import SpaceSampler
 from lrsearch.tasks import Task
-from lrsearch.train import (
+from lrsearch.trial import (
     TaskSource,
     checkpoint_epochs,
     metric_key,
+    recipe,
     run_trial,
     steps_per_epoch,
     total_steps,
@@ -101,7 +102,8 @@ def _collect(job: JobConfig, task: Task, grid, searcher, out: Path | None, range
     per_epoch, s, metric = steps_per_epoch(job, task), job.search, metric_key(task)
     trials = res.trial_records(grid, metric=metric, max_epochs=s.max_epochs, total_steps=total_steps(job, task))
     best = res.best_config(trials, mode=task.mode, metric=metric, optimizer=job.optimizer.model_dump(mode="json"),
-                           epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total_steps(job, task))
+                           epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total_steps(job, task),
+                           train=recipe(job).to_dict())
     study = searcher.study if searcher is not None else _saved_study(job, out)
     result = res.SearchResult(best=best, trials=trials, metric=metric, mode=task.mode, range_test=range_test,
                               steps_per_epoch=per_epoch, importances=importances(study) if study else {},

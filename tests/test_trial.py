@@ -1,4 +1,4 @@
-"""lrsearch.train: one epoch of training, the divergence stop, checkpoint restore and resume,
+"""lrsearch.trial: one epoch of training, the divergence stop, checkpoint restore and resume,
 where a trial gets its task (TaskSource), the step budget and the trial's scheduler."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from ray import cloudpickle
 from ray.tune import Checkpoint
 from torch import nn
 
-import lrsearch.train as train
+import lrsearch.trial as train
 from lrsearch.config import parse_job
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.schedules import build_scheduler, lr_curve
 from lrsearch.space import schedule_params
 from lrsearch.tasks import Task, reseed, synthetic_task
-from lrsearch.train import (
+from lrsearch.trial import (
     TaskSource,
     _restore,
     build_trial,
@@ -407,14 +407,14 @@ def test_one_cycle_trial_schedule_ends_exactly_at_total_steps():
     ({"max_epochs": 3, "checkpoint": "none", "keep_checkpoints": "none"}, []),
 ])
 def test_checkpoint_epochs_follow_the_policy(search, epochs):
-    from lrsearch.train import checkpoint_epochs
+    from lrsearch.trial import checkpoint_epochs
 
     job = parse_job({"name": "t", "task": {"kind": "synthetic"}, "search": search})
     assert checkpoint_epochs(job) == epochs
 
 
 def test_a_checkpoint_holds_the_trainable_part_only():
-    from lrsearch.train import trainable_state
+    from lrsearch.trial import trainable_state
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     model[0].requires_grad_(False)  # a frozen backbone layer

@@ -27,9 +27,10 @@ import torch
 from lrsearch.config import JobConfig
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.optim import build_optimizer
+from lrsearch.recipe import Recipe, Stepper
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
-from lrsearch.tasks import Task, build_task, evaluate, forward, reseed
+from lrsearch.tasks import Task, build_task, evaluate, reseed
 from lrsearch.tracking import TrackingInfo, TrialLogger
 
 #: in a checkpoint directory instead of ``trial.pt``: "rebuild this state by retraining N epochs"
@@ -115,9 +116,24 @@ def worst_value(task: Task) -> float:
     return -1e9 if task.mode == "max" else 1e9
 
 
+def loader_steps(job: JobConfig, task: Task) -> int:
+    """Optimizer steps in one pass over the train loader: its batches // the recipe's accumulation.
+
+    Raises:
+        ConfigError: the loader has fewer batches than one optimizer step accumulates.
+    """
+    n, accumulate = len(task.train_loader), job.train.gradient_accumulation_steps
+    if n < accumulate:
+        from lrsearch.errors import ConfigError
+
+        raise ConfigError(f"train.gradient_accumulation_steps: got {accumulate}; the train loader has "
+                          f"{n} batch{'es' if n != 1 else ''} per epoch, so at most {n} is allowed")
+    return n // accumulate
+
+
 def steps_per_epoch(job: JobConfig, task: Task) -> int:
-    """Optimizer steps in one trial epoch (the loader's length, capped by ``max_steps_per_epoch``)."""
-    n = len(task.train_loader)
+    """Optimizer steps in one trial epoch (:func:`loader_steps`, capped by ``max_steps_per_epoch``)."""
+    n = loader_steps(job, task)
     cap = job.search.max_steps_per_epoch
     return min(n, cap) if cap else n
 
@@ -161,9 +177,12 @@ def trial_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torch.device):
-    """Model, optimizer, scheduler and schedule parameters for one trial config."""
-    total = total_steps(job, task)
+def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torch.device,
+                total: int | None = None):
+    """Model, optimizer, scheduler and schedule parameters for one trial config, the schedule
+    spanning ``total`` optimizer steps (default: the trial's budget). The schedule's fractions become
+    steps through :func:`lrsearch.space.schedule_params`, the conversion the export gives users."""
+    total = total or total_steps(job, task)
     model = task.build_model().to(device)
     optimizer = build_optimizer(job.optimizer, model, float(config["max_lr"]),
                                 weight_decay=config.get("weight_decay"), layer_groups=task.layer_groups,
@@ -177,27 +196,30 @@ def _peak_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(float(g["lr"]) for g in optimizer.param_groups)
 
 
-def train_epoch(model, optimizer, scheduler, task: Task, monitor: DivergenceMonitor,
-                device: torch.device, max_steps: int) -> tuple[float, int, bool, list[float]]:
-    """One epoch: ``(mean train loss, steps, diverged, LR at every step)``; stops at divergence."""
-    model.train()
+def train_epoch(stepper: Stepper, scheduler, task: Task, monitor: DivergenceMonitor,
+                max_steps: int) -> tuple[float, int, bool, list[float]]:
+    """One epoch of at most ``max_steps`` optimizer steps, each the recipe's (``stepper``):
+    ``(mean train loss, steps, diverged, LR at every step)``; stops at divergence."""
+    stepper.model.train()
     loss_sum, steps, lrs = 0.0, 0, []
-    for batch in task.train_loader:
+    for batches in stepper.batches(task.train_loader):
         if steps >= max_steps:
             break
-        lrs.append(_peak_lr(optimizer))
-        optimizer.zero_grad(set_to_none=True)
-        loss = forward(model, task.criterion, batch, device)
-        value = float(loss.detach())
+        lrs.append(_peak_lr(stepper.optimizer))
+        value = stepper.backward(batches)
         if monitor.update(value):
             # no finite loss yet: report a huge one, never a perfect 0
             return (loss_sum / steps if steps else 1e9), steps, True, lrs
-        loss.backward()
-        optimizer.step()
+        stepper.step()
         scheduler.step()
         steps += 1
         loss_sum += value
     return loss_sum / max(1, steps), steps, False, lrs
+
+
+def recipe(job: JobConfig) -> Recipe:
+    """The job's training recipe (``train``), shared by the range test, the trials and final runs."""
+    return Recipe.of(job.train)
 
 
 def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo | None = None) -> None:
@@ -209,6 +231,7 @@ def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo
     job, task, device = source.job, source.get(), trial_device()
     torch.manual_seed(job.search.seed)
     model, optimizer, scheduler, params = build_trial(job, task, config, device)
+    stepper = Stepper(recipe(job), model, optimizer, task.criterion, device)
     per_epoch, key = steps_per_epoch(job, task), metric_key(task)
     monitor = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
                                 reference="first")
@@ -218,7 +241,7 @@ def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo
         logger = TrialLogger(tracking, context.get_trial_id(), context.get_trial_name())
         logger.log_config(config, params)
     logged = logger.logged_epochs(key) if logger is not None else 0
-    start_epoch, replay_to = _restore(tune.get_checkpoint(), model, optimizer, scheduler, monitor, device)
+    start_epoch, replay_to = _restore(tune.get_checkpoint(), stepper, scheduler, monitor, device)
     saved_at = set(checkpoint_epochs(job))
     node_id = ray.get_runtime_context().get_node_id()
 
@@ -227,7 +250,7 @@ def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo
         # (reused) worker ran before, nor on whether the trial was resumed from a checkpoint
         reseed(task, job.search.seed * 1_000_003 + epoch)
         started, started_at = time.perf_counter(), time.time()
-        train_loss, _, diverged, lrs = train_epoch(model, optimizer, scheduler, task, monitor, device, per_epoch)
+        train_loss, _, diverged, lrs = train_epoch(stepper, scheduler, task, monitor, per_epoch)
         if epoch < replay_to and not diverged:
             continue
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": _peak_lr(optimizer),
@@ -240,7 +263,7 @@ def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo
                 logger.log_epoch(epoch + 1, {"train_loss": train_loss, "diverged": 1.0}, lrs, epoch * per_epoch)
             tune.report(metrics)
             return
-        metrics.update({f"val_{k}": v for k, v in evaluate(model, task, device).items()})
+        metrics.update({f"val_{k}": v for k, v in evaluate(model, task, device, autocast=stepper.autocast).items()})
         metrics["train_seconds"] = time.perf_counter() - started
         if logger is not None and epoch + 1 > logged:
             logger.log_epoch(epoch + 1, {k: metrics[k] for k in (key, "val_loss", "train_loss", "lr")},
@@ -252,13 +275,13 @@ def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo
             state = {"model": trainable_state(model), "epoch": epoch + 1}
             if epoch + 1 < job.search.max_epochs:  # resume needs these; a finished trial does not
                 state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                             monitor=monitor.state_dict())
+                             monitor=monitor.state_dict(), stepper=stepper.state_dict())
             torch.save(state, os.path.join(tmp, "trial.pt"))
             metrics["checkpoint_bytes"] = os.path.getsize(os.path.join(tmp, "trial.pt"))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def _restore(checkpoint, model, optimizer, scheduler, monitor: DivergenceMonitor,
+def _restore(checkpoint, stepper: Stepper, scheduler, monitor: DivergenceMonitor,
              device: torch.device) -> tuple[int, int]:
     """Load a trial checkpoint: ``(first epoch to train, epochs to retrain unreported)``."""
     if checkpoint is None:
@@ -270,9 +293,16 @@ def _restore(checkpoint, model, optimizer, scheduler, monitor: DivergenceMonitor
             with open(os.path.join(path, REPLAY_FILE)) as f:
                 return 0, int(json.load(f)["epoch"])
         state = torch.load(os.path.join(path, "trial.pt"), map_location=device, weights_only=False)
-    model.load_state_dict(state["model"], strict=False)  # frozen weights: as built
+    load_state(state, stepper, scheduler, monitor)
+    return state["epoch"], 0
+
+
+def load_state(state: dict[str, Any], stepper: Stepper, scheduler, monitor: DivergenceMonitor) -> None:
+    """Put a checkpoint's state back: weights, and (when there) optimizer, schedule, divergence
+    monitor and gradient scaler."""
+    stepper.model.load_state_dict(state["model"], strict=False)  # frozen weights: as built
     if "optimizer" in state:  # not in a finished trial's last checkpoint
-        optimizer.load_state_dict(state["optimizer"])
+        stepper.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         monitor.load_state_dict(state["monitor"])
-    return state["epoch"], 0
+        stepper.load_state_dict(state.get("stepper") or {})

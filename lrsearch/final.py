@@ -1,0 +1,508 @@
+"""The final run (``lrsearch train``): the search's best config trained at the user's horizon.
+
+The driver reads the search back (a :class:`SearchResult`, or MLflow: a run id, an experiment's
+latest search, by default the job's own), checks the horizon, opens the MLflow run (nested under the
+search's parent) and hands the training to one Ray task with the job's ``resources`` (the GPU Ray
+grants, CUDA when it does). That task trains each of the top-k configs for the whole horizon, the
+trials' way: the same model factory, optimizer, schedule resolved for the horizon's optimizer steps
+through :func:`lrsearch.space.schedule_params` (the conversion the export gives users), the same
+recipe (clipping, precision, accumulation) and divergence stop. It keeps the best by validation,
+scores that one, once, on the task's held-out test split (which the search never saw), and logs
+the model (MLflow's pytorch flavour; a registry version with ``register``).
+
+Every epoch leaves a checkpoint under ``STORAGE/NAME/final/``, so ``resume`` continues a run that
+was killed where it stopped: the same MLflow run, the epochs done kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrsearch.config import JobConfig
+from lrsearch.divergence import DivergenceMonitor
+from lrsearch.errors import ConfigError, SearchError
+from lrsearch.recipe import Stepper
+from lrsearch.tasks import Task, evaluate, reseed
+from lrsearch.trial import (
+    TaskSource,
+    build_trial,
+    load_state,
+    loader_steps,
+    metric_key,
+    recipe,
+    train_epoch,
+    trainable_state,
+    trial_device,
+)
+from lrsearch.tuning.results import SearchResult, TrialState, ranked_completed
+
+__all__ = ["FinalResult", "run_final"]
+
+FINAL_DIR = "final"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One config to train: a completed trial of the search."""
+
+    trial_id: str
+    config: dict[str, Any]
+    search_value: float | None
+
+
+@dataclass
+class FinalResult:
+    """What a final run produced.
+
+    Attributes:
+        test_metric: the chosen model's metric on the held-out test split (``None`` when the task
+            has none); ``test_loss`` its mean loss.
+        val_metric: its metric on the validation split after the last epoch.
+        metric: the metric's name (``accuracy``), ``mode`` its direction.
+        run_id, model_uri: the MLflow run and the logged model (``runs:/`` or ``models:/`` URI).
+        registered: ``{"name", "version", "uri"}`` of the Model Registry version, or ``None``.
+        trial_id, config: the search trial whose config was trained, and that config.
+        candidates: each config trained (top-k), with its search value and final validation metric.
+        epochs, total_steps, steps_per_epoch: the horizon trained.
+        search_run_id: the search's MLflow parent run.
+        resumed_from_epoch: the epoch a resumed run continued from (0: a fresh run).
+    """
+
+    test_metric: float | None
+    test_loss: float | None
+    val_metric: float
+    metric: str
+    mode: str
+    run_id: str | None
+    model_uri: str | None
+    registered: dict[str, str] | None
+    trial_id: str
+    config: dict[str, Any]
+    candidates: list[dict[str, Any]]
+    epochs: int
+    total_steps: int
+    steps_per_epoch: int
+    search_run_id: str | None
+    resumed_from_epoch: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able summary (what ``lrsearch train --json`` prints)."""
+        data = asdict(self)
+        data["seconds"] = round(self.seconds, 1)
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epochs: int | None = None,
+              steps: int | None = None, top_k: int = 1, register: str | None = None,
+              resume: bool = False, task: Task | Callable[[], Task] | None = None,
+              address: str | None = None, track: bool = True, tracking_uri: str | None = None,
+              show_progress: bool = False) -> FinalResult:
+    """Train the search's best config (or its ``top_k`` best) at the horizon; see :func:`lrsearch.train`."""
+    started = time.perf_counter()
+    _check_options(epochs, steps, top_k, register, track)
+    from lrsearch.tracking import resolve_tracking
+
+    uri, experiment = resolve_tracking(tracking_uri or job.tracking.uri, job.tracking.experiment, job.name)
+    found = _read_search(search, uri, experiment, track)
+    candidates = _candidates(found, top_k)
+    notes = list(found.get("notes", []))
+    if len(candidates) < top_k:
+        notes.append(f"--top-k {top_k}: the search completed {len(candidates)} trial"
+                     f"{'s' if len(candidates) != 1 else ''}; training {len(candidates)}")
+    notes += _recipe_notes(job, found["best"])
+
+    out = _final_dir(job)
+    state = _load_state(out, resume, found, candidates, epochs, steps, notes)
+    state["uri"] = uri
+    source = TaskSource.of(job, task)
+    from lrsearch.tuning.tuner import check_resources, init_ray
+
+    started_ray = init_ray(address, verbose=False)
+    try:
+        check_resources(job, joined=not started_ray)
+        import ray
+
+        remote = ray.remote(_train_on_worker).options(num_cpus=job.resources.cpu,
+                                                      num_gpus=job.resources.gpu, max_retries=0)
+        horizon = _get(remote.remote(source, candidates, epochs, steps, str(out), dry=True))
+        run = None
+        if track:
+            from lrsearch.tracking.final import FinalRun
+
+            params = {"search_run_id": found["run_id"], "top_k": len(candidates),
+                      "epochs": horizon["epochs"], "total_steps": horizon["total_steps"],
+                      "steps_per_epoch": horizon["steps_per_epoch"],
+                      "candidates": ",".join(c.trial_id for c in candidates),
+                      **{f"train.{k}": v for k, v in recipe(job).to_dict().items()},
+                      "task": horizon["task"], "task.num_train": getattr(job.task, "num_train", "-")}
+            run = FinalRun.start(uri, experiment_id=found.get("experiment_id") or _experiment_id(uri, experiment),
+                                 search_run_id=found["run_id"], job_name=job.name, params=params,
+                                 run_id=state.get("run_id"))
+            state["run_id"] = run.run_id
+        _save_state(out, state)
+        try:
+            ref = remote.remote(source, candidates, epochs, steps, str(out), run=run, register=register,
+                                tags={"search_run_id": found["run_id"] or "-", "job": job.name})
+            outcome = _get(ref, progress=out / "progress.json" if show_progress else None)
+        except BaseException:
+            if run is not None:
+                run.finish("KILLED" if _interrupted() else "FAILED")
+            raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    if run is not None:
+        run.finish("FINISHED")
+    result = FinalResult(**outcome, run_id=run.run_id if run else None,
+                         search_run_id=found["run_id"], notes=notes,
+                         paths={"final": str(out), "model": str(out / "model.pt")})
+    result.seconds = time.perf_counter() - started
+    (out / "result.json").write_text(json.dumps(result.summary(), indent=1, default=str))
+    return result
+
+
+def _get(ref, progress: Path | None = None) -> Any:
+    """The Ray task's result; lrsearch's own errors come back as themselves (one line, no remote
+    traceback). With ``progress``, each epoch the task finishes is shown on stderr."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from lrsearch.errors import LRSearchError
+
+    shown = None
+    try:
+        while progress is not None and not ray.wait([ref], timeout=1.0)[0]:
+            if progress.is_file():
+                line = progress.read_text()
+                if line and line != shown:
+                    from lrsearch.console import err
+
+                    err.print(line, highlight=False)
+                    shown = line
+        return ray.get(ref)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, LRSearchError):
+            raise cause from None
+        raise
+
+
+def _interrupted() -> bool:
+    import sys
+
+    return isinstance(sys.exc_info()[1], KeyboardInterrupt)
+
+
+def _check_options(epochs: int | None, steps: int | None, top_k: int, register: str | None,
+                   track: bool) -> None:
+    if epochs is not None and steps is not None:
+        raise ConfigError(f"give at most one of --epochs and --steps (got --epochs {epochs} and "
+                          f"--steps {steps})")
+    for name, value in (("--epochs", epochs), ("--steps", steps), ("--top-k", top_k)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{name}: got {value!r}; allowed: an integer >= 1")
+    if register is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,99}$", register):
+        raise ConfigError(f"--register: got {register!r}; allowed: 1-100 letters, digits, '_', '.', "
+                          "'-' or spaces, starting with a letter or digit")
+    if register is not None and not track:
+        raise ConfigError("--register: needs MLflow tracking (track=True)")
+
+
+def _read_search(search: SearchResult | str | None, uri: str, experiment: str, track: bool) -> dict[str, Any]:
+    """``{run_id, experiment_id, best, trials: [{trial_id, state, config, final_metric}], mode}``."""
+    if isinstance(search, SearchResult):
+        if search.best is None:
+            raise SearchError("search: it has no completed trial: nothing to train (every trial was "
+                              "pruned, diverged or failed)")
+        tracking = search.tracking or {}
+        trials = [{"trial_id": t.trial_id, "state": t.state.value, "config": t.config,
+                   "final_metric": t.final_metric} for t in ranked_completed(search.trials, search.mode)]
+        return {"run_id": tracking.get("run_id"), "experiment_id": tracking.get("experiment_id"),
+                "best": search.best.to_dict(), "trials": trials, "mode": search.mode}
+    if search is not None and not isinstance(search, str):
+        raise ConfigError(f"search: got {type(search).__name__}; allowed: a SearchResult, an MLflow "
+                          "run id, an experiment name, or None (the job's latest search)")
+    if not track and search is None:
+        raise ConfigError("search: without MLflow (track=False) give the SearchResult to train")
+    from lrsearch.tracking.final import read_search
+
+    if search is not None and _RUN_ID.match(search):
+        found = read_search(uri, run_id=search)
+    else:
+        found = read_search(uri, experiment=search or experiment)
+    for row in found["trials"]:
+        if isinstance(row.get("config"), str):
+            row["config"] = json.loads(row["config"])
+    return found
+
+
+def _candidates(found: dict[str, Any], top_k: int) -> list[Candidate]:
+    best = found["best"]
+    mode = found.get("mode") or _infer_mode(found)
+    done = [t for t in found["trials"] if t.get("state") == TrialState.COMPLETED.value
+            and t.get("final_metric") is not None]
+    done.sort(key=lambda t: t["final_metric"], reverse=mode == "max")
+    # the best config first, whatever the table's order of ties
+    first = [t for t in done if t["trial_id"] == best["trial_id"]]
+    rest = [t for t in done if t["trial_id"] != best["trial_id"]]
+    rows = (first + rest)[:top_k]
+    if not rows:  # a search logged without its trial table: its best config alone
+        rows = [{"trial_id": best["trial_id"], "config": best.get("search_config") or {},
+                 "final_metric": best.get("value")}]
+    out = []
+    for row in rows:
+        config = dict(row["config"] or {})
+        if "max_lr" not in config or "schedule" not in config:
+            raise SearchError(f"search: trial {row['trial_id']} has no config to train (max_lr, "
+                              "schedule); was it logged by this version of lrsearch?")
+        out.append(Candidate(row["trial_id"], config, row.get("final_metric")))
+    return out
+
+
+def _infer_mode(found: dict[str, Any]) -> str:
+    values = [t["final_metric"] for t in found["trials"] if t.get("final_metric") is not None]
+    best = found["best"].get("value")
+    return "min" if values and best is not None and best == min(values) and best != max(values) else "max"
+
+
+def _recipe_notes(job: JobConfig, best: dict[str, Any]) -> list[str]:
+    searched, now = best.get("train") or {}, recipe(job).to_dict()
+    if not searched or searched == now:
+        return []
+    differ = ", ".join(f"{k} {searched.get(k)!r} -> {v!r}" for k, v in now.items() if searched.get(k) != v)
+    return [f"the job's train recipe differs from the search's ({differ}): the final run uses the job's"]
+
+
+def _experiment_id(uri: str, experiment: str) -> str:
+    from lrsearch.tracking.store import _client
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return exp.experiment_id if exp else client.create_experiment(experiment)
+
+
+def _final_dir(job: JobConfig) -> Path:
+    root = job.results_dir()
+    base = Path(root) if "://" not in root else Path("lrsearch-runs") / job.name
+    return base / FINAL_DIR
+
+
+def _load_state(out: Path, resume: bool, found: dict[str, Any], candidates: list[Candidate],
+                epochs: int | None, steps: int | None, notes: list[str]) -> dict[str, Any]:
+    """What a resumed run continues (its MLflow run, the candidates done), or a fresh state."""
+    fresh = {"search_run_id": found["run_id"], "candidates": [c.trial_id for c in candidates],
+             "epochs": epochs, "steps": steps}
+    file = out / "state.json"
+    if resume and file.is_file():
+        saved = json.loads(file.read_text())
+        for key, value in fresh.items():
+            if saved.get(key) != value:
+                raise SearchError(f"--resume: the final run in {out} trained {key}={saved.get(key)!r}, "
+                                  f"not {value!r}; resume it as it was, or start afresh without --resume")
+        return saved
+    if resume:
+        notes.append(f"--resume: no final run had been saved in {out}; starting from the beginning")
+    if out.exists():
+        _close_killed_run(out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return fresh
+
+
+def _close_killed_run(out: Path) -> None:
+    # an earlier final run killed mid-way, replaced by this one: no MLflow run is left RUNNING
+    file = out / "state.json"
+    if not file.is_file():
+        return
+    saved = json.loads(file.read_text())
+    if saved.get("run_id") and saved.get("uri"):
+        from lrsearch.tracking.store import _client
+
+        try:
+            client = _client(saved["uri"])
+            if client.get_run(saved["run_id"]).info.status == "RUNNING":
+                client.set_terminated(saved["run_id"], "KILLED")
+        except Exception:
+            return
+
+
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    tmp = out / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, out / "state.json")
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray task: train, select, test, log
+# --------------------------------------------------------------------------------------------
+
+
+def _horizon(job: JobConfig, task: Task, epochs: int | None, steps: int | None) -> dict[str, Any]:
+    """The horizon in optimizer steps: ``--steps``, or ``--epochs`` (default: the search's
+    ``max_epochs``) whole passes over the train loader."""
+    per_epoch = loader_steps(job, task)
+    total = steps if steps is not None else per_epoch * (epochs or job.search.max_epochs)
+    return {"epochs": math.ceil(total / per_epoch), "total_steps": total, "steps_per_epoch": per_epoch,
+            "task": task.name}
+
+
+def _train_on_worker(source: TaskSource, candidates: list[Candidate], epochs: int | None,
+                     steps: int | None, out: str, *, run=None, register: str | None = None,
+                     tags: dict[str, str] | None = None, dry: bool = False) -> dict[str, Any]:
+    """Train every candidate at the horizon, keep the best by validation, test it, log it.
+
+    With ``dry`` only the horizon (the task is built here, where it trains, so a bad
+    ``--steps`` or accumulation fails before the MLflow run opens)."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    job, task = source.job, source.get()
+    horizon = _horizon(job, task, epochs, steps)
+    if dry:
+        return horizon
+    device, out_dir = trial_device(), Path(out)
+    key = metric_key(task)
+    state = json.loads((out_dir / "state.json").read_text())
+    done: dict[str, dict[str, Any]] = state.setdefault("done", {})
+    resumed_from = 0
+    for i, cand in enumerate(candidates):
+        if cand.trial_id in done:
+            continue
+        prefix = f"top{i + 1}." if len(candidates) > 1 else ""
+        report, start = _train_one(job, task, cand, horizon, out_dir, device, run, prefix)
+        resumed_from = max(resumed_from, start)
+        done[cand.trial_id] = report
+        _save_state(out_dir, state)
+
+    finished = [(c, done[c.trial_id]) for c in candidates if not done[c.trial_id]["diverged"]]
+    if not finished:
+        if run is not None:
+            run.log(tags={"lrsearch.state": "diverged"})
+        raise SearchError(f"the final run diverged for every config trained ({len(candidates)}): NaN or "
+                          f"exploding loss at the {horizon['total_steps']}-step horizon; try --top-k "
+                          "with more configs, or a shorter horizon")
+    pick = (max if task.mode == "max" else min)(finished, key=lambda cr: cr[1]["val_metric"])
+    chosen, report = pick
+    model, stepper = _model_for(job, task, chosen, horizon, device)
+    model.load_state_dict(torch.load(out_dir / f"{chosen.trial_id}.final.pt", map_location=device,
+                                     weights_only=False), strict=False)
+    test = None
+    if task.test_loader is not None:
+        test = evaluate(model, task, device, loader=task.test_loader, autocast=stepper.autocast)
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    for cand in candidates:  # the others' weights are not needed any more
+        if cand.trial_id != chosen.trial_id:
+            (out_dir / f"{cand.trial_id}.final.pt").unlink(missing_ok=True)
+    model_uri, registered = None, None
+    if run is not None:
+        final = {key: report["val_metric"], "val_loss": report["val_loss"]}
+        if test is not None:
+            final.update({f"test_{task.metric}": test[task.metric], "test_loss": test["loss"]})
+        run.log(metrics=final, step=horizon["epochs"],
+                params={"trial_id": chosen.trial_id, "max_lr": chosen.config["max_lr"],
+                        "schedule": chosen.config["schedule"],
+                        **{f"{chosen.config['schedule']}.{k}": v
+                           for k, v in (chosen.config.get(chosen.config["schedule"]) or {}).items()}},
+                tags={"lrsearch.state": "finished"})
+        version_tags = {**(tags or {}), "trial_id": chosen.trial_id, "run_id": run.run_id,
+                        "config": json.dumps(chosen.config, sort_keys=True, default=str),
+                        f"val_{task.metric}": f"{report['val_metric']:.6g}"}
+        if test is not None:
+            version_tags[f"test_{task.metric}"] = f"{test[task.metric]:.6g}"
+        model_uri, registered = run.log_model(model.cpu().eval(), register=register, tags=version_tags,
+                                              input_example=_input_example(task))
+    return {"test_metric": None if test is None else test[task.metric],
+            "test_loss": None if test is None else test["loss"], "val_metric": report["val_metric"],
+            "metric": task.metric, "mode": task.mode, "model_uri": model_uri, "registered": registered,
+            "trial_id": chosen.trial_id, "config": chosen.config,
+            "candidates": [{"trial_id": c.trial_id, "search_value": c.search_value, **done[c.trial_id]}
+                           for c in candidates],
+            "epochs": horizon["epochs"], "total_steps": horizon["total_steps"],
+            "steps_per_epoch": horizon["steps_per_epoch"], "resumed_from_epoch": resumed_from}
+
+
+def _input_example(task: Task) -> Any:
+    """Two validation inputs as a numpy array, for a model that takes one tensor (``None`` for
+    models taking a mapping, such as Hugging Face ones: no example, no signature)."""
+    inputs = next(iter(task.val_loader))[0]
+    return inputs[:2].float().cpu().numpy() if isinstance(inputs, torch.Tensor) else None
+
+
+def _model_for(job: JobConfig, task: Task, cand: Candidate, horizon: dict[str, Any],
+               device: torch.device):
+    model, optimizer, _, _ = build_trial(job, task, cand.config, device, horizon["total_steps"])
+    return model, Stepper(recipe(job), model, optimizer, task.criterion, device)
+
+
+def _train_one(job: JobConfig, task: Task, cand: Candidate, horizon: dict[str, Any], out: Path,
+               device: torch.device, run, prefix: str) -> tuple[dict[str, Any], int]:
+    """One config over the whole horizon, an epoch checkpoint after each epoch. Returns its report
+    (``val_metric``, ``val_loss``, ``diverged``, ``epochs``) and the epoch it started from."""
+    total, per_epoch, key = horizon["total_steps"], horizon["steps_per_epoch"], metric_key(task)
+    torch.manual_seed(job.search.seed)
+    model, optimizer, scheduler, _ = build_trial(job, task, cand.config, device, total)
+    stepper = Stepper(recipe(job), model, optimizer, task.criterion, device)
+    monitor = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
+                                reference="first")
+    ckpt, start = out / f"{cand.trial_id}.pt", 0
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        load_state(saved, stepper, scheduler, monitor)
+        start = saved["epoch"]
+    metrics: dict[str, float] = {}
+    diverged = False
+    for epoch in range(start, horizon["epochs"]):
+        reseed(task, job.search.seed * 1_000_003 + epoch)  # as a trial: the same batches per epoch
+        budget = min(per_epoch, total - epoch * per_epoch)
+        train_loss, _, diverged, _ = train_epoch(stepper, scheduler, task, monitor, budget)
+        if diverged:
+            metrics = {"val_loss": 1e9, task.metric: _worst(task)}
+            if run is not None:
+                run.log(metrics={f"{prefix}train_loss": train_loss, f"{prefix}diverged": 1.0}, step=epoch + 1)
+            break
+        metrics = evaluate(model, task, device, autocast=stepper.autocast)
+        if run is not None:
+            run.log(metrics={f"{prefix}{key}": metrics[task.metric], f"{prefix}val_loss": metrics["loss"],
+                             f"{prefix}train_loss": train_loss,
+                             f"{prefix}lr": max(g["lr"] for g in optimizer.param_groups)}, step=epoch + 1)
+        (out / "progress.json").write_text(
+            f"final run: trial {cand.trial_id}{f' ({prefix[:-1]})' if prefix else ''}, epoch {epoch + 1}/"
+            f"{horizon['epochs']}: train loss {train_loss:.4f}, {key} {metrics[task.metric]:.4f}")
+        state = {"model": trainable_state(model), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "monitor": monitor.state_dict(),
+                 "stepper": stepper.state_dict(), "metrics": metrics}
+        torch.save(state, out / f"{cand.trial_id}.pt.tmp")
+        os.replace(out / f"{cand.trial_id}.pt.tmp", ckpt)
+    if not metrics and ckpt.is_file():  # resumed after its last epoch was saved
+        metrics = torch.load(ckpt, map_location="cpu", weights_only=False).get("metrics", {})
+    if not diverged:
+        torch.save(trainable_state(model), out / f"{cand.trial_id}.final.pt")
+    ckpt.unlink(missing_ok=True)
+    return ({"val_metric": metrics.get(task.metric, _worst(task)), "val_loss": metrics.get("loss", 1e9),
+             "diverged": diverged, "epochs": horizon["epochs"]}, start)
+
+
+def _worst(task: Task) -> float:
+    from lrsearch.trial import worst_value
+
+    return worst_value(task)
