@@ -415,7 +415,8 @@ def _train_on_worker(source: TaskSource, candidates: list[Candidate], epochs: in
             (out_dir / f"{cand.trial_id}.final.pt").unlink(missing_ok=True)
     model_uri, registered = None, None
     if run is not None:
-        final = {key: report["val_metric"], "val_loss": report["val_loss"]}
+        # one config: its epochs logged these already; top-k: the chosen one's, unprefixed
+        final = {key: report["val_metric"], "val_loss": report["val_loss"]} if len(candidates) > 1 else {}
         if test is not None:
             final.update({f"test_{task.metric}": test[task.metric], "test_loss": test["loss"]})
         run.log(metrics=final, step=horizon["epochs"],
@@ -474,7 +475,9 @@ def _train_one(job: JobConfig, task: Task, cand: Candidate, horizon: dict[str, A
     for epoch in range(start, horizon["epochs"]):
         reseed(task, job.search.seed * 1_000_003 + epoch)  # as a trial: the same batches per epoch
         budget = min(per_epoch, total - epoch * per_epoch)
-        train_loss, _, diverged, _ = train_epoch(stepper, scheduler, task, monitor, budget)
+        train_loss, _, diverged, lrs = train_epoch(stepper, scheduler, task, monitor, budget)
+        if run is not None:
+            run.log(series=(f"{prefix}lr_step", lrs, epoch * per_epoch))
         if diverged:
             metrics = {"val_loss": 1e9, task.metric: _worst(task)}
             if run is not None:

@@ -15,6 +15,7 @@ from torch import nn
 import lrsearch.trial as train
 from lrsearch.config import parse_job
 from lrsearch.divergence import DivergenceMonitor
+from lrsearch.recipe import Recipe, Stepper
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.schedules import build_scheduler, lr_curve
 from lrsearch.space import schedule_params
@@ -30,6 +31,18 @@ from lrsearch.trial import (
 
 CPU = torch.device("cpu")
 TASK = {"kind": "synthetic", "num_train": 64, "num_val": 32}
+#: the plain recipe these tests were written for: no clipping, fp32, one batch per step
+PLAIN = Recipe(max_grad_norm=None)
+
+
+def _epoch(model, optimizer, scheduler, task, monitor, max_steps, recipe=PLAIN):
+    return train_epoch(Stepper(recipe, model, optimizer, task.criterion, CPU), scheduler, task, monitor,
+                       max_steps)
+
+
+def _restore_into(checkpoint, model, optimizer, scheduler, monitor):
+    return _restore(checkpoint, Stepper(PLAIN, model, optimizer, nn.functional.cross_entropy, CPU),
+                    scheduler, monitor, CPU)
 
 
 def _job(**search):
@@ -64,7 +77,7 @@ def _sgd_run(lr: float, *, criterion: RecordingLoss, schedule: str = "constant",
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = build_scheduler(optimizer, schedule, total, **params)
     monitor = monitor or DivergenceMonitor(factor=4.0, smooth=0.1, reference="first")
-    return model, monitor, train_epoch(model, optimizer, scheduler, task, monitor, CPU, max_steps)
+    return model, monitor, _epoch(model, optimizer, scheduler, task, monitor, max_steps)
 
 
 def _params(model: nn.Module) -> list[torch.Tensor]:
@@ -88,7 +101,7 @@ def test_sane_lr_trains_max_steps_with_the_schedules_lrs():
     scheduler = build_scheduler(optimizer, "linear", 20, warmup_frac=0.5)
     monitor = DivergenceMonitor(factor=4.0, smooth=0.1, reference="first")
 
-    loss, steps, diverged, lrs = train_epoch(model, optimizer, scheduler, task, monitor, CPU, 12)
+    loss, steps, diverged, lrs = _epoch(model, optimizer, scheduler, task, monitor, 12)
 
     assert (steps, diverged) == (12, False)
     assert lrs == lr_curve("linear", 20, 0.05, warmup_frac=0.5)[:12]
@@ -108,7 +121,7 @@ def test_an_epoch_shorter_than_max_steps_ends_with_the_loader():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = build_scheduler(optimizer, "constant", 100)
     monitor = DivergenceMonitor(reference="first")
-    _, steps, diverged, lrs = train_epoch(model, optimizer, scheduler, task, monitor, CPU, 100)
+    _, steps, diverged, lrs = _epoch(model, optimizer, scheduler, task, monitor, 100)
     assert (steps, diverged, lrs) == (4, False, [0.01] * 4)
 
 
@@ -151,7 +164,7 @@ def test_nan_loss_diverges_at_that_step_without_stepping():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = build_scheduler(optimizer, "constant", 32)
     monitor = DivergenceMonitor(reference="first")
-    loss, steps, diverged, lrs = train_epoch(model, optimizer, scheduler, task, monitor, CPU, 32)
+    loss, steps, diverged, lrs = _epoch(model, optimizer, scheduler, task, monitor, 32)
     assert (steps, diverged, len(lrs)) == (3, True, 4)
     assert monitor.num_losses == 3  # the NaN is not recorded
     assert loss == pytest.approx(sum(criterion.losses[:3]) / 3, rel=1e-12)
@@ -165,8 +178,8 @@ def test_nan_on_the_first_batch_leaves_the_model_untouched():
     before = _params(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = build_scheduler(optimizer, "constant", 8)
-    loss, steps, diverged, lrs = train_epoch(model, optimizer, scheduler, task,
-                                             DivergenceMonitor(reference="first"), CPU, 8)
+    loss, steps, diverged, lrs = _epoch(model, optimizer, scheduler, task,
+                                             DivergenceMonitor(reference="first"), 8)
     assert (loss, steps, diverged, lrs) == (1e9, 0, True, [0.01])  # never a perfect 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert scheduler.last_epoch == 0
@@ -186,7 +199,7 @@ def test_restore_without_checkpoint_starts_at_zero():
     model = task.build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = build_scheduler(optimizer, "constant", 8)
-    assert _restore(None, model, optimizer, scheduler, DivergenceMonitor(), CPU) == (0, 0)
+    assert _restore_into(None, model, optimizer, scheduler, DivergenceMonitor()) == (0, 0)
 
 
 def test_restore_from_a_replay_marker_retrains_without_loading(tmp_path):
@@ -197,7 +210,7 @@ def test_restore_from_a_replay_marker_retrains_without_loading(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = build_scheduler(optimizer, "linear", 8)
     monitor = DivergenceMonitor(reference="first")
-    got = _restore(Checkpoint.from_directory(str(tmp_path)), model, optimizer, scheduler, monitor, CPU)
+    got = _restore_into(Checkpoint.from_directory(str(tmp_path)), model, optimizer, scheduler, monitor)
     assert got == (0, 2)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -216,7 +229,7 @@ def _run_epochs(job, task, config, epochs, *, objects=None):
     all_lrs = []
     for epoch in epochs:
         reseed(task, job.search.seed * 1_000_003 + epoch)
-        _, steps, diverged, lrs = train_epoch(*objects[:3], task, objects[3], CPU, per_epoch)
+        _, steps, diverged, lrs = _epoch(*objects[:3], task, objects[3], per_epoch)
         assert (steps, diverged) == (per_epoch, False)
         all_lrs.append(lrs)
     return objects, all_lrs
@@ -238,7 +251,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
     m2, o2, s2, _ = build_trial(job, task, config, CPU)
     mon2 = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
                              reference="first")
-    assert _restore(checkpoint, m2, o2, s2, mon2, CPU) == (1, 0)
+    assert _restore_into(checkpoint, m2, o2, s2, mon2) == (1, 0)
     assert mon2.num_losses == 5 and s2.last_epoch == 5
     _, second = _run_epochs(job, task, config, range(1, 2), objects=(m2, o2, s2, mon2))
 

@@ -28,18 +28,21 @@ def small_cnn(num_classes: int, seed: int) -> nn.Module:
     )
 
 
-def build(batch_size: int = 32, num_val: int = 300, seed: int = 0) -> Task:
+def build(batch_size: int = 32, num_val: int = 300, num_test: int = 300, seed: int = 0) -> Task:
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    val, train = order[:num_val], order[num_val:]
+    # three disjoint parts: validation (the search picks by it), test (only `lrsearch train` scores
+    # it), and the rest to train on
+    val, test, train = order[:num_val], order[num_val:num_val + num_test], order[num_val + num_test:]
     return Task(
         name="digits-cnn",
         build_model=partial(small_cnn, 10, seed),
         train_loader=DataLoader(TensorDataset(x[train], y[train]), batch_size=batch_size, shuffle=True,
                                 generator=torch.Generator().manual_seed(seed)),
         val_loader=DataLoader(TensorDataset(x[val], y[val]), batch_size=256),
+        test_loader=DataLoader(TensorDataset(x[test], y[test]), batch_size=256),
         criterion=nn.CrossEntropyLoss(),
         metric="accuracy",
         mode="max",

@@ -9,6 +9,7 @@ search's run id.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -104,20 +105,27 @@ class FinalRun:
         return final
 
     def log(self, *, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
-            tags: dict[str, Any] | None = None, step: int = 0) -> None:
-        """Log now (retried); a store that stays down loses these figures, never the training."""
+            tags: dict[str, Any] | None = None, step: int = 0,
+            series: tuple[str, list[float], int] | None = None) -> None:
+        """Log now (retried); a store that stays down loses these figures, never the training.
+        ``series``: ``(key, values, first step)``, one value a step (the LR at every optimizer step)."""
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        if series is not None:
+            key, values, first = series
+            ms += [Metric(key, float(v), now, first + i) for i, v in enumerate(values)]
         ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
         ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         client = _client(self.uri)
         try:
-            for i in range(0, max(len(ps), 1), 100):
-                _retry(lambda i=i: client.log_batch(self.run_id, metrics=ms if i == 0 else [],
-                                                    params=ps[i:i + 100], tags=ts if i == 0 else [],
-                                                    synchronous=True))
+            # MLflow's log_batch limits: 1000 metrics, 100 params + tags per call
+            calls = max(1, math.ceil(len(ms) / 1000), math.ceil(len(ps) / 100))
+            for i in range(calls):
+                _retry(lambda i=i: client.log_batch(self.run_id, metrics=ms[1000 * i:1000 * (i + 1)],
+                                                    params=ps[100 * i:100 * (i + 1)],
+                                                    tags=ts if i == 0 else [], synchronous=True))
         except Exception as exc:
             from lrsearch.console import err
 

@@ -1,0 +1,248 @@
+"""`lrsearch train` / `lrsearch.train`: the final run, for real, on a local Ray with MLflow on sqlite.
+
+A search runs once for the module; the final runs train its configs at longer horizons, on more
+data, the top-k, a user's python task, after a kill; bad input fails before anything trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+import lrsearch
+from lrsearch.errors import ConfigError, SearchError, TrackingError
+from lrsearch.schedules import lr_curve
+from lrsearch.space import schedule_params
+from lrsearch.tasks import Task, build_task, synthetic_task
+
+LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
+TASK = {"kind": "synthetic", "num_train": 512, "num_val": 256, "num_test": 512, "batch_size": 64,
+        "noise": 3.0}
+
+
+def _job(tmp: Path, name: str, **overrides) -> dict:
+    job = {"name": name, "task": dict(TASK),
+           "range_test": {"num_steps": 20},
+           "search": {"num_trials": 4, "max_epochs": 2, "max_concurrent_trials": 2},
+           "storage": {"path": str(tmp / "runs")},
+           "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db", "experiment": name}}
+    for key, value in overrides.items():
+        job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
+    return job
+
+
+@pytest.fixture(scope="module")
+def searched(local_ray, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("final")
+    job = _job(tmp, "fin")
+    result = lrsearch.search(job)
+    assert result.best is not None and result.counts["completed"] >= 2
+    return {"tmp": tmp, "job": job, "result": result, "uri": f"sqlite:///{tmp}/mlruns.db"}
+
+
+def _load(tracking_uri: str, model_uri: str, dst: Path) -> torch.nn.Module:
+    mlflow.set_tracking_uri(tracking_uri)
+    dst.mkdir(parents=True, exist_ok=True)
+    return mlflow.pytorch.load_model(model_uri, dst_path=str(dst))
+
+
+def _accuracy(model: torch.nn.Module, loader) -> float:
+    model.eval()
+    with torch.no_grad():
+        hits = sum(int((model(x).argmax(-1) == y).sum()) for x, y in loader)
+    return hits / sum(len(y) for _, y in loader)
+
+
+def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
+    # the job's latest search (the default source), 4 epochs, twice the training data
+    job = _job(searched["tmp"], "fin", task={"num_train": 1024})
+    final = lrsearch.train(job, epochs=4)
+    best = searched["result"].best
+    assert final.trial_id == best.trial_id and final.config == best.search_config
+    assert (final.epochs, final.steps_per_epoch, final.total_steps) == (4, 16, 64)  # the search: 8 a epoch
+    assert final.search_run_id == searched["result"].tracking["run_id"]
+    assert 0.0 <= final.test_metric <= 1.0 and final.val_metric > 0.5
+
+    client = MlflowClient(searched["uri"])
+    run = client.get_run(final.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == final.search_run_id  # linked to the search
+    assert run.data.tags["lrsearch.role"] == "final"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(final.test_metric)
+    assert run.data.params["total_steps"] == "64" and run.data.params["train.max_grad_norm"] == "1.0"
+
+    # the schedule was resolved for the 64-step horizon, as the export resolves it for users
+    config, total = final.config, 64
+    expected = lr_curve(config["schedule"], total, config["max_lr"], **schedule_params(config, total))
+    logged = sorted(client.get_metric_history(final.run_id, "lr_step"), key=lambda m: m.step)
+    assert [m.step for m in logged] == list(range(total))
+    assert [m.value for m in logged] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+    # the logged model is the one scored: its accuracy on the task's test split is test_metric
+    model = _load(searched["uri"], final.model_uri, searched["tmp"] / "dl1")
+    test_loader = build_task(lrsearch.load_job(job)).test_loader
+    assert _accuracy(model, test_loader) == pytest.approx(final.test_metric)
+
+
+def test_top_k_keeps_the_best_by_validation_and_registers_it(searched):
+    job, result = searched["job"], searched["result"]
+    final = lrsearch.train(job, result, steps=20, top_k=3, register="fin-model")
+    completed = [t.trial_id for t in lrsearch.tuning.results.ranked_completed(result.trials, result.mode)]
+    assert [c["trial_id"] for c in final.candidates] == completed[:3]
+    assert (final.total_steps, final.epochs) == (20, 3)  # 8 steps an epoch; the last one 4
+    best = max(final.candidates, key=lambda c: c["val_metric"])
+    assert final.trial_id == best["trial_id"] and final.val_metric == best["val_metric"]
+
+    client = MlflowClient(searched["uri"])
+    assert final.registered == {"name": "fin-model", "version": "1", "uri": "models:/fin-model/1"}
+    version = client.get_model_version("fin-model", "1")
+    assert version.tags["search_run_id"] == result.tracking["run_id"]
+    assert json.loads(version.tags["config"]) == final.config
+    assert version.tags["trial_id"] == final.trial_id
+    metrics = client.get_run(final.run_id).data.metrics
+    for i in range(1, len(final.candidates) + 1):
+        assert f"top{i}.val_accuracy" in metrics
+    model = _load(searched["uri"], "models:/fin-model/1", searched["tmp"] / "dl2")
+    assert isinstance(model, torch.nn.Module)
+
+
+def _digits_task(with_test: bool) -> Task:
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "python_task"))
+    from my_task import build
+
+    task = build(num_val=300, num_test=300)
+    if not with_test:
+        task.test_loader = None
+    return task
+
+
+def test_a_python_task_with_a_test_loader_is_scored_on_it(searched, tmp_path):
+    job = _job(tmp_path, "digits", task=None, search={"num_trials": 2, "max_epochs": 1})
+    job["task"] = {"kind": "python", "entrypoint": "my_task:build",
+                   "path": str(Path(__file__).parents[1] / "examples" / "python_task"),
+                   "options": {"num_val": 300, "num_test": 300}}
+    result = lrsearch.search(job)
+    final = lrsearch.train(job, result, epochs=2)
+    assert final.test_metric is not None
+    model = _load(f"sqlite:///{tmp_path}/mlruns.db", final.model_uri, tmp_path / "dl")
+    assert _accuracy(model, _digits_task(True).test_loader) == pytest.approx(final.test_metric)
+    # the same task without a test split: trained and logged, no test score, and it says so
+    untested = lrsearch.train(job, result, epochs=1, task=lambda: _digits_task(False))
+    assert untested.test_metric is None and untested.val_metric > 0
+
+
+def test_bad_input_is_one_clear_error_before_anything_trains(searched, tmp_path):
+    job, result = searched["job"], searched["result"]
+    out = Path(job["storage"]["path"]) / "fin" / "final"
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    cases = [
+        ({"epochs": 0}, ConfigError, "--epochs: got 0; allowed: an integer >= 1"),
+        ({"steps": -5}, ConfigError, "--steps: got -5; allowed: an integer >= 1"),
+        ({"epochs": 2, "steps": 10}, ConfigError, "give at most one of --epochs and --steps"),
+        ({"top_k": 0}, ConfigError, "--top-k: got 0; allowed: an integer >= 1"),
+        ({"search": "no-such-experiment"}, TrackingError, "no experiment 'no-such-experiment'"),
+        ({"search": "0" * 32}, TrackingError, f"--run-id: no run {'0' * 32!r}"),
+    ]
+    for kwargs, error, fragment in cases:
+        with pytest.raises(error, match=fragment.replace("(", r"\(")):
+            lrsearch.train(job, kwargs.pop("search", result), **kwargs)
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else []) == before  # nothing ran
+
+
+def test_a_search_with_no_completed_trial_has_nothing_to_train(searched, tmp_path):
+    # SGD at LRs of 1e3 and more: every trial diverges at once
+    job = _job(tmp_path, "blowup", optimizer={"name": "sgd"}, range_test={"enabled": False},
+               space={"max_lr": {"low": 1e3, "high": 1e4}, "schedules": ["constant"]},
+               train={"max_grad_norm": None},
+               search={"num_trials": 2, "max_epochs": 1, "early_stopping": "none"})
+    job["range_test"] = {"enabled": False}
+    result = lrsearch.search(job)
+    assert result.best is None and result.counts["diverged"] == 2
+    with pytest.raises(SearchError, match="has no completed trial: nothing to train"):
+        lrsearch.train(job)  # from MLflow: the job's latest search
+    with pytest.raises(SearchError, match="no completed trial: nothing to train"):
+        lrsearch.train(job, result)
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(searched):
+    job_file = searched["tmp"] / "fin.yaml"
+    job_file.write_text(yaml.safe_dump(searched["job"]))
+    for args, fragment in ((["--epochs", "0"], "--epochs: got 0"),
+                           (["--experiment", "nope"], "no experiment 'nope'")):
+        done = subprocess.run([LRSEARCH, "train", str(job_file), *args], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert fragment in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# resume after a kill
+# --------------------------------------------------------------------------------------------
+
+
+def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
+    # epochs of about a second here: the driver is killed once the first epoch's checkpoint exists
+    job = _job(tmp_path, "killed", task={"num_train": 4096, "hidden": 512, "num_features": 128},
+               search={"num_trials": 2, "max_epochs": 1})
+    result = lrsearch.search(job)
+    job_file = tmp_path / "killed.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    out = tmp_path / "runs" / "killed" / "final"
+    ckpt = out / f"{result.best.trial_id}.pt"
+
+    proc = subprocess.Popen([LRSEARCH, "train", str(job_file), "--epochs", "6", "--json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ckpt.is_file():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "no epoch checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone, as the OOM killer does
+        proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its orphaned local Ray
+        except ProcessLookupError:
+            pass
+    killed_at = torch.load(ckpt, weights_only=False)["epoch"]
+    run_id = json.loads((out / "state.json").read_text())["run_id"]
+    assert 1 <= killed_at < 6
+
+    done = subprocess.run([LRSEARCH, "train", str(job_file), "--epochs", "6", "--resume", "--json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads(done.stdout)
+    assert {"test_metric", "val_metric", "run_id", "model_uri"} <= set(resumed)
+    assert resumed["run_id"] == run_id and resumed["resumed_from_epoch"] >= killed_at
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    finals = client.search_runs([client.get_experiment_by_name("killed").experiment_id],
+                                filter_string="tags.`lrsearch.role` = 'final'")
+    assert [r.info.run_id for r in finals] == [run_id] and finals[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_accuracy")]
+    assert sorted(steps) == list(range(1, 7))  # every epoch once, none lost, none twice
+
+    # the same run uninterrupted ends where the resumed one did (each epoch seeded, state restored)
+    straight = lrsearch.train(job, result, epochs=6, track=False)
+    assert straight.val_metric == resumed["val_metric"] and straight.test_metric == resumed["test_metric"]
+
+
+def test_train_without_a_test_split_in_the_task_section(searched, tmp_path):
+    job = _job(tmp_path, "notest", task={"num_test": 0}, search={"num_trials": 2, "max_epochs": 1})
+    result = lrsearch.search(job, track=False)
+    final = lrsearch.train(job, result, epochs=1, track=False)
+    assert final.test_metric is None and final.run_id is None and final.model_uri is None
+    assert synthetic_task(num_test=0).test_loader is None
