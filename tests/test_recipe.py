@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.config import parse_job
 from lrsearch.divergence import DivergenceMonitor

@@ -15,8 +15,8 @@ from torch import nn
 import lrsearch.trial as train
 from lrsearch.config import parse_job
 from lrsearch.divergence import DivergenceMonitor
-from lrsearch.recipe import Recipe, Stepper
 from lrsearch.errors import ConfigError, TaskError
+from lrsearch.recipe import Recipe, Stepper
 from lrsearch.schedules import build_scheduler, lr_curve
 from lrsearch.space import schedule_params
 from lrsearch.tasks import Task, reseed, synthetic_task
