@@ -222,8 +222,10 @@ def num_trials(method: str, budget: float, task: dict[str, Any]) -> int:
 
 
 def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
-             sizes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The job dict (without ``storage``) that runs ``method``."""
+             sizes: dict[str, Any] | None = None, recipe: str = "shipped") -> dict[str, Any]:
+    """The job dict (without ``storage``) that runs ``method``; ``recipe="none"``: no gradient
+    clipping, the training recipe of lrsearch before its ``train`` section (the records of
+    2026-11-29..12-01 ran with it)."""
     task = {**TASKS[regime][task_name], **(sizes or {}), "seed": seed}
     family = FAMILY[task_name]
     search: dict[str, Any] = {
@@ -239,6 +241,8 @@ def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
         "search": search,
         "resources": {"cpu": 1, "gpu": 0},
     }
+    if recipe == "none":
+        job["train"] = {"max_grad_norm": None}
     if method in LRSEARCH_METHODS:
         # as shipped: the sampler, early stopping and rungs are lrsearch's own defaults
         for key in ("algorithm", "early_stopping", "grace_period", "reduction_factor"):
@@ -268,9 +272,28 @@ def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
     return job
 
 
+#: the training recipe of lrsearch before the job's ``train`` section: no clipping, fp32, 1 batch a step
+_NO_RECIPE = {"max_grad_norm": None, "precision": "fp32", "gradient_accumulation_steps": 1}
+
+
+def _hash_view(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The resolved job without the fields added since the records began that cannot change a
+    search as set: ``task.num_test`` (only final runs read the test split, and adding it leaves the
+    train and validation sets as they were), ``range_test.accumulation_steps`` left to the recipe
+    (1 before), and a ``train`` recipe equal to the one before it existed. A job that runs as an
+    old record ran keeps that record's name."""
+    view = json.loads(json.dumps(resolved))
+    view["task"].pop("num_test", None)
+    if view["range_test"].get("accumulation_steps") is None:
+        view["range_test"]["accumulation_steps"] = view["train"]["gradient_accumulation_steps"]
+    if view.get("train") == _NO_RECIPE:
+        del view["train"]
+    return view
+
+
 def cache_path(job: dict[str, Any], budget: float) -> Path:
     # the job as lrsearch resolves it, defaults included: a change of lrsearch's defaults is a new run
-    resolved = lrsearch.load_job({**job, "storage": {"path": "x"}}).model_dump(mode="json")
+    resolved = _hash_view(lrsearch.load_job({**job, "storage": {"path": "x"}}).model_dump(mode="json"))
     key = hashlib.sha1(json.dumps({"job": resolved, "budget": budget}, sort_keys=True).encode()).hexdigest()[:10]
     return CACHE / f"{job['name'].removeprefix('sq-')}-{key}.json"
 
@@ -351,7 +374,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int, dict[str, A
                 for method in args.methods:
                     if method == "grid" and seed >= args.grid_seeds:
                         continue
-                    job = make_job(regime, task, method, seed, args.budget, args.sizes)
+                    job = make_job(regime, task, method, seed, args.budget, args.sizes, args.recipe)
                     runs.append((regime, task, method, seed, job))
     return runs
 
@@ -718,6 +741,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="digits, tiny, 2 seeds, budget 12 (~12 min on 2 CPUs)")
     p.add_argument("--report-only", action="store_true", help="tables and plot from the cache only")
+    p.add_argument("--recipe", choices=("shipped", "none"), default="shipped",
+                   help="shipped: the job's default train recipe (clipping at 1.0); none: no clipping, "
+                        "as lrsearch trained before its train section (the committed records)")
     args = p.parse_args(argv)
     q = QUICK if args.quick else {}
     regime = args.regime or q.get("regime", "all")

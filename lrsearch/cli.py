@@ -166,11 +166,11 @@ def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
 @_clear_errors
 def train(
     job_file: JobArg,
-    epochs: Annotated[int | None, typer.Option(help="Epochs to train [default: the search's max_epochs].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs to train (default: the search's max_epochs).")] = None,
     steps: Annotated[int | None, typer.Option(help="Or the run's length in optimizer steps.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
-    run_id: Annotated[str | None, typer.Option(help="Train from this search run [default: the job's latest search].")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
     address: Annotated[str | None, typer.Option(help="Run on a Ray cluster: auto, ray://HOST:10001 or HOST:6379.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed final run from its last epoch.")] = False,
@@ -179,9 +179,11 @@ def train(
     """Train the search's best config at your horizon; score it on the held-out test split; log the model."""
     import lrsearch
     from lrsearch.errors import ConfigError
+    from lrsearch.final import check_options
 
     if run_id is not None and experiment is not None:
         raise ConfigError("give at most one of --run-id ID and --experiment NAME")
+    check_options(epochs, steps, top_k, register, True)  # bad options: one line, nothing printed first
     job = lrsearch.load_job(job_file)
     if not json_:
         horizon = f"{steps} steps" if steps else f"{epochs or job.search.max_epochs} epochs"
@@ -389,3 +391,9 @@ def demo(
         out.print(f"[bold]lrsearch demo[/]: {t.model} on fortunes {t.categories}, {t.num_train} training texts")
     again = "lrsearch demo --resume" + (" --quick" if quick else "") + (f" --out-dir {shlex.quote(str(out_dir))}" if out_dir != Path("lrsearch-runs") else "")
     _run_search(job, again, json_=json_, resume=resume, verbose=verbose)
+    job_file = Path(job.results_dir()) / "job.yaml"
+    if not json_ and job_file.is_file():
+        rel = job_file.relative_to(Path.cwd()) if job_file.is_relative_to(Path.cwd()) else job_file
+        out.print(f"next: train the best config at a longer horizon, scored on held-out test texts, the model "
+                  f"logged to MLflow:\n  lrsearch train {shlex.quote(str(rel))} --epochs "
+                  f"{2 * job.search.max_epochs} --register {job.name}", highlight=False)

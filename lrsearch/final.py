@@ -119,7 +119,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
               show_progress: bool = False) -> FinalResult:
     """Train the search's best config (or its ``top_k`` best) at the horizon; see :func:`lrsearch.train`."""
     started = time.perf_counter()
-    _check_options(epochs, steps, top_k, register, track)
+    check_options(epochs, steps, top_k, register, track)
     from lrsearch.tracking import resolve_tracking
 
     uri, experiment = resolve_tracking(tracking_uri or job.tracking.uri, job.tracking.experiment, job.name)
@@ -215,7 +215,7 @@ def _interrupted() -> bool:
     return isinstance(sys.exc_info()[1], KeyboardInterrupt)
 
 
-def _check_options(epochs: int | None, steps: int | None, top_k: int, register: str | None,
+def check_options(epochs: int | None, steps: int | None, top_k: int, register: str | None,
                    track: bool) -> None:
     if epochs is not None and steps is not None:
         raise ConfigError(f"give at most one of --epochs and --steps (got --epochs {epochs} and "

@@ -17,7 +17,7 @@ runner = CliRunner()
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("schedules", "find-lr", "search", "demo"):
+    for command in ("schedules", "find-lr", "search", "train", "demo"):
         assert command in result.output
 
 

@@ -146,6 +146,18 @@ def test_submit_runs_the_search_across_nodes(cluster):
     listed = json.loads(_cli(cluster, "jobs", "list", "--address", cluster["address"], "--json").stdout)
     assert sum(1 for j in listed["jobs"] if j["job"] == "multi") == 1
 
+    # its final run, submitted the same way: trained on a worker node, nested under the search
+    final = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--train", "--epochs", "3",
+                 "--wait", "--json")
+    assert final.exit_code == 0, final.output[-4000:]
+    trained = json.loads(final.stdout.strip().splitlines()[-1])
+    assert trained["status"] == "SUCCEEDED" and trained["submission_id"].startswith("lrsearch-train-multi-")
+    assert trained["entrypoint"] == "lrsearch train job.yaml --epochs 3"
+    finals = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lrsearch.role") == "final"]
+    assert len(finals) == 1 and finals[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert finals[0].info.status == "FINISHED" and "test_accuracy" in finals[0].data.metrics
+    assert finals[0].data.params["epochs"] == "3"
+
 
 def test_search_joins_an_existing_cluster_with_address(cluster):
     # the driver runs here and joins the running cluster instead of starting a local Ray
