@@ -78,6 +78,7 @@ class FinalResult:
         epochs, total_steps, steps_per_epoch: the horizon trained.
         search_run_id: the search's MLflow parent run.
         resumed_from_epoch: the epoch a resumed run continued from (0: a fresh run).
+        tracking_uri: the MLflow store the run and model are in.
     """
 
     test_metric: float | None
@@ -96,6 +97,7 @@ class FinalResult:
     steps_per_epoch: int
     search_run_id: str | None
     resumed_from_epoch: int = 0
+    tracking_uri: str | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     paths: dict[str, str] = field(default_factory=dict)
@@ -176,7 +178,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     if run is not None:
         run.finish("FINISHED")
     result = FinalResult(**outcome, run_id=run.run_id if run else None,
-                         search_run_id=found["run_id"], notes=notes,
+                         search_run_id=found["run_id"], notes=notes, tracking_uri=uri if track else None,
                          paths={"final": str(out), "model": str(out / "model.pt")})
     result.seconds = time.perf_counter() - started
     (out / "result.json").write_text(json.dumps(result.summary(), indent=1, default=str))

@@ -98,7 +98,8 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
     )
     # 80 columns hold it: light borders, one schedule parameter a line (the params column wraps
     # where the others keep their width), the stopping epoch in the state ("pruned @1")
-    table = Table(title=f"best trials by {result.metric} ({result.mode})", box=box.SIMPLE_HEAD)
+    table = Table(title=f"best trials by {result.metric} ({result.mode})", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
     for col in ("trial", "schedule", "max_lr", "params", "state", result.metric):
         table.add_column(col, justify="right" if col in ("max_lr", result.metric) else "left",
                          no_wrap=col != "params", overflow="fold" if col == "params" else "ellipsis")
@@ -158,7 +159,8 @@ def final_lines(result: Any) -> list[str]:
     if result.model_uri:
         lines.append(f"model:       {result.model_uri}")
         uri = result.registered["uri"] if result.registered else result.model_uri
-        lines.append(f"load it:     mlflow.pytorch.load_model({uri!r})")
+        lines.append(f"load it:     mlflow.set_tracking_uri({result.tracking_uri!r}); "
+                     f"mlflow.pytorch.load_model({uri!r})")
     if result.registered:
         lines.append(f"registered:  {result.registered['name']} version {result.registered['version']}")
     lines.append(f"weights:     {result.paths['model']}")
