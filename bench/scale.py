@@ -11,7 +11,13 @@ is bookkeeping) through the public API, two trials at a time on a local Ray. Rep
   tracking), and the sizes of trials.parquet, optuna.db and Ray Tune's experiment state;
 - with ``--long``: the fraction of wall time that is not training for trials of ~30 s.
 
-    .venv/bin/python bench/scale.py [--trials 10,100,1000] [--tracking none,sqlite,postgres] [--long]
+    .venv/bin/python bench/scale.py [--trials 10,100,1000] [--tracking none,sqlite,postgres]
+        [--policies defaults,none] [--baseline PATH] [--long]
+
+``--policies``: ``defaults`` runs the job's default checkpoint policies (``search.checkpoint:
+rungs``, ``keep_checkpoints: best``: every trial saves its final weights), ``none`` turns both off
+(bookkeeping without checkpoints). ``--baseline PATH``: the same rows also with the lrsearch of
+another checkout (``git worktree add /tmp/base COMMIT``), side by side in one run.
 
 PostgreSQL needs a local server (``scripts/setup.sh`` installs it); the script starts its own
 cluster in a temporary directory on 127.0.0.1.
@@ -39,17 +45,19 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def one_search(num_trials: int, uri: str | None, work: str, train_steps: int) -> dict:
+def one_search(num_trials: int, uri: str | None, work: str, train_steps: int,
+               policy: str = "none") -> dict:
     """Run in a child process: one search; prints its figures as JSON."""
     import lrsearch
 
+    checkpoints = {"checkpoint": "none", "keep_checkpoints": "none"} if policy == "none" else {}
     job = {
         "name": f"scale-{num_trials}",
         "task": {"kind": "synthetic", "num_train": 64 * train_steps, "num_val": 64, "batch_size": 64,
                  "hidden": 32 if train_steps == 1 else 1024},
         "range_test": {"enabled": False},
         "search": {"num_trials": num_trials, "max_epochs": 1, "grace_period": 1, "max_concurrent_trials": 2,
-                   "checkpoint": "none", "keep_checkpoints": "none"},
+                   **checkpoints},
         "storage": {"path": f"{work}/runs"},
         "tracking": {"uri": uri},
     }
@@ -67,11 +75,14 @@ def one_search(num_trials: int, uri: str | None, work: str, train_steps: int) ->
     }
 
 
-def _child(num_trials: int, uri: str | None, train_steps: int) -> dict:
+def _child(num_trials: int, uri: str | None, train_steps: int, policy: str = "none",
+           src: str | None = None) -> dict:
     work = tempfile.mkdtemp(prefix="lrsearch-scale-")
     try:
-        code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import scale; "
-                f"print('RESULT' + json.dumps(scale.one_search({num_trials}, {uri!r}, {work!r}, {train_steps})))")
+        first = f"sys.path.insert(0, {src!r}); " if src else ""  # that checkout's lrsearch
+        code = (f"import json, sys; {first}sys.path.insert(1, {str(HERE)!r}); import scale; "
+                f"print('RESULT' + json.dumps(scale.one_search({num_trials}, {uri!r}, {work!r}, "
+                f"{train_steps}, {policy!r})))")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env)
         line = [s for s in done.stdout.splitlines() if s.startswith("RESULT")]
@@ -109,9 +120,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", default="10,100,1000")
     ap.add_argument("--tracking", default="none,sqlite", help="none, sqlite, postgres (comma-separated)")
+    ap.add_argument("--policies", default="defaults,none", help="checkpoint policies: defaults, none")
+    ap.add_argument("--baseline", default=None, help="a checkout of another lrsearch: its rows too")
     ap.add_argument("--long", action="store_true", help="also: 6 trials of ~30 s, bookkeeping fraction")
     args = ap.parse_args()
     counts = [int(n) for n in args.trials.split(",")]
+    sources = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
     rows = []
     for backend in args.tracking.split(","):
         stop = None
@@ -120,25 +134,30 @@ def main() -> None:
         else:
             uri = None if backend == "none" else "sqlite:///mlruns.db"
         try:
-            base = _child(1, uri, 1)
-            for n in counts:
-                r = _child(n, uri, 1)
-                r.update(backend=backend, fixed_s=base["wall_s"])
-                rows.append(r)
-                print(json.dumps(r), flush=True)
+            for policy in args.policies.split(","):
+                for label, src in sources:
+                    base = _child(1, uri, 1, policy, src)
+                    for n in counts:
+                        r = _child(n, uri, 1, policy, src)
+                        r.update(backend=backend, policy=policy, code=label, fixed_s=base["wall_s"])
+                        rows.append(r)
+                        print(json.dumps(r), flush=True)
         finally:
             if stop:
                 stop()
-    print("\n| tracking | trials | wall s | per-trial overhead s | marginal s/trial | driver peak MB | "
-          "trials.parquet KB | optuna.db KB | Tune state KB |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| code | tracking | checkpoints | trials | wall s | per-trial overhead s | marginal s/trial | "
+          "driver peak MB | trials.parquet KB | optuna.db KB | Tune state KB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     prev = {}
     for r in rows:
+        key = (r["code"], r["backend"], r["policy"])
         over = (r["wall_s"] - r["fixed_s"]) / max(1, r["trials"] - 1)
-        p = prev.get(r["backend"])
+        p = prev.get(key)
         marginal = "-" if p is None else f"{(r['wall_s'] - p['wall_s']) / (r['trials'] - p['trials']):.3f}"
-        prev[r["backend"]] = r
-        print(f"| {r['backend']} | {r['trials']} | {r['wall_s']:.1f} | {over:.3f} | {marginal} | "
-              f"{r['driver_peak_mb']:.0f} | {r['parquet_kb']:.0f} | {r['optuna_db_kb']:.0f} | {r['tune_state_kb']:.0f} |")
+        prev[key] = r
+        print(f"| {r['code']} | {r['backend']} | {r['policy']} | {r['trials']} | {r['wall_s']:.1f} | {over:.3f} | "
+              f"{marginal} | {r['driver_peak_mb']:.0f} | {r['parquet_kb']:.0f} | {r['optuna_db_kb']:.0f} | "
+              f"{r['tune_state_kb']:.0f} |")
     if args.long:
         r = _child(6, None, 2500)  # ~30 s of training per trial on one core here
         busy = r["train_s"] / 2  # two trials at a time

@@ -78,6 +78,19 @@ def test_search_reports_pruned_trials_to_optuna_as_pruned(local_ray, tmp_path):
     assert summary["counts"] == result.counts and summary["best_metric"] == best["value"]
 
 
+def test_a_trial_keeps_only_its_newest_checkpoint_while_the_search_runs(local_ray, tmp_path):
+    # a checkpoint after every epoch, all kept once finished: each trial must hold only its last one,
+    # the earlier ones deleted as the next was saved (lrsearch's callback; Tune keeps all of them)
+    job = _job(tmp_path, name="ckpts", range_test={"enabled": False},
+               search={"num_trials": 3, "max_epochs": 3, "early_stopping": "none",
+                       "checkpoint": "epoch", "keep_checkpoints": "all"})
+    result = run_search(job, show_progress=False, track=False)
+    assert result.counts["completed"] == 3
+    for trial in result.trials:
+        kept = sorted(p.name for p in Path(trial.path).glob("checkpoint_*"))
+        assert kept == ["checkpoint_000002"], (trial.trial_id, kept)  # epoch 3's, the third saved
+
+
 def test_diverging_trials_stop_at_once_and_the_search_goes_on(local_ray, tmp_path):
     # max_lr far beyond the diverged region: every trial explodes, none crashes the search
     job = _job(tmp_path, name="diverge", range_test={"enabled": False},

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from lrsearch.errors import SearchError, TrackingError
+from lrsearch.tracking.read import find_search_run
 from lrsearch.tracking.store import PARENT_TAG, ROLE_TAG, _client, _retry, check_reachable
 
 FINAL_ROLE = "final"
@@ -36,12 +37,7 @@ def read_search(uri: str, *, experiment: str | None = None, run_id: str | None =
     client = _client(uri)
     check_reachable(uri)
     if run_id:
-        try:
-            run = client.get_run(run_id)
-        except Exception:
-            raise TrackingError(f"--run-id: no run {run_id!r} at {uri}") from None
-        if run.data.tags.get(ROLE_TAG) in ("trial", FINAL_ROLE):
-            run = client.get_run(run.data.tags[PARENT_TAG])
+        run = find_search_run(uri, run_id=run_id)
         if run.data.tags.get(ROLE_TAG) != "search":
             raise TrackingError(f"--run-id: run {run_id!r} at {uri} is not an lrsearch search")
     else:

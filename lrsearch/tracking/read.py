@@ -18,7 +18,7 @@ def find_search_run(uri: str, *, experiment: str | None = None, run_id: str | No
             run = client.get_run(run_id)
         except Exception:
             raise TrackingError(f"--run-id: no run {run_id!r} at {uri}") from None
-        if run.data.tags.get(ROLE_TAG) == "trial":
+        if run.data.tags.get(ROLE_TAG) in ("trial", "final"):  # a trial's or a final run's search
             run = client.get_run(run.data.tags[PARENT_TAG])
         return run
     exp = client.get_experiment_by_name(experiment)

@@ -14,6 +14,7 @@ from typing import Any
 
 from lrsearch.config import JobConfig
 from lrsearch.errors import SearchError
+from lrsearch.tuning.checkpoints import keep_latest_checkpoint
 from lrsearch.tuning.optuna_adapter import PrunedAwareOptunaSearch, make_sampler, study_storage
 
 TUNE_DIR = "tune"
@@ -134,7 +135,7 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         # callbacks are not part of the saved state and restore() takes none (ray-project/ray#41364)
-        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
+        tuner._local_tuner._run_config.callbacks = [*callbacks, keep_latest_checkpoint()]  # noqa: SLF001
         return tuner, None
     searcher = PrunedAwareOptunaSearch(
         space=sampler, metric=metric, mode=mode, points_to_evaluate=first_points or None,
@@ -156,8 +157,10 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=root,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=2 if verbose else 0, callbacks=callbacks,
+            # every checkpoint kept by Tune (num_to_keep=None), the superseded ones deleted by
+            # keep_latest_checkpoint: num_to_keep=1 would save all trials' state at each checkpoint
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            verbose=2 if verbose else 0, callbacks=[*callbacks, keep_latest_checkpoint()],
         ),
     )
     return tuner, searcher
