@@ -79,11 +79,12 @@ def _child(num_trials: int, uri: str | None, train_steps: int, policy: str = "no
            src: str | None = None) -> dict:
     work = tempfile.mkdtemp(prefix="lrsearch-scale-")
     try:
-        first = f"sys.path.insert(0, {src!r}); " if src else ""  # that checkout's lrsearch
-        code = (f"import json, sys; {first}sys.path.insert(1, {str(HERE)!r}); import scale; "
+        code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import scale; "
                 f"print('RESULT' + json.dumps(scale.one_search({num_trials}, {uri!r}, {work!r}, "
                 f"{train_steps}, {policy!r})))")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        if src:  # that checkout's lrsearch, in the driver and in the Ray workers it starts
+            env["PYTHONPATH"] = src
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env)
         line = [s for s in done.stdout.splitlines() if s.startswith("RESULT")]
         if not line:

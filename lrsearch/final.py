@@ -134,7 +134,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     notes += _recipe_notes(job, found["best"])
 
     out = _final_dir(job)
-    state = _load_state(out, resume, found, candidates, epochs, steps, notes)
+    state = _load_state(out, resume, found, candidates, epochs, steps, notes)  # reads only
     state["uri"] = uri
     source = TaskSource.of(job, task)
     from lrsearch.tuning.tuner import check_resources, init_ray
@@ -147,6 +147,8 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         remote = ray.remote(_train_on_worker).options(num_cpus=job.resources.cpu,
                                                       num_gpus=job.resources.gpu, max_retries=0)
         horizon = _get(remote.remote(source, candidates, epochs, steps, str(out), dry=True))
+        if "done" not in state:  # a fresh run: what an earlier one left goes now, not before the checks
+            _clear(out)
         run = None
         if track:
             from lrsearch.tracking.final import FinalRun
@@ -323,14 +325,19 @@ def _load_state(out: Path, resume: bool, found: dict[str, Any], candidates: list
             if saved.get(key) != value:
                 raise SearchError(f"--resume: the final run in {out} trained {key}={saved.get(key)!r}, "
                                   f"not {value!r}; resume it as it was, or start afresh without --resume")
+        saved.setdefault("done", {})  # marks a resumed run: its directory is kept
         return saved
     if resume:
         notes.append(f"--resume: no final run had been saved in {out}; starting from the beginning")
+    return fresh
+
+
+def _clear(out: Path) -> None:
+    """An empty final-run directory; an earlier run killed there is closed in MLflow."""
     if out.exists():
         _close_killed_run(out)
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    return fresh
 
 
 def _close_killed_run(out: Path) -> None:

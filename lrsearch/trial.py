@@ -3,7 +3,8 @@
 :func:`run_trial` is the Ray Tune trainable (a function trainable; everything it receives pickles).
 It gets the task from a :class:`TaskSource` (built from the job on the worker, or the caller's
 in-memory task shipped by Ray), builds the optimizer at ``max_lr`` and the schedule over the
-trial's full budget (``max_epochs`` epochs), trains, evaluates after every epoch and reports the
+trial's full budget (``max_epochs`` epochs), trains the job's recipe's way (:mod:`lrsearch.recipe`:
+clipping, precision, accumulation), evaluates after every epoch and reports the
 metric, train loss and LR with a checkpoint, so an interrupted search resumes where each trial
 stopped. (Where the search's saved state names a checkpoint Tune had already replaced, the resume
 leaves a ``replay.json`` in its place and the trial retrains those epochs, unreported, first.)

@@ -158,6 +158,12 @@ def test_bad_input_is_one_clear_error_before_anything_trains(searched, tmp_path)
     for kwargs, error, fragment in cases:
         with pytest.raises(error, match=fragment.replace("(", r"\(")):
             lrsearch.train(job, kwargs.pop("search", result), **kwargs)
+    # found where the task is built (the Ray worker): the same one line, not a remote traceback
+    greedy = {**job, "train": {"gradient_accumulation_steps": 100}}
+    with pytest.raises(ConfigError) as err:
+        lrsearch.train(greedy, result)
+    assert str(err.value) == ("train.gradient_accumulation_steps: got 100; the train loader has 8 batches "
+                              "per epoch, so at most 8 is allowed")
     assert (sorted(p.name for p in out.iterdir()) if out.exists() else []) == before  # nothing ran
 
 
@@ -246,3 +252,20 @@ def test_train_without_a_test_split_in_the_task_section(searched, tmp_path):
     final = lrsearch.train(job, result, epochs=1, track=False)
     assert final.test_metric is None and final.run_id is None and final.model_uri is None
     assert synthetic_task(num_test=0).test_loader is None
+
+
+def test_the_recipe_reaches_the_range_test_the_trials_the_best_config_and_the_final_run(searched, tmp_path):
+    recipe = {"max_grad_norm": 0.5, "precision": "bf16", "gradient_accumulation_steps": 2}
+    job = _job(tmp_path, "recipe", train=recipe, search={"num_trials": 2, "max_epochs": 1})
+    result = lrsearch.search(job)
+    assert result.steps_per_epoch == 4  # 8 batches, 2 a step
+    settings = result.range_test
+    assert settings["settings"]["precision"] == "bf16" and settings["settings"]["max_grad_norm"] == 0.5
+    assert settings["settings"]["accumulation_steps"] == 2
+    assert result.best.train == recipe and result.best.search_horizon["total_steps"] == 4
+    kwargs = json.loads(lrsearch.export(result, format="hf").text)
+    assert (kwargs["max_grad_norm"], kwargs["bf16"], kwargs["gradient_accumulation_steps"]) == (0.5, True, 2)
+    final = lrsearch.train(job, result, epochs=2)
+    assert (final.steps_per_epoch, final.total_steps) == (4, 8)
+    params = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(final.run_id).data.params
+    assert (params["train.precision"], params["train.gradient_accumulation_steps"]) == ("bf16", "2")
