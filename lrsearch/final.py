@@ -481,19 +481,21 @@ def _train_one(job: JobConfig, task: Task, cand: Candidate, horizon: dict[str, A
         start = saved["epoch"]
     metrics: dict[str, float] = {}
     diverged = False
+    logged = run.logged_epochs(f"{prefix}{key}") if run is not None and start else 0
     for epoch in range(start, horizon["epochs"]):
+        log = run is not None and epoch + 1 > logged  # killed after logging it, before its checkpoint
         reseed(task, job.search.seed * 1_000_003 + epoch)  # as a trial: the same batches per epoch
         budget = min(per_epoch, total - epoch * per_epoch)
         train_loss, _, diverged, lrs = train_epoch(stepper, scheduler, task, monitor, budget)
-        if run is not None:
+        if log:
             run.log(series=(f"{prefix}lr_step", lrs, epoch * per_epoch))
         if diverged:
             metrics = {"val_loss": 1e9, task.metric: _worst(task)}
-            if run is not None:
+            if log:
                 run.log(metrics={f"{prefix}train_loss": train_loss, f"{prefix}diverged": 1.0}, step=epoch + 1)
             break
         metrics = evaluate(model, task, device, autocast=stepper.autocast)
-        if run is not None:
+        if log:
             run.log(metrics={f"{prefix}{key}": metrics[task.metric], f"{prefix}val_loss": metrics["loss"],
                              f"{prefix}train_loss": train_loss,
                              f"{prefix}lr": max(g["lr"] for g in optimizer.param_groups)}, step=epoch + 1)

@@ -80,7 +80,7 @@ def test_search_reports_pruned_trials_to_optuna_as_pruned(local_ray, tmp_path):
 
 def test_a_trial_keeps_only_its_newest_checkpoint_while_the_search_runs(local_ray, tmp_path):
     # a checkpoint after every epoch, all kept once finished: each trial must hold only its last one,
-    # the earlier ones deleted as the next was saved (lrsearch's callback; Tune keeps all of them)
+    # the earlier ones deleted as the next was saved
     job = _job(tmp_path, name="ckpts", range_test={"enabled": False},
                search={"num_trials": 3, "max_epochs": 3, "early_stopping": "none",
                        "checkpoint": "epoch", "keep_checkpoints": "all"})

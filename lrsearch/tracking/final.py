@@ -161,6 +161,15 @@ class FinalRun:
                           "uri": f"models:/{register}/{version}"}
         return info.model_uri, registered
 
+    def logged_epochs(self, key: str) -> int:
+        """The last step of ``key`` this run holds (0 if none, or the store is down): a resumed run
+        retrains the epochs after its last checkpoint and does not log those twice."""
+        try:
+            history = _client(self.uri).get_metric_history(self.run_id, key)
+        except Exception:
+            return 0
+        return max((m.step for m in history), default=0)
+
     def finish(self, status: str = "FINISHED") -> None:
         client = _client(self.uri)
         try:

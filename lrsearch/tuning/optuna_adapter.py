@@ -79,13 +79,25 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         return self._ot_study
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        super().on_trial_result(trial_id, result)
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            # a resumed search replays a trial the study already holds finished: Tune's saved state
+            # was older than optuna.db when the driver died
+            self._completed_trials.add(trial_id)
+            return
         if trial_id not in self._completed_trials:
             self._last_step[trial_id] = int(result.get(TRAINING_ITERATION, 0))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
         try:
             self._complete(trial_id, result, error)
+        except UpdateFinishedTrialError:
+            self._completed_trials.add(trial_id)  # told before the driver died (see on_trial_result)
         finally:
             if trial_id in self._completed_trials:
                 # told: the handle is not needed again, and the searcher's saved state (pickled by

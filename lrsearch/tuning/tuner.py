@@ -14,7 +14,6 @@ from typing import Any
 
 from lrsearch.config import JobConfig
 from lrsearch.errors import SearchError
-from lrsearch.tuning.checkpoints import keep_latest_checkpoint
 from lrsearch.tuning.optuna_adapter import PrunedAwareOptunaSearch, make_sampler, study_storage
 
 TUNE_DIR = "tune"
@@ -135,7 +134,7 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         # callbacks are not part of the saved state and restore() takes none (ray-project/ray#41364)
-        tuner._local_tuner._run_config.callbacks = [*callbacks, keep_latest_checkpoint()]  # noqa: SLF001
+        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
         return tuner, None
     searcher = PrunedAwareOptunaSearch(
         space=sampler, metric=metric, mode=mode, points_to_evaluate=first_points or None,
@@ -157,10 +156,12 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=root,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            # every checkpoint kept by Tune (num_to_keep=None), the superseded ones deleted by
-            # keep_latest_checkpoint: num_to_keep=1 would save all trials' state at each checkpoint
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-            verbose=2 if verbose else 0, callbacks=[*callbacks, keep_latest_checkpoint()],
+            # num_to_keep=1 also makes Tune save its whole experiment state at each trial's
+            # checkpoint: O(trials) per trial (BENCHMARKS.md, scale), but that keeps Tune's state
+            # in step with optuna.db, which an exact resume relies on (a lagging state re-runs
+            # trials the study holds finished: tests/test_search.py, resume after a kill)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=2 if verbose else 0, callbacks=callbacks,
         ),
     )
     return tuner, searcher
