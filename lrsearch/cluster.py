@@ -14,6 +14,8 @@ The commands here never carry the token; every Ray process gets it from its envi
 (``RAY_AUTH_MODE=token`` plus ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``).
 Dashboards and servers bind to ``127.0.0.1`` unless the caller passes another host (inside a
 compose network or a pod they must listen on ``0.0.0.0``; the host publishes them on 127.0.0.1).
+The MLflow server runs MLflow's basic-auth app: it has no default admin password and reads it, like
+its other secrets, from its environment (see :func:`mlflow_server_command`).
 
 Example:
     >>> head_command(num_cpus=2)
@@ -154,7 +156,14 @@ def mlflow_server_command(
     artifacts_destination: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
 ) -> list[str]:
-    """``mlflow server``: the tracking server every trial logs to.
+    """``mlflow server``: the tracking server every trial logs to, behind MLflow's login.
+
+    It runs MLflow's basic-auth app (``--app-name basic-auth``, from ``mlflow[auth]``), which takes
+    its secrets from the environment and has no defaults: ``MLFLOW_AUTH_ADMIN_PASSWORD`` (the admin
+    account, created on first start; ``MLFLOW_AUTH_ADMIN_USERNAME`` or the ini's ``admin_username``
+    names it) and ``MLFLOW_FLASK_SERVER_SECRET_KEY``. ``MLFLOW_AUTH_CONFIG_PATH`` names a
+    ``basic_auth.ini`` (where its user database lives). Clients log in with
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.
 
     Args:
         host: interface to bind; ``0.0.0.0`` only inside a private network.
@@ -174,7 +183,7 @@ def mlflow_server_command(
         ValueError: a bad port, host or empty URI.
     """
     argv = [
-        "mlflow", "server",
+        "mlflow", "server", "--app-name", "basic-auth",
         "--host", _text("host", host),
         "--port", str(_port("port", port)),
         "--backend-store-uri", _text("backend_store_uri", backend_store_uri),

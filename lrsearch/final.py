@@ -34,6 +34,7 @@ from lrsearch.divergence import DivergenceMonitor
 from lrsearch.errors import ConfigError, SearchError
 from lrsearch.recipe import Stepper
 from lrsearch.tasks import Task, evaluate, reseed
+from lrsearch.tracking.store import redact_uri
 from lrsearch.trial import (
     TaskSource,
     build_trial,
@@ -135,7 +136,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
 
     out = _final_dir(job)
     state = _load_state(out, resume, found, candidates, epochs, steps, notes)  # reads only
-    state["uri"] = uri
+    state["uri"] = redact_uri(uri)  # a login comes from the environment, never a file
     source = TaskSource.of(job, task)
     from lrsearch.tuning.tuner import check_resources, init_ray
 
@@ -180,7 +181,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     if run is not None:
         run.finish("FINISHED")
     result = FinalResult(**outcome, run_id=run.run_id if run else None,
-                         search_run_id=found["run_id"], notes=notes, tracking_uri=uri if track else None,
+                         search_run_id=found["run_id"], notes=notes, tracking_uri=redact_uri(uri) if track else None,
                          paths={"final": str(out), "model": str(out / "model.pt")})
     result.seconds = time.perf_counter() - started
     (out / "result.json").write_text(json.dumps(result.summary(), indent=1, default=str))

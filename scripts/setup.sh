@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the built-in tasks read their data from.
 # postgresql: the tests run MLflow's PostgreSQL backend for real.
-APT_PACKAGES=(fortunes dataset-fashion-mnist postgresql)
+# chromium: the tests look at the MLflow UI (with and without its login) in headless Chromium.
+APT_PACKAGES=(fortunes dataset-fashion-mnist postgresql chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -5,7 +5,9 @@ file parses; the commands in docker/compose.yaml and cluster/gpu-cluster.yaml ar
 :mod:`lrsearch.cluster` builds (the multi-node test runs the same ones without Docker), and Ray's and
 MLflow's own command-line parsers accept them; the launcher file passes Ray's ``ray-schema.json`` and
 Ray's config validation; the KubeRay manifests have the fields KubeRay documents; the image pins the
-versions of ``pyproject.toml`` and installs what ``scripts/setup.sh`` installs; no secret sits in a file.
+versions of ``pyproject.toml`` and installs what ``scripts/setup.sh`` installs; no secret sits in a file;
+the MLflow server runs MLflow's basic-auth app with no default admin password, and every Ray node logs in
+to it from its environment. (tests/test_auth.py runs that server for real.)
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def test_worker_mlflow_and_entrypoint_commands():
         "ray", "start", "--address=h:1", "--num-cpus=0",
     ]
     assert mlflow_server_command() == [
-        "mlflow", "server", "--host", "127.0.0.1", "--port", "5000",
+        "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", "5000",
         "--backend-store-uri", "sqlite:///mlflow.db",
     ]
     assert mlflow_server_command(artifacts_destination="s3://b", allowed_hosts=["a", "b:*"])[-5:] == [
@@ -217,6 +219,7 @@ def test_mlflow_server_accepts_the_commands():
     for argv in (mlflow_server_command(), COMPOSE_MLFLOW):
         params = mlflow_server_cli().make_context("server", list(argv[2:])).params
         assert params["host"] == argv[argv.index("--host") + 1]
+        assert params["app_name"] == "basic-auth"  # MLflow's login in front of every request
     params = mlflow_server_cli().make_context("server", COMPOSE_MLFLOW[2:]).params
     assert params["serve_artifacts"] is True
     assert params["artifacts_destination"] == "s3://mlflow"
@@ -290,10 +293,38 @@ def test_compose_holds_no_secret_and_env_example_lists_each():
         for line in (DOCKER / ".env.example").read_text().splitlines()
         if line and not line.startswith("#")
     )
-    assert required == {"RAY_AUTH_TOKEN", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"}
+    assert required == {"RAY_AUTH_TOKEN", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
+                        "MLFLOW_FLASK_SERVER_SECRET_KEY"}
     for var in required:
         assert example.get(var) == "", f"docker/.env.example: {var} must be listed and empty"
     assert ".env" in (DOCKER / ".gitignore").read_text().split()
+
+
+def test_compose_mlflow_login_has_no_default_password(monkeypatch):
+    """The server's admin password and the Ray nodes' login are the same required secret of
+    docker/.env; the auth config the server reads (with MLflow's own reader) holds no password."""
+    from mlflow.server.auth.config import read_auth_config
+
+    services = compose()["services"]
+    env = services["mlflow"]["environment"]
+    password = env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{MLFLOW_ADMIN_PASSWORD:\?[^}]+\}", password), password
+    # the ini the server reads is this repository's file, mounted read-only
+    target = env["MLFLOW_AUTH_CONFIG_PATH"]
+    (source,) = [v.split(":")[0] for v in services["mlflow"]["volumes"] if v.split(":")[1] == target]
+    assert services["mlflow"]["volumes"] == [f"{source}:{target}:ro"]
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(DOCKER / source))
+    for var in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    config = read_auth_config()
+    assert config.admin_password is None, "no admin password in the repository"
+    assert config.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert config.database_uri.startswith("postgresql+psycopg://") and "@postgres:" in config.database_uri
+    assert ":" not in config.database_uri.split("://")[1].split("@")[0], "no password in the URI (PGPASSWORD)"
+    for name in ("ray-head", "ray-worker"):
+        node = services[name]["environment"]
+        assert node["MLFLOW_TRACKING_USERNAME"] == config.admin_username, name
+        assert node["MLFLOW_TRACKING_PASSWORD"] == password, name
 
 
 def test_compose_gpu_override_reserves_gpus_for_workers():
@@ -417,6 +448,9 @@ def test_launcher_image_token_auth_and_mlflow_env():
     assert (ROOT / env_file).name in (CLUSTER / ".gitignore").read_text().split()
     example = (ROOT / f"{env_file}.example").read_text()
     assert re.search(r"^MLFLOW_TRACKING_URI=http", example, re.M)
+    # the MLflow login every node's trials use: listed, with no default
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert re.search(rf"^{var}=$", example, re.M), f"{env_file}.example: {var}= (empty)"
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = [c for c in config[key] if "ray start" in c]
         assert len(start) == 1 and "set -a; . ~/lrsearch.env; set +a;" in start[0], key
@@ -536,6 +570,9 @@ def test_kuberay_images_and_environment_match_docker():
                 assert container["image"] == image_name(), where
                 sources = [s.get("configMapRef", {}).get("name") for s in container["envFrom"]]
                 assert "lrsearch-env" in sources, f"{where}: MLFLOW_TRACKING_URI comes from lrsearch-env"
+                # the MLflow login, from a required Secret (a pod without it does not start)
+                secrets = [s["secretRef"] for s in container["envFrom"] if "secretRef" in s]
+                assert {"name": "lrsearch-mlflow"} in secrets, f"{where}: no required Secret lrsearch-mlflow"
                 assert "env" not in container or not any(
                     _SECRET.search(e["name"]) and "value" in e for e in container["env"]
                 ), f"{where}: a secret as a literal env value"

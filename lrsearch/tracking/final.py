@@ -19,7 +19,14 @@ import yaml
 
 from lrsearch.errors import SearchError, TrackingError
 from lrsearch.tracking.read import find_search_run
-from lrsearch.tracking.store import PARENT_TAG, ROLE_TAG, _client, _retry, check_reachable
+from lrsearch.tracking.store import (
+    PARENT_TAG,
+    ROLE_TAG,
+    _client,
+    _retry,
+    check_reachable,
+    redact_uri,
+)
 
 FINAL_ROLE = "final"
 SEARCH_RUN_TAG = "lrsearch.search_run_id"
@@ -125,7 +132,7 @@ class FinalRun:
         except Exception as exc:
             from lrsearch.console import err
 
-            err.print(f"[yellow]warning:[/] MLflow at {self.uri} did not take the final run's figures "
+            err.print(f"[yellow]warning:[/] MLflow at {redact_uri(self.uri)} did not take the final run's figures "
                       f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})",
                       highlight=False)
 
@@ -150,7 +157,7 @@ class FinalRun:
                                                 input_example=input_example)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise TrackingError(f"MLflow at {self.uri} did not take the final model ({first})") from None
+            raise TrackingError(f"MLflow at {redact_uri(self.uri)} did not take the final model ({first})") from None
         registered = None
         if register:
             version = str(info.registered_model_version)

@@ -24,6 +24,8 @@ from lrsearch.tracking.store import (
     _RunLogger,
     _spool_keys,
     check_reachable,
+    redact_uri,
+    store_error,
 )
 
 
@@ -99,20 +101,32 @@ class SearchTracker(_RunLogger):
         """
         check_reachable(uri)
         client = _client(uri)
+        shown = redact_uri(uri)  # what mlflow.json, tags and messages hold: never a credential
         state_file = Path(results_dir) / "mlflow.json" if "://" not in results_dir else None
         if not resume and state_file is not None and state_file.is_file():
-            _close_dead_parent(client, json.loads(state_file.read_text()), uri)
+            _close_dead_parent(client, json.loads(state_file.read_text()), shown)
         if resume and state_file is not None and state_file.is_file():
             saved = json.loads(state_file.read_text())
-            if saved.get("uri") == uri:
-                info = TrackingInfo(uri, saved["experiment_id"], saved["run_id"], saved["search_id"],
-                                    f"{results_dir}/{SPOOL}")
+            if saved.get("uri") == shown:
+                info = TrackingInfo.of(uri, saved["experiment_id"], saved["run_id"], saved["search_id"],
+                                       f"{results_dir}/{SPOOL}")
                 try:
                     client.update_run(info.parent_run_id, status="RUNNING")
                     client.set_tag(info.parent_run_id, "lrsearch.state", "running (resumed)")
                 except Exception as exc:
-                    raise TrackingError(f"--resume: parent run {info.parent_run_id} not found at {uri}: {exc}") from None
+                    raise TrackingError(f"--resume: parent run {info.parent_run_id} not found at {shown}: "
+                                        f"{redact_uri(str(exc))}") from None
                 return cls(info)
+        try:
+            return cls._create(client, uri, experiment, job_name, results_dir, state_file, tags)
+        except Exception as exc:
+            if getattr(exc, "error_code", None) == "PERMISSION_DENIED":  # an account that may only read
+                raise store_error(exc, uri) from None
+            raise
+
+    @classmethod
+    def _create(cls, client: Any, uri: str, experiment: str, job_name: str, results_dir: str,
+                state_file: Path | None, tags: dict[str, str] | None) -> SearchTracker:
         exp = client.get_experiment_by_name(experiment)
         # experimentKind: MLflow's UI opens a training experiment on its runs table (nested runs
         # expandable), not on the GenAI overview
@@ -126,10 +140,10 @@ class SearchTracker(_RunLogger):
             all_tags["ray.submission_id"] = submission
         all_tags.update(tags or {})
         run = client.create_run(experiment_id, run_name=f"{job_name}-{search_id[:6]}", tags=all_tags)
-        info = TrackingInfo(uri, experiment_id, run.info.run_id, search_id, f"{results_dir}/{SPOOL}")
+        info = TrackingInfo.of(uri, experiment_id, run.info.run_id, search_id, f"{results_dir}/{SPOOL}")
         if state_file is not None:
             state_file.parent.mkdir(parents=True, exist_ok=True)
-            state_file.write_text(json.dumps({"uri": uri, "experiment_id": experiment_id,
+            state_file.write_text(json.dumps({"uri": info.uri, "experiment_id": experiment_id,
                                               "run_id": run.info.run_id, "search_id": search_id}))
         return cls(info)
 
@@ -228,7 +242,8 @@ def sync_spool(info: TrackingInfo) -> int:
 
 
 def load_tracking_info(results_dir: str) -> TrackingInfo:
-    """The tracking info a search saved in its results directory (for ``lrsearch sync``)."""
+    """The tracking info a search saved in its results directory (for ``lrsearch sync``). The saved
+    URI holds no credentials: a server that needs a login gets them from the environment."""
     state = Path(results_dir) / "mlflow.json"
     if not state.is_file():
         raise TrackingError(f"{results_dir}: no MLflow state (mlflow.json); was this a search's results directory?")

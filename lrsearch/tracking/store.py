@@ -1,14 +1,22 @@
 """The MLflow store: where it is, retried calls, the on-disk spool of what could not be logged,
-and a logger for one run that replays the spool in order."""
+and a logger for one run that replays the spool in order.
+
+Credentials: MLflow's own client reads them from the environment (``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` for a server running MLflow's basic-auth app, or ``MLFLOW_TRACKING_TOKEN``);
+every node of a cluster has them in its own environment. lrsearch never copies them anywhere. A
+tracking URI that carries them (``http://user:password@host``) is used as given to connect, and shown
+or written only through :func:`redact_uri`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +31,54 @@ SPOOL = "mlflow-spool"
 PARENT_KEY = "_search"
 
 
+AUTH_HELP = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the tracking "
+             "server (or MLFLOW_TRACKING_TOKEN to its token)")
+_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<user>[^/\s@:]*)(?::[^/\s]*)?@", re.I)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` (a URI, or a message holding URIs) without the credentials of ``scheme://user:pw@host``.
+
+    The password always goes; so does an HTTP URI's whole user part (it may be a token). A database
+    URI keeps its user (``postgresql://mlflow@db/mlflow``: the password then comes from ``PGPASSWORD``).
+    What is left still connects when the credentials are in the environment.
+
+    Example:
+        >>> redact_uri("http://alice:s3cret@mlflow:5000")
+        'http://mlflow:5000'
+    """
+
+    def strip(match: re.Match) -> str:
+        if match["scheme"].lower().startswith("http") or not match["user"]:
+            return match["scheme"]
+        return f"{match['scheme']}{match['user']}@"
+
+    return _USERINFO.sub(strip, text)
+
+
 @dataclass(frozen=True)
 class TrackingInfo:
-    """Everything a worker needs to log into a search's MLflow runs (pickles; no client inside)."""
+    """Everything a worker needs to log into a search's MLflow runs (pickles; no client inside).
+
+    ``uri`` is the store as shown and written to files (:func:`redact_uri`); ``client_uri`` the one
+    the client connects to, the same unless it carries credentials (held in memory only).
+    """
 
     uri: str
     experiment_id: str
     parent_run_id: str
     search_id: str
     spool_dir: str
+    client_uri: str | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, uri: str, experiment_id: str, parent_run_id: str, search_id: str,
+           spool_dir: str) -> TrackingInfo:
+        return cls(redact_uri(uri), experiment_id, parent_run_id, search_id, spool_dir, client_uri=uri)
+
+    def connect_uri(self) -> str:
+        return self.client_uri or self.uri
 
 
 def resolve_tracking(uri: str | None, experiment: str | None, job_name: str) -> tuple[str, str]:
@@ -66,28 +113,49 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def check_reachable(uri: str) -> None:
+    """Fail fast, with one line, when the tracking store cannot be reached or refuses the
+    credentials (missing or wrong ones name the environment variables to set)."""
+    client = _client(uri)
+    try:
+        _retry(lambda: client.search_experiments(max_results=1), tries=2)
+    except Exception as exc:
+        raise store_error(exc, uri) from None
+
+
+_REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+
 def _retry(fn: Callable[[], Any], *, tries: int = 3, delay: float = 0.5) -> Any:
     for attempt in range(tries):
         try:
             return fn()
-        except Exception:
-            if attempt == tries - 1:
+        except Exception as exc:
+            # a refused login is not retried: the same credentials get the same answer
+            if attempt == tries - 1 or getattr(exc, "error_code", None) in _REFUSED:
                 raise
             time.sleep(delay * 2**attempt)
     return None
 
 
-def check_reachable(uri: str) -> None:
-    """Fail fast, with one line, when the tracking store cannot be reached."""
-    client = _client(uri)
-    try:
-        _retry(lambda: client.search_experiments(max_results=1), tries=2)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise TrackingError(
-            f"tracking.uri: cannot reach the MLflow tracking store at {uri!r} ({first}); "
-            "start it, or set tracking.uri / MLFLOW_TRACKING_URI to one that is up"
-        ) from None
+def store_error(exc: Exception, uri: str) -> TrackingError:
+    """One line for a failed call to the store: a refused login names the variables to set."""
+    shown = redact_uri(uri)
+    code = getattr(exc, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        sent = redact_uri(uri) != uri or any(os.environ.get(v) for v in _CREDENTIAL_VARS)
+        what = "rejected the credentials" if sent else "requires a login and none was sent"
+        return TrackingError(f"tracking.uri: the MLflow server at {shown!r} {what}; {AUTH_HELP}")
+    if code == "PERMISSION_DENIED":
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        return TrackingError(f"tracking.uri: the MLflow server at {shown!r} denies this account"
+                             f"{f' ({user!r})' if user else ''} access; ask its admin for permission, or "
+                             f"{AUTH_HELP}")
+    first = redact_uri(str(exc).strip().splitlines()[0][:300]) if str(exc).strip() else type(exc).__name__
+    return TrackingError(
+        f"tracking.uri: cannot reach the MLflow tracking store at {shown!r} ({first}); "
+        "start it, or set tracking.uri / MLFLOW_TRACKING_URI to one that is up"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +244,7 @@ class _RunLogger:
     @property
     def client(self):
         if self._client is None:
-            self._client = _client(self.info.uri)
+            self._client = _client(self.info.connect_uri())
         return self._client
 
     def run_id(self) -> str:
