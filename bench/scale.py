@@ -46,7 +46,7 @@ def _size(path: Path) -> int:
 
 
 def one_search(num_trials: int, uri: str | None, work: str, train_steps: int,
-               policy: str = "none") -> dict:
+               policy: str = "none", algorithm: str = "tpe") -> dict:
     """Run in a child process: one search; prints its figures as JSON."""
     import lrsearch
 
@@ -56,7 +56,7 @@ def one_search(num_trials: int, uri: str | None, work: str, train_steps: int,
         "task": {"kind": "synthetic", "num_train": 64 * train_steps, "num_val": 64, "batch_size": 64,
                  "hidden": 32 if train_steps == 1 else 1024},
         "range_test": {"enabled": False},
-        "search": {"num_trials": num_trials, "max_epochs": 1, "grace_period": 1, "max_concurrent_trials": 2,
+        "search": {"algorithm": algorithm, "num_trials": num_trials, "max_epochs": 1, "grace_period": 1, "max_concurrent_trials": 2,
                    **checkpoints},
         "storage": {"path": f"{work}/runs"},
         "tracking": {"uri": uri},
@@ -65,7 +65,11 @@ def one_search(num_trials: int, uri: str | None, work: str, train_steps: int,
     res = lrsearch.search(job, track=uri is not None)
     wall = time.perf_counter() - start
     out = Path(res.paths["results"])
+    starts = sorted(json.loads(f.open().readline())["epoch_started_at"] for f in (out / "tune").glob("*/result.json"))
     return {
+        # seconds per hundred trials started, early (trials 100-200) and late (the last hundred)
+        "per100_early_s": starts[200] - starts[100] if len(starts) > 200 else None,
+        "per100_late_s": starts[-1] - starts[-101] if len(starts) > 300 else None,
         "trials": num_trials, "wall_s": wall, "completed": res.counts["completed"],
         "train_s": sum(t.train_seconds for t in res.trials),
         "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -76,12 +80,12 @@ def one_search(num_trials: int, uri: str | None, work: str, train_steps: int,
 
 
 def _child(num_trials: int, uri: str | None, train_steps: int, policy: str = "none",
-           src: str | None = None) -> dict:
+           src: str | None = None, algorithm: str = "tpe") -> dict:
     work = tempfile.mkdtemp(prefix="lrsearch-scale-")
     try:
         code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import scale; "
                 f"print('RESULT' + json.dumps(scale.one_search({num_trials}, {uri!r}, {work!r}, "
-                f"{train_steps}, {policy!r})))")
+                f"{train_steps}, {policy!r}, {algorithm!r})))")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
         if src:  # that checkout's lrsearch, in the driver and in the Ray workers it starts
             env["PYTHONPATH"] = src
@@ -122,6 +126,7 @@ def main() -> None:
     ap.add_argument("--trials", default="10,100,1000")
     ap.add_argument("--tracking", default="none,sqlite", help="none, sqlite, postgres (comma-separated)")
     ap.add_argument("--policies", default="defaults,none", help="checkpoint policies: defaults, none")
+    ap.add_argument("--algorithms", default="tpe", help="search.algorithm: tpe, random (comma-separated)")
     ap.add_argument("--baseline", default=None, help="a checkout of another lrsearch: its rows too")
     ap.add_argument("--long", action="store_true", help="also: 6 trials of ~30 s, bookkeeping fraction")
     args = ap.parse_args()
@@ -135,29 +140,33 @@ def main() -> None:
         else:
             uri = None if backend == "none" else "sqlite:///mlruns.db"
         try:
-            for policy in args.policies.split(","):
-                for label, src in sources:
-                    base = _child(1, uri, 1, policy, src)
-                    for n in counts:
-                        r = _child(n, uri, 1, policy, src)
-                        r.update(backend=backend, policy=policy, code=label, fixed_s=base["wall_s"])
-                        rows.append(r)
-                        print(json.dumps(r), flush=True)
+            for algorithm in args.algorithms.split(","):
+                for policy in args.policies.split(","):
+                    for label, src in sources:
+                        base = _child(1, uri, 1, policy, src, algorithm)
+                        for n in counts:
+                            r = _child(n, uri, 1, policy, src, algorithm)
+                            r.update(backend=backend, policy=policy, code=label, fixed_s=base["wall_s"],
+                                     algorithm=algorithm)
+                            rows.append(r)
+                            print(json.dumps(r), flush=True)
         finally:
             if stop:
                 stop()
-    print("\n| code | tracking | checkpoints | trials | wall s | per-trial overhead s | marginal s/trial | "
-          "driver peak MB | trials.parquet KB | optuna.db KB | Tune state KB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| code | algorithm | tracking | checkpoints | trials | wall s | per-trial overhead s | marginal s/trial | "
+          "s per 100 trials: 100-200, last 100 | driver peak MB | trials.parquet KB | optuna.db KB | Tune state KB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     prev = {}
     for r in rows:
-        key = (r["code"], r["backend"], r["policy"])
+        key = (r["code"], r["algorithm"], r["backend"], r["policy"])
         over = (r["wall_s"] - r["fixed_s"]) / max(1, r["trials"] - 1)
         p = prev.get(key)
         marginal = "-" if p is None else f"{(r['wall_s'] - p['wall_s']) / (r['trials'] - p['trials']):.3f}"
         prev[key] = r
-        print(f"| {r['code']} | {r['backend']} | {r['policy']} | {r['trials']} | {r['wall_s']:.1f} | {over:.3f} | "
-              f"{marginal} | {r['driver_peak_mb']:.0f} | {r['parquet_kb']:.0f} | {r['optuna_db_kb']:.0f} | "
+        per100 = "-" if r["per100_late_s"] is None else (
+            f"{r['per100_early_s']:.1f}, {r['per100_late_s']:.1f} ({r['per100_late_s'] / r['per100_early_s']:.2f}x)")
+        print(f"| {r['code']} | {r['algorithm']} | {r['backend']} | {r['policy']} | {r['trials']} | {r['wall_s']:.1f} | "
+              f"{over:.3f} | {marginal} | {per100} | {r['driver_peak_mb']:.0f} | {r['parquet_kb']:.0f} | {r['optuna_db_kb']:.0f} | "
               f"{r['tune_state_kb']:.0f} |")
     if args.long:
         r = _child(6, None, 2500)  # ~30 s of training per trial on one core here

@@ -42,3 +42,49 @@ def test_many_openers_of_a_new_study_file_all_succeed(tmp_path):
 
 def test_in_memory_when_there_is_no_path():
     assert study_storage(None) is None
+
+
+def _lr_space(trial) -> None:
+    trial.suggest_float("max_lr", 1e-5, 1e-2, log=True)
+
+
+def _searcher(path: str, num_trials: int):
+    from lrsearch.tuning.optuna_adapter import PrunedAwareOptunaSearch, make_sampler
+
+    return PrunedAwareOptunaSearch(space=_lr_space, metric="acc", mode="max", storage=study_storage(path),
+                                   sampler=make_sampler("random", seed=0, num_trials=num_trials),
+                                   study_name="s", max_t=1, num_trials=num_trials)
+
+
+def test_a_resume_squares_tunes_older_saved_state_with_the_newer_study(tmp_path):
+    from ray.tune.search import Searcher
+
+    from lrsearch.tuning.optuna_adapter import TUNE_ID_ATTR, unknown_to_tune
+
+    db = str(tmp_path / "optuna.db")
+    live = _searcher(db, num_trials=5)
+    for tid in ("a", "b", "c"):
+        assert live.suggest(tid) is not None
+    live.on_trial_complete("a", {"acc": 0.5, "training_iteration": 1})
+    live.save(str(tmp_path / "searcher.pkl"))  # Tune's last saved state: a done, b and c running
+    for tid in ("d", "e"):
+        assert live.suggest(tid) is not None
+    for tid, acc in (("b", 0.6), ("d", 0.7)):
+        live.on_trial_complete(tid, {"acc": acc, "training_iteration": 1})
+    # the driver dies: c (known to Tune) and e (not) were running; d finished unknown to Tune
+
+    restored = _searcher(db, num_trials=5)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    state = {t.user_attrs[TUNE_ID_ATTR]: t.state.name for t in study.trials}
+    assert state == {"a": "COMPLETE", "b": "COMPLETE", "c": "RUNNING", "d": "COMPLETE", "e": "FAIL"}
+    # the study's finished trial Tune's results will lack, to be read from its directory
+    assert unknown_to_tune(study, {"a", "b", "c"}) == {"d": 3}
+    # Tune re-runs c and b from its older state (the study keeps their first values) and asks for
+    # trials until its own count of 5: one more fits (a, b, c, d + 1), then no more
+    restored.on_trial_complete("b", {"acc": 0.1, "training_iteration": 1})
+    assert restored.suggest("f") is not None
+    assert restored.suggest("g") == Searcher.FINISHED
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
+    values = {t.user_attrs[TUNE_ID_ATTR]: t.value for t in study.trials}
+    assert values["b"] == 0.6 and values["d"] == 0.7

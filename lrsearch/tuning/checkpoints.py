@@ -1,4 +1,5 @@
-"""Trial checkpoints on the search's storage: repair before a resume, prune after the search."""
+"""Trial checkpoints on the search's storage: keep each trial's newest while it runs, repair before a
+resume, prune after the search."""
 
 from __future__ import annotations
 
@@ -15,6 +16,36 @@ def checkpoint_dirs(fs: Any, trial_dir: str) -> dict[int, str]:
     numbered = ((re.fullmatch(r"checkpoint_(\d+)", name), path)
                 for name, path in listing(fs, trial_dir, dirs=True).items())
     return {int(match[1]): path for match, path in numbered if match}
+
+
+def keep_latest_checkpoint() -> Any:
+    """A Tune callback that deletes a trial's previous checkpoint once it has saved a new one.
+
+    This is what ``CheckpointConfig(num_to_keep=1)`` does, at O(1) per checkpoint: given
+    ``num_to_keep``, Tune also saves the whole experiment state (every trial's) after each trial's
+    checkpoint, which made a search O(trials^2) (BENCHMARKS.md, scale). A driver killed between two
+    of Tune's own periodic saves leaves a state naming a deleted checkpoint, which
+    :func:`fill_replaced_checkpoints` repairs before a resume.
+    """
+    from ray.tune import Callback
+
+    class KeepLatestCheckpoint(Callback):
+        def __init__(self) -> None:
+            self.latest: dict[str, Any] = {}
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+            previous = self.latest.pop(trial.trial_id, None)
+            self.latest[trial.trial_id] = checkpoint
+            if previous is not None and previous.path != checkpoint.path:
+                try:
+                    previous.filesystem.delete_dir(previous.path)
+                except (FileNotFoundError, OSError):
+                    pass  # gone already: nothing to free
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self.latest.pop(trial.trial_id, None)  # its last checkpoint stays; the map stays small
+
+    return KeepLatestCheckpoint()
 
 
 def fill_replaced_checkpoints(tune_path: str, epochs: list[int]) -> None:
