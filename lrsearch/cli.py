@@ -160,6 +160,10 @@ def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
         return
     for renderable in search_tables(result):
         out.print(renderable)
+    budget = (result.progress or {}).get("budget")
+    if budget:
+        out.print(f"budget: {budget['spent']:g} of {budget['limit']:g} {budget['kind']} spent"
+                  + ("; it stopped the search" if budget["exhausted"] else ""), highlight=False)
 
 
 @app.command()
@@ -310,7 +314,7 @@ app.add_typer(jobs_app, name="jobs")
 @jobs_app.command("list")
 @_clear_errors
 def jobs_list(address: AddressOpt, json_: JsonOpt = False) -> None:
-    """The cluster's jobs."""
+    """The cluster's jobs; for each search: trials done, the best so far, the budget spent."""
     from rich.table import Table
 
     from lrsearch.jobs import list_jobs
@@ -320,25 +324,39 @@ def jobs_list(address: AddressOpt, json_: JsonOpt = False) -> None:
         print_json({"jobs": rows})
         return
     table = Table(title=f"jobs at {address}")
-    for col in ("submission_id", "job", "status", "entrypoint"):
+    for col in ("submission_id", "job", "status", "trials", "best", "spent", "entrypoint"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["submission_id"]), str(r["job"] or "-"), r["status"], r["entrypoint"])
+        table.add_row(str(r["submission_id"]), str(r["job"] or "-"), r["status"], *_progress_cells(r["progress"]),
+                      r["entrypoint"])
     out.print(table)
+
+
+def _progress_cells(p: dict | None) -> tuple[str, str, str]:
+    """Trials done of total, the best so far, the budget spent (``-`` before the first trial ends)."""
+    if not p:
+        return "-", "-", "-"
+    best = "-" if p["best"] is None else f"{p['metric']} {p['best']:.4f}"
+    b = p["budget"]
+    spent = f"{b['spent']:g} / {b['limit']:g} {b['kind']}" if b else f"{p['trial_epochs']} trial_epochs"
+    return f"{p['trials_done']}/{p['num_trials']}", best, spent
 
 
 @jobs_app.command("status")
 @_clear_errors
 def jobs_status(job_id: Annotated[str, typer.Argument(show_default=False)], address: AddressOpt,
                 json_: JsonOpt = False) -> None:
-    """One job's status."""
-    from lrsearch.jobs import job_status
+    """One job's status; for a search: trials done, the best so far, the budget spent and left, the
+    forecast end."""
+    from lrsearch.jobs import job_status, progress_text
 
     info = job_status(address, job_id)
     if json_:
         print_json(info)
     else:
         out.print(f"{job_id}: [bold]{info['status']}[/] {info['message'] or ''}", highlight=False)
+        if info["progress"]:
+            out.print(progress_text(info["progress"]), highlight=False)
 
 
 @jobs_app.command("logs")

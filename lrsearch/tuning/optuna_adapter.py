@@ -13,11 +13,17 @@ from typing import Any
 
 from optuna.trial import TrialState
 from ray.tune.result import TRAINING_ITERATION
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 __all__ = ["PrunedAwareOptunaSearch", "make_sampler", "study_storage"]
 
 _INIT_ATTEMPTS = 5
+#: the study's user attribute counting the trials seeded into it by ``search.warm_start``
+WARM_START_ATTR = "lrsearch.warm_start_trials"
+
+#: each Optuna trial's user attribute naming its Ray Tune trial (this search's own trials carry it)
+TUNE_ID_ATTR = "lrsearch.tune_trial_id"
 
 #: ``search.algorithm`` -> a function building the Optuna sampler
 ALGORITHMS = ("tpe", "random")
@@ -30,8 +36,11 @@ def make_sampler(algorithm: str, *, seed: int, num_trials: int) -> Any:
     if algorithm == "random":
         return RandomSampler(seed=seed)
     if algorithm == "tpe":
-        # a few random trials first (TPE needs data), at most half the budget on small searches
-        return TPESampler(seed=seed, n_startup_trials=max(1, min(5, num_trials // 2)))
+        from lrsearch.tuning.tpe_window import WindowedSampler
+
+        # a few random trials first (TPE needs data), at most half the budget on small searches;
+        # past 256 trials, TPE sees the newest and the best (a flat cost per trial)
+        return WindowedSampler(TPESampler(seed=seed, n_startup_trials=max(1, min(5, num_trials // 2))))
     raise ValueError(f"search.algorithm: got {algorithm!r}; allowed: {', '.join(ALGORITHMS)}")
 
 
@@ -65,18 +74,62 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that tells Optuna PRUNED for trials that did not finish their budget.
 
     A trial that ended before ``max_t`` iterations, or diverged, is told as PRUNED; it carries
-    the user attributes ``diverged`` and ``stopped_at``.
+    the user attributes ``diverged`` and ``stopped_at``. ``warm_trials`` (finished Optuna trials of
+    earlier searches, :mod:`lrsearch.tuning.warm_start`) are added to the study as it is created.
     """
 
-    def __init__(self, *args: Any, max_t: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, max_t: int, num_trials: int | None = None, warm_trials: list[Any] = (),
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # creates (or loads) the study
         self._max_t = max_t
+        self._num_trials = num_trials
+        self._asked: int | None = None  # this search's trials in the study, counted once per driver
         self._last_step: dict[str, int] = {}
+        # once per study: the mark keeps a study loaded again from its storage from growing twice.
+        # Not kept on self: Tune pickles the searcher at every experiment checkpoint
+        if warm_trials and not self._ot_study.user_attrs.get(WARM_START_ATTR):
+            self._ot_study.add_trials(warm_trials)
+            self._ot_study.set_user_attr(WARM_START_ATTR, len(warm_trials))
 
     @property
     def study(self) -> Any:
         """The Optuna study (for importances and the final trial list; not for per-trial use)."""
         return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        new = trial_id not in self._ot_trials
+        if new and self._num_trials is not None:
+            if self._asked is None:
+                self._asked = len(self._own_trials((TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)))
+            if self._asked >= self._num_trials:
+                # a resumed search whose study already holds every trial: the ones Tune's older
+                # saved state never knew finished too (see restore)
+                return Searcher.FINISHED
+        config = super().suggest(trial_id)
+        if new and trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
+            self._asked = (self._asked or 0) + 1
+        return config
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore the searcher Tune saved, and square it with the study, which is newer.
+
+        Tune saves its state (this searcher's among it) on a period, not at each trial, while
+        every trial's creation and end go to ``optuna.db`` at once. Trials created after Tune's last
+        save are unknown to the restored Tune: the ones still running when the driver died are told
+        FAIL (Tune starts others in their place); the finished ones stay, count towards
+        ``num_trials`` (:meth:`suggest`), and join the results from their directories
+        (:func:`unknown_to_tune`).
+        """
+        super().restore(checkpoint_path)
+        self._asked = None
+        known = set(self._ot_trials) | set(self._completed_trials)
+        for trial in self._own_trials((TrialState.RUNNING,)):
+            if trial.user_attrs[TUNE_ID_ATTR] not in known:
+                self._ot_study.tell(trial.number, state=TrialState.FAIL)
+
+    def _own_trials(self, states: tuple[TrialState, ...]) -> list[Any]:
+        return [t for t in self._ot_study.get_trials(deepcopy=False, states=states) if TUNE_ID_ATTR in t.user_attrs]
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
@@ -123,6 +176,14 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
         self._completed_trials.add(trial_id)
         return None
+
+
+def unknown_to_tune(study: Any, known: set[str]) -> dict[str, int]:
+    """``{tune_trial_id: optuna number}`` of the finished trials of this search that Tune's results
+    lack (``known``): those created after Tune's last saved state, before the driver died."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return {t.user_attrs[TUNE_ID_ATTR]: t.number for t in finished
+            if TUNE_ID_ATTR in t.user_attrs and t.user_attrs[TUNE_ID_ATTR] not in known}
 
 
 def study_trials(study: Any) -> list[dict[str, Any]]:

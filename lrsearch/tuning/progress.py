@@ -1,26 +1,35 @@
-"""The search's live status line on the terminal (instead of Ray Tune's tables). Display only."""
+"""The search's live status line on the terminal (instead of Ray Tune's tables), and its progress
+published at each trial's end: a ``lrsearch-progress {json}`` line on stderr inside a Ray job
+(``lrsearch jobs status`` reads the last one from the job's logs) and metrics on the MLflow parent."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from typing import Any
 
 from ray.tune import Callback
 
+from lrsearch.jobs import PROGRESS_PREFIX, progress_text
+from lrsearch.tuning.budget import Ledger
+
 
 class LiveProgress(Callback):
-    """One live status line: trials running/done and the best epoch so far."""
+    """One live status line: trials running/done, the best epoch so far, the budget spent and the
+    forecast end."""
 
-    def __init__(self, metric: str, mode: str, num_trials: int, enabled: bool) -> None:
-        self.metric, self.mode, self.num_trials, self.enabled = metric, mode, num_trials, enabled
+    def __init__(self, ledger: Ledger, enabled: bool, *, tracker: Any = None, print_line: bool = False) -> None:
+        self.ledger, self.enabled, self.tracker, self.print_line = ledger, enabled, tracker, print_line
+        self.metric, self.mode = ledger.metric, ledger.mode
         self.running: set[str] = set()
-        self.done = 0
         self.best: float | None = None
         self._status = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # Ray pickles callbacks with the experiment state; the live terminal widget stays here.
-        return {**self.__dict__, "_status": None}
+        # Ray pickles callbacks with the experiment state; the live terminal widget and the MLflow
+        # client stay here.
+        return {**self.__dict__, "_status": None, "tracker": None}
 
     def _show(self) -> None:
         if not self.enabled:
@@ -30,9 +39,17 @@ class LiveProgress(Callback):
 
             self._status = err.status("")
             self._status.start()
-        best = "-" if self.best is None else f"{self.best:.4f}"
-        self._status.update(f"trials: {len(self.running)} running, {self.done}/{self.num_trials} done; "
-                            f"best epoch so far: {self.metric} {best}")
+        self._status.update(progress_text(self.ledger.snapshot(), best=("best epoch so far", self.best)))
+
+    def _publish(self) -> None:
+        snapshot = self.ledger.snapshot()
+        if self.print_line:
+            sys.stderr.write(PROGRESS_PREFIX + json.dumps(snapshot) + "\n")
+            sys.stderr.flush()
+        if self.tracker is not None:
+            from lrsearch.tuning.track import log_progress
+
+            log_progress(self.tracker, snapshot)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
@@ -47,7 +64,7 @@ class LiveProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
-        self.done += 1
+        self._publish()
         self._show()
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -137,6 +137,13 @@ class SearchResult:
     experiment: str | None = None
     #: what the search told the user on the way (e.g. that a resume found nothing to continue)
     notes: list[str] = field(default_factory=list)
+    #: ``search.warm_start``'s report: trials ``reused`` and ``dropped``, per earlier search
+    #: (``sources``: ``ref``, ``run_id``, counts by state, ``dropped`` by reason); ``None``: off
+    warm_start: dict[str, Any] | None = None
+    #: the budget and progress at the end (:meth:`~lrsearch.tuning.budget.Ledger.snapshot`):
+    #: ``trials_done``, ``trial_epochs``, ``gpu_hours``, ``budget`` (``kind``, ``limit``, ``spent``,
+    #: ``remaining``, ``exhausted``; ``None`` without one) and ``forecast_end``
+    progress: dict[str, Any] | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -169,10 +176,13 @@ class SearchResult:
             "counts": self.counts,
             "compute": {"trial_epochs": self.trial_epochs,
                         "range_test_epochs": round(self.range_test_epochs, 3)},
+            "budget": (self.progress or {}).get("budget"),
+            "progress": self.progress,
             "importances": self.importances,
             "paths": self.paths,
             "bounds": self.range_test["bounds"] if self.range_test else None,
             "tracking": self.tracking,
+            "warm_start": self.warm_start,
             "seconds": round(self.seconds, 1),
         }
 
@@ -205,6 +215,11 @@ def _column(df: Any, name: str) -> list[float]:
     return [] if df is None or name not in df else [float(v) for v in df[name].fillna(0).tolist()]
 
 
+def trial_id_of(result: Any) -> str:
+    """A Ray Tune ``Result``'s trial id (from its last result, else its directory's name)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
+
+
 def trial_records(grid: Any, *, metric: str, max_epochs: int, total_steps: int) -> list[TrialRecord]:
     """One :class:`TrialRecord` per trial of Ray Tune's ``ResultGrid``, in the order of creation.
 
@@ -221,7 +236,7 @@ def trial_records(grid: Any, *, metric: str, max_epochs: int, total_steps: int) 
             # a resumed trial may report again the epochs after Tune's last saved state
             df = df.drop_duplicates("training_iteration", keep="last")
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
+        trial_id = trial_id_of(result)
         number = re.match(rf".*?_{re.escape(trial_id)}_(\d+)", Path(result.path).name)
         records.append(TrialRecord(
             trial_id=trial_id,

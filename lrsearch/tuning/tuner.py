@@ -1,7 +1,8 @@
 """Ray Tune wiring: start or join Ray, and build the ``Tuner`` (fresh, or restored to resume).
 
 The one use of Ray's private API is here: a restored ``Tuner`` does not take callbacks, and
-lrsearch's live progress line is a callback (ray-project/ray#41364).
+lrsearch's live progress line is a callback (ray-project/ray#41364); and a resume may change
+``search.budget``, which the restored searcher and scheduler then hold.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 from lrsearch.config import JobConfig
 from lrsearch.errors import SearchError
+from lrsearch.tuning.budget import BudgetedSearch, BudgetScheduler, Ledger
+from lrsearch.tuning.checkpoints import keep_latest_checkpoint
 from lrsearch.tuning.optuna_adapter import PrunedAwareOptunaSearch, make_sampler, study_storage
 
 TUNE_DIR = "tune"
@@ -117,8 +120,11 @@ def _scheduler(job: JobConfig) -> Any:
 
 def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: list[dict],
                 metric: str, mode: str, root: str, study_path: str | None, resume: bool,
-                callbacks: list[Any], verbose: bool) -> tuple[Any, PrunedAwareOptunaSearch | None]:
-    """The ``Tuner`` for a job, and its searcher (``None`` when restored: Tune restores it)."""
+                callbacks: list[Any], verbose: bool, ledger: Ledger,
+                warm_trials: list[Any] = ()) -> tuple[Any, PrunedAwareOptunaSearch | None]:
+    """The ``Tuner`` for a job, and its searcher (``None`` when restored: Tune restores it).
+    The ``ledger`` holds the job's budget and decides which trials start and train on.
+    ``warm_trials`` seed a fresh search's study (``search.warm_start``); a restored one has them."""
     from ray import tune
 
     s = job.search
@@ -134,12 +140,18 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         # callbacks are not part of the saved state and restore() takes none (ray-project/ray#41364)
-        tuner._local_tuner._run_config.callbacks = callbacks  # noqa: SLF001
+        local = tuner._local_tuner  # noqa: SLF001
+        local._run_config.callbacks = [*callbacks, keep_latest_checkpoint()]
+        # the job's budget now, not the saved one (the spent totals come back with the searcher's state)
+        for part in (local._tune_config.search_alg, local._tune_config.scheduler):
+            if isinstance(part, BudgetedSearch | BudgetScheduler):  # not in a search saved before budgets
+                part.ledger = ledger
         return tuner, None
     searcher = PrunedAwareOptunaSearch(
         space=sampler, metric=metric, mode=mode, points_to_evaluate=first_points or None,
         sampler=make_sampler(s.algorithm, seed=s.seed, num_trials=s.num_trials),
-        storage=study_storage(study_path), study_name=job.name, max_t=s.max_epochs,
+        storage=study_storage(study_path), study_name=job.name, max_t=s.max_epochs, num_trials=s.num_trials,
+        warm_trials=warm_trials,
     )
     scheduler = _scheduler(job)
     if getattr(scheduler, "metric", None):  # ranks by its own metric; the searcher keeps the objective
@@ -147,21 +159,22 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=s.num_trials, max_concurrent_trials=s.max_concurrent_trials,
-            time_budget_s=s.time_budget_s,
+            metric=metric, mode=mode, num_samples=s.num_trials,
+            # the budget decides which trials start and which train on (time_budget_s is its wall_s)
+            search_alg=BudgetedSearch(searcher, ledger, max_concurrent=s.max_concurrent_trials),
+            scheduler=BudgetScheduler(scheduler, ledger),
             # a reused worker keeps the built task (pretrained weights, tokenised data)
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=root,
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            # num_to_keep=1 also makes Tune save its whole experiment state at each trial's
-            # checkpoint: O(trials) per trial (BENCHMARKS.md, scale), but that keeps Tune's state
-            # in step with optuna.db, which an exact resume relies on (a lagging state re-runs
-            # trials the study holds finished: tests/test_search.py, resume after a kill)
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=2 if verbose else 0, callbacks=callbacks,
+            # every checkpoint kept by Tune (num_to_keep=None), the superseded ones deleted by
+            # keep_latest_checkpoint: num_to_keep=1 would also save every trial's state at each
+            # checkpoint, O(trials) per trial (BENCHMARKS.md, scale). Tune's state then lags
+            # optuna.db by its save period; a resume squares the two (PrunedAwareOptunaSearch.restore)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            verbose=2 if verbose else 0, callbacks=[*callbacks, keep_latest_checkpoint()],
         ),
     )
     return tuner, searcher
