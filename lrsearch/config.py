@@ -136,6 +136,26 @@ class SpaceConfig(Strict):
         return value
 
 
+class BudgetConfig(Strict):
+    """``search.budget``: one of trial-epochs, GPU-hours (``resources.gpu`` x a trial's seconds) or
+    wall seconds; the search starts no trial it cannot pay for (:mod:`lrsearch.tuning.budget`)."""
+
+    trial_epochs: PositiveInt | None = None
+    gpu_hours: PositiveFloat | None = None
+    wall_s: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetConfig:
+        given = {k: v for k, v in self.model_dump().items() if v is not None}
+        if len(given) > 1:
+            raise ValueError("allowed: one of trial_epochs, gpu_hours or wall_s")
+        return self
+
+    def limit(self) -> tuple[str, float] | None:
+        """``(kind, value)``, or ``None`` when no budget is set."""
+        return next(((k, v) for k, v in self.model_dump().items() if v is not None), None)
+
+
 class SearchConfig(Strict):
     """Ray Tune + Optuna settings: the sampler, early stopping, budget and divergence stop."""
 
@@ -150,11 +170,17 @@ class SearchConfig(Strict):
     rung_metric: Literal["objective", "val_loss"] = "objective"
     #: configs to try first, e.g. ``{max_lr: 5.0e-5, schedule: linear, warmup_frac: 0.0}``
     start_points: list[dict[str, Any]] = Field(default_factory=list)
+    #: earlier searches whose finished trials seed this one's study: experiment names (each one's
+    #: latest finished search) or MLflow run ids, read from this job's tracking store
+    warm_start: list[str] = Field(default_factory=list)
     num_trials: PositiveInt = 12
     max_epochs: PositiveInt = 3
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[float, Field(ge=2, allow_inf_nan=False)] = 2
     max_concurrent_trials: PositiveInt = 2
+    #: stop the search at this compute: ``{trial_epochs: N}``, ``{gpu_hours: H}`` or ``{wall_s: S}``
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    #: the same as ``budget: {wall_s: ...}`` (kept for existing job files)
     time_budget_s: PositiveFloat | None = None
     seed: int = 0
     #: a trial stops, diverged, once its smoothed loss exceeds this multiple of its first loss
@@ -171,6 +197,15 @@ class SearchConfig(Strict):
     #: last checkpoint ("all") or none ("none")
     keep_checkpoints: Literal["best", "all", "none"] = "best"
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if value is None:
+            return {}  # ``budget: null``: none
+        if not isinstance(value, dict | BudgetConfig):
+            raise ValueError("allowed: {trial_epochs: N}, {gpu_hours: H} or {wall_s: S}")
+        return value
+
     @field_validator("start_points")
     @classmethod
     def _start_points(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -182,6 +217,17 @@ class SearchConfig(Strict):
                 raise ValueError(f"start_points[{i}].schedule: needs a schedule name (got {point.get('schedule')!r})")
         return value
 
+    @field_validator("warm_start", mode="before")
+    @classmethod
+    def _warm_start(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]  # one earlier search
+        if isinstance(value, list):
+            for i, ref in enumerate(value):
+                if not isinstance(ref, str) or not ref.strip():
+                    raise ValueError(f"allowed: experiment names or run ids of earlier searches (entry {i} is {ref!r})")
+        return value
+
     @model_validator(mode="after")
     def _grace_le_max(self) -> SearchConfig:
         if self.grace_period > self.max_epochs:
@@ -189,6 +235,10 @@ class SearchConfig(Strict):
                 f"grace_period ({self.grace_period}) must be at most max_epochs ({self.max_epochs})"
             )
         return self
+
+    def budget_limit(self) -> tuple[str, float] | None:
+        """The budget as ``(kind, value)`` (``time_budget_s`` is ``wall_s``), or ``None``."""
+        return self.budget.limit() or (("wall_s", self.time_budget_s) if self.time_budget_s else None)
 
 
 class StorageConfig(Strict):
@@ -398,6 +448,7 @@ def parse_job(data: Any, *, source: str = "job", base_dir: str = ".") -> JobConf
     except ValidationError as exc:
         lines = [f"{source}: {line}" for line in _error_lines(exc.errors(), data)]
         raise ConfigError("\n".join(lines)) from None
+    _check_budget(job, source)
     if job.train.precision == "fp16" and job.resources.gpu == 0:
         raise ConfigError(f"{source}: train.precision: got 'fp16'; fp16 needs a CUDA GPU per trial "
                           "(resources.gpu > 0); on the CPU use bf16 or fp32")
@@ -407,6 +458,22 @@ def parse_job(data: Any, *, source: str = "job", base_dir: str = ".") -> JobConf
         raise ConfigError(f"{source}: {exc}") from None
     _check_start_points(job, space, source)
     return job
+
+
+def _check_budget(job: JobConfig, source: str) -> None:
+    """``search.budget`` against the rest of the job: one budget, one a trial can fit in."""
+    s, where = job.search, f"{source}: search.budget"
+    limit = s.budget.limit()
+    if limit and s.time_budget_s:
+        raise ConfigError(f"{source}: search.time_budget_s: got {s.time_budget_s:g} beside search.budget "
+                          f"{dict([limit])}; allowed: one of them (time_budget_s is budget.wall_s)")
+    if limit and limit[0] == "gpu_hours" and job.resources.gpu == 0:
+        raise ConfigError(f"{where}.gpu_hours: got {limit[1]:g}; GPU-hours count resources.gpu x seconds and "
+                          "resources.gpu is 0; allowed: set resources.gpu, or budget trial_epochs or wall_s")
+    first = s.grace_period if s.early_stopping == "asha" else s.max_epochs
+    if limit and limit[0] == "trial_epochs" and limit[1] < first:
+        raise ConfigError(f"{where}.trial_epochs: got {limit[1]}; allowed: at least {first}, the epochs of a "
+                          f"trial's first rung (search.{'grace_period' if s.early_stopping == 'asha' else 'max_epochs'})")
 
 
 def _check_start_points(job: JobConfig, space: SearchSpace, source: str) -> None:

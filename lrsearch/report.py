@@ -115,6 +115,8 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
     if result.importances:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in result.importances.items())
         parts.append(f"what mattered (Optuna fANOVA importance over completed trials): {shown}")
+    if result.warm_start:
+        parts.append(escape(warm_start_line(result.warm_start)))
     if result.best is not None:
         b = result.best
         parts.append(f"[bold green]best:[/] {b.schedule} max_lr={b.max_lr:.3g} ({_fmt_params(b.params, 4)}) "
@@ -136,6 +138,16 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
         if not uri.startswith(("http://", "https://")):
             parts.append(f"             see it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return parts
+
+
+def warm_start_line(report: dict[str, Any]) -> str:
+    """``search.warm_start``: the trials reused from which searches, and those dropped, by reason."""
+    from lrsearch.tuning.warm_start import dropped_text
+
+    sources = "; ".join(f"{s['reused']} of {s['trials']} from {s['ref']!r} ({s['completed']} completed, "
+                        f"{s['pruned'] + s['diverged']} pruned or diverged)" for s in report["sources"])
+    dropped = f"; dropped {report['dropped']}: {dropped_text(report)}" if report["dropped"] else ""
+    return f"warm start: seeded {report['reused']} trials: {sources}{dropped}"
 
 
 def final_lines(result: Any) -> list[str]:

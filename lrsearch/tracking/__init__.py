@@ -11,7 +11,12 @@ tag, so a retried or resumed trial re-attaches to its run instead of creating an
 """
 
 from lrsearch.errors import TrackingError
-from lrsearch.tracking.read import find_search_run, read_best_config
+from lrsearch.tracking.read import (
+    find_past_search,
+    find_search_run,
+    read_best_config,
+    read_trial_runs,
+)
 from lrsearch.tracking.runs import SearchTracker, TrialLogger, load_tracking_info, sync_spool
 from lrsearch.tracking.store import TrackingInfo, check_reachable, resolve_tracking
 
@@ -21,9 +26,11 @@ __all__ = [
     "TrackingInfo",
     "TrialLogger",
     "check_reachable",
+    "find_past_search",
     "find_search_run",
     "load_tracking_info",
     "read_best_config",
+    "read_trial_runs",
     "resolve_tracking",
     "sync_spool",
 ]

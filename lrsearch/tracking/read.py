@@ -43,3 +43,60 @@ def read_best_config(uri: str, run_id: str) -> dict[str, Any]:
         path = client.download_artifacts(run_id, "best_config.yaml", tmp)
         return yaml.safe_load(Path(path).read_text())
 
+
+
+def find_past_search(uri: str, ref: str) -> Any:
+    """The parent run of an earlier search named by ``ref`` (for ``search.warm_start``): an
+    experiment's latest finished search, or a run id (a search's, or one of its trials').
+
+    Raises:
+        LookupError: no such experiment or run, the run is not a search, or the experiment holds
+            no finished search; the message says which.
+    """
+    client = _client(uri)
+    check_reachable(uri)
+    exp = client.get_experiment_by_name(ref)
+    if exp is not None:
+        runs = client.search_runs(
+            [exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+            filter_string=f"tags.`{ROLE_TAG}` = 'search' and attributes.status = 'FINISHED'")
+        if not runs:
+            raise LookupError(f"experiment {ref!r} at {uri} holds no finished search")
+        return runs[0]
+    try:
+        run = client.get_run(ref)
+    except Exception:
+        names = [e.name for e in client.search_experiments(max_results=50)]
+        raise LookupError(f"no experiment or run {ref!r} at {uri} (experiments there: "
+                          f"{', '.join(names) or 'none'})") from None
+    role = run.data.tags.get(ROLE_TAG)
+    if role == "trial":
+        run = client.get_run(run.data.tags[PARENT_TAG])
+    elif role != "search":
+        raise LookupError(f"run {ref!r} at {uri} is not an lrsearch search (its {ROLE_TAG} tag is {role!r})")
+    if run.info.status != "FINISHED":
+        raise LookupError(f"search run {run.info.run_id} at {uri} has not finished (status {run.info.status})")
+    return run
+
+
+def read_trial_runs(uri: str, search_run: Any, metric: str) -> list[dict[str, Any]]:
+    """Every trial child run of ``search_run``: its MLflow params, its ``lrsearch.state`` and
+    ``lrsearch.stopped_at_epoch`` tags, and ``metric`` per epoch (``{epoch: value}``)."""
+    from lrsearch.tracking.store import SEARCH_TAG
+
+    client = _client(uri)
+    search_id = search_run.data.tags.get(SEARCH_TAG)
+    trials, token = [], None
+    while True:
+        runs = client.search_runs(
+            [search_run.info.experiment_id], max_results=1000, page_token=token,
+            order_by=["attributes.start_time ASC"], filter_string=f"tags.`{SEARCH_TAG}` = '{search_id}' and tags.`{ROLE_TAG}` = 'trial'")
+        for run in runs:
+            history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+            trials.append({"run_id": run.info.run_id, "params": dict(run.data.params),
+                           "state": run.data.tags.get("lrsearch.state"),
+                           "stopped_at_epoch": run.data.tags.get("lrsearch.stopped_at_epoch"),
+                           "history": dict(sorted(history.items()))})
+        token = runs.token
+        if not token:
+            return trials

@@ -11,6 +11,7 @@ from lrsearch.config import JobConfig, in_ray_job
 from lrsearch.errors import Interrupted
 from lrsearch.space import SpaceSampler
 from lrsearch.tasks import Task
+from lrsearch.tracking import resolve_tracking
 from lrsearch.trial import (
     TaskSource,
     checkpoint_epochs,
@@ -19,14 +20,17 @@ from lrsearch.trial import (
     run_trial,
     steps_per_epoch,
     total_steps,
+    worst_value,
 )
 from lrsearch.tuning import results as res
+from lrsearch.tuning import warm_start as ws
+from lrsearch.tuning.budget import Ledger
 from lrsearch.tuning.checkpoints import fill_replaced_checkpoints, prune_checkpoints
 from lrsearch.tuning.interrupt import CtrlC
-from lrsearch.tuning.optuna_adapter import importances, study_storage, study_trials
+from lrsearch.tuning.optuna_adapter import importances, study_storage, study_trials, unknown_to_tune
 from lrsearch.tuning.progress import LiveProgress
 from lrsearch.tuning.setup import first_points, prepare_dir, range_test_data, start_tracker, warn
-from lrsearch.tuning.track import log_results, log_setup
+from lrsearch.tuning.track import log_results, log_setup, log_warm_start
 from lrsearch.tuning.tuner import TUNE_DIR, build_tuner, check_resources, init_ray
 
 
@@ -44,6 +48,9 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         Path(root).mkdir(parents=True, exist_ok=True)
         os.chdir(root)
     out, resume_tune, notes = prepare_dir(job, root, resume, show_progress)
+    # the earlier searches are read before anything starts: a bad search.warm_start fails here
+    past = ws.read_past_searches(job.search.warm_start, resolve_tracking(job.tracking.uri, None, job.name)[0]) \
+        if job.search.warm_start and not resume_tune else []
     started_ray = init_ray(address, verbose)
     try:
         check_resources(job, joined=not started_ray)  # before anything else starts
@@ -55,9 +62,21 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
             notes.append(warn(f"range test: {range_test['warning']}", show_progress))
         space = job.search_space(tuple(range_test["bounds"]) if range_test else None)
         metric, mode = metric_key(built), built.mode
+        warm_trials, warm_report = [], ws.saved_report(out) if resume_tune else None
+        if past:
+            warm_trials, warm_report = ws.seed_trials(past, space, metric=metric, max_epochs=job.search.max_epochs,
+                                                      worst=worst_value(built))
+            if out is not None:
+                ws.write_report(warm_report, out)
+            if not warm_trials:
+                notes.append(warn("search.warm_start: no trial of the earlier searches fits this one "
+                                  f"(dropped: {ws.dropped_text(warm_report)})", show_progress))
         if tracker is not None and not resume_tune:
             log_setup(tracker, job, built.name, metric, out, range_test, space)
-        progress = LiveProgress(metric, mode, job.search.num_trials, show_progress and not verbose)
+            if warm_report:
+                log_warm_start(tracker, warm_report, out)
+        ledger = Ledger.for_search(job.search, gpu=job.resources.gpu, metric=metric, mode=mode)
+        progress = LiveProgress(ledger, show_progress and not verbose, tracker=tracker, print_line=in_ray_job())
         if resume_tune:
             fill_replaced_checkpoints(f"{root}/{TUNE_DIR}", checkpoint_epochs(job))
         from ray import tune
@@ -66,7 +85,7 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         tuner, searcher = build_tuner(
             job, trainable, sampler=SpaceSampler(space), first_points=first_points(job, space, range_test),
             metric=metric, mode=mode, root=root, study_path=str(out / "optuna.db") if out else None,
-            resume=resume_tune, callbacks=[progress], verbose=verbose)
+            resume=resume_tune, callbacks=[progress], verbose=verbose, ledger=ledger, warm_trials=warm_trials)
         with CtrlC() as ctrl_c:
             grid = tuner.fit()
     finally:
@@ -82,6 +101,8 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
                           f"{job.search.num_trials} trials finished; its state and checkpoints are kept in {root}")
 
     result = _collect(job, built, grid, searcher, out, range_test, notes, root)
+    result.warm_start = warm_report
+    result.progress = ledger.snapshot(finished=True)
     if tracker is not None:
         result.tracking = {"uri": tracker.info.uri, "experiment_id": tracker.info.experiment_id,
                            "run_id": tracker.info.parent_run_id}
@@ -100,11 +121,14 @@ def _collect(job: JobConfig, task: Task, grid, searcher, out: Path | None, range
     """Typed results from Ray Tune's grid; checkpoints pruned; the table, best config and study
     written once."""
     per_epoch, s, metric = steps_per_epoch(job, task), job.search, metric_key(task)
-    trials = res.trial_records(grid, metric=metric, max_epochs=s.max_epochs, total_steps=total_steps(job, task))
+    study = searcher.study if searcher is not None else _saved_study(job, out)
+    results = list(grid)
+    if searcher is None and study is not None:  # resumed: Tune's restored state may lack some trials
+        results += _unknown_to_tune(study, results, f"{root}/{TUNE_DIR}")
+    trials = res.trial_records(results, metric=metric, max_epochs=s.max_epochs, total_steps=total_steps(job, task))
     best = res.best_config(trials, mode=task.mode, metric=metric, optimizer=job.optimizer.model_dump(mode="json"),
                            epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total_steps(job, task),
                            train=recipe(job).to_dict())
-    study = searcher.study if searcher is not None else _saved_study(job, out)
     result = res.SearchResult(best=best, trials=trials, metric=metric, mode=task.mode, range_test=range_test,
                               steps_per_epoch=per_epoch, importances=importances(study) if study else {},
                               notes=notes, paths={"results": root, "ray_results": f"{root}/{TUNE_DIR}"})
@@ -112,6 +136,21 @@ def _collect(job: JobConfig, task: Task, grid, searcher, out: Path | None, range
     if out is not None:
         _write_files(result, out, study)
     return result
+
+
+def _unknown_to_tune(study, results: list, tune_path: str) -> list:
+    """The results, read from their trial directories, of the trials that finished after Tune's
+    last saved state and before the driver died (the study has them; the restored Tune did not)."""
+    from ray.tune import Result
+
+    from lrsearch.storage import filesystem, listing
+
+    missing = unknown_to_tune(study, {res.trial_id_of(r) for r in results})
+    if not missing:
+        return []
+    names = list(listing(*filesystem(tune_path), dirs=True))
+    found = [next((n for n in names if f"_{tid}_" in n), None) for tid in missing]
+    return [Result.from_path(f"{tune_path}/{name}") for name in found if name]
 
 
 def _saved_study(job: JobConfig, out: Path | None):

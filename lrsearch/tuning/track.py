@@ -9,6 +9,7 @@ import yaml
 
 from lrsearch.config import JobConfig
 from lrsearch.tracking import SearchTracker
+from lrsearch.tracking.store import redact_uri
 from lrsearch.tuning.results import SearchResult, TrialState
 
 
@@ -40,7 +41,10 @@ def log_setup(tracker: SearchTracker, job: JobConfig, task_name: str, metric: st
     if out is None:
         return
     job_file = out / "job.yaml"
-    job_file.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    data = job.model_dump(mode="json")
+    if data["tracking"]["uri"]:
+        data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])  # the artifact holds no credential
+    job_file.write_text(yaml.safe_dump(data, sort_keys=False))
     space_file = out / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
     tracker.log_artifact(job_file)
@@ -50,6 +54,44 @@ def log_setup(tracker: SearchTracker, job: JobConfig, task_name: str, metric: st
             tracker.log_artifact(out / name, "range_test")
 
 
+def log_warm_start(tracker: SearchTracker, report: dict[str, Any], out: Path | None) -> None:
+    """What ``search.warm_start`` reused, on the parent run: counts and sources as params, the
+    summary line as the tag ``lrsearch.warm_start``, the whole report (dropped trials by reason)
+    as ``warm_start.json``."""
+    from lrsearch.report import warm_start_line
+
+    tracker.log_params({
+        "warm_start.sources": ",".join(f"{s['ref']}:{s['run_id']}" for s in report["sources"]),
+        "warm_start.reused": report["reused"], "warm_start.dropped": report["dropped"],
+    })
+    tracker.log({"op": "batch", "tags": {"lrsearch.warm_start": warm_start_line(report)[:5000]}})
+    if out is not None and (out / "warm_start.json").is_file():
+        tracker.log_artifact(out / "warm_start.json")
+
+
+def log_progress(tracker: SearchTracker, progress: dict[str, Any]) -> None:
+    """Progress on the parent run at a trial's end (a :meth:`~lrsearch.tuning.budget.Ledger.snapshot`):
+    metrics stepped by trials done; the budget and the forecast end as tags (a resume may change them)."""
+    metrics = {"progress.trials_done": progress["trials_done"], "progress.trial_epochs": progress["trial_epochs"],
+               "progress.gpu_hours": progress["gpu_hours"]}
+    tags = {"lrsearch.forecast_end": progress["forecast_end"] or "unknown"}
+    b = progress["budget"]
+    if b:
+        metrics.update({"budget.spent": b["spent"], "budget.remaining": b["remaining"]})
+        tags["lrsearch.budget"] = f"{b['kind']}={b['limit']:g}"
+    tracker.log_metrics(metrics, step=progress["trials_done"])
+    tracker.log({"op": "batch", "tags": tags})
+
+
+def _has_params(tracker: SearchTracker, params: dict[str, Any]) -> bool:
+    """Whether the parent run holds any of ``params`` already (a resumed search's)."""
+    try:
+        logged = tracker.client.get_run(tracker.run_id()).data.params
+    except Exception:  # the store is down: the spool keeps the order, the params go after
+        return False
+    return any(k in logged for k in params)
+
+
 def log_results(tracker: SearchTracker, result: SearchResult, out: Path | None, total_steps: int) -> None:
     """Counts, importances, plots, the trial table and best config on the parent run; the final
     state on every child run; then close the parent run."""
@@ -57,12 +99,19 @@ def log_results(tracker: SearchTracker, result: SearchResult, out: Path | None, 
 
     c = result.counts
     tracker.log_metrics({f"trials_{k}": float(v) for k, v in c.items()})
+    if result.progress:
+        log_progress(tracker, result.progress)
     if result.importances:
         tracker.log_metrics({f"importance.{k.replace('/', '.')}": v for k, v in result.importances.items()})
     if result.best is not None:
         b = result.best
         tracker.log_metrics({f"best_{result.metric}": b.value})
-        tracker.log_params({"best.schedule": b.schedule, "best.max_lr": b.max_lr, "best.trial_id": b.trial_id})
+        best = {"best.schedule": b.schedule, "best.max_lr": b.max_lr, "best.trial_id": b.trial_id}
+        tracker.log({"op": "batch", "tags": best})
+        if not _has_params(tracker, best):
+            # MLflow never changes a param: a search resumed with a larger budget may have found
+            # another best (the tags above follow it); a refused param would block the run's spool
+            tracker.log_params(best)
     if out is not None:
         plot_search(result.trials, str(out / "search.png"), result.metric)
         ranked = sorted((t for t in result.trials if t.state is TrialState.COMPLETED),
