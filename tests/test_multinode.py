@@ -159,29 +159,6 @@ def test_submit_runs_the_search_across_nodes(cluster):
     assert finals[0].data.params["epochs"] == "3"
 
 
-def test_jobs_status_and_list_show_a_submitted_searchs_progress_and_budget(cluster):
-    job = _job_file(cluster, "progress", num_trials=6, max_epochs=2, grace_period=1, budget={"trial_epochs": 5})
-    sub = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--wait", "--json")
-    assert sub.exit_code == 0, sub.output[-4000:]
-    sub_id = json.loads(sub.stdout.strip().splitlines()[-1])["submission_id"]
-    summary = json.loads((cluster["tmp"] / "runs" / "progress" / "summary.json").read_text())
-    assert summary["budget"]["spent"] == 5 and summary["counts"]["total"] < 6  # the budget stopped it
-
-    # read through the Jobs API only: the driver's last progress line in the job's logs
-    status = _cli(cluster, "jobs", "status", sub_id, "--address", cluster["address"], "--json")
-    assert status.exit_code == 0, status.output
-    progress = json.loads(status.stdout)["progress"]
-    assert progress["trials_done"] == summary["counts"]["total"] and progress["num_trials"] == 6
-    assert progress["best"] == summary["best_metric"] and progress["trial_epochs"] == 5
-    assert progress["budget"] == {"kind": "trial_epochs", "limit": 5, "spent": 5, "remaining": 0, "exhausted": True}
-    text = _cli(cluster, "jobs", "status", sub_id, "--address", cluster["address"])
-    assert "SUCCEEDED" in text.output and f"{progress['trials_done']}/6 done" in text.output
-    assert "5 trial-epochs of 5 trial-epochs spent" in text.output
-    listed = json.loads(_cli(cluster, "jobs", "list", "--address", cluster["address"], "--json").stdout)
-    (row,) = [j for j in listed["jobs"] if j["submission_id"] == sub_id]
-    assert row["progress"] == progress
-
-
 def test_search_joins_an_existing_cluster_with_address(cluster):
     # the driver runs here and joins the running cluster instead of starting a local Ray
     job = _job_file(cluster, "joined", num_trials=2, max_epochs=1, grace_period=1)
