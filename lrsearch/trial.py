@@ -78,14 +78,19 @@ def _ship_by_value(task: Task | Callable[[], Task]) -> None:
     a Ray worker cannot import a script that is not on its path (a test file, ``my_experiment.py``
     run from elsewhere). Modules installed in the environment stay by reference.
     """
+    import functools
     import sys
     import sysconfig
 
     from ray import cloudpickle
 
     funcs = [task] if not isinstance(task, Task) else [task.build_model, task.criterion, task.layer_groups]
-    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    # the standard library too: a functools.partial names "functools" as its module, and functools
+    # by value would take its locks into every pickle after
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
     for fn in funcs:
+        while isinstance(fn, functools.partial):
+            fn = fn.func
         module = sys.modules.get(getattr(fn, "__module__", None) or "")
         path = getattr(module, "__file__", None)
         if module is None or path is None or module.__name__ == "__main__":

@@ -207,12 +207,13 @@ def test_a_gpu_hour_budget_counts_gpus_times_seconds(gpu_ray, tmp_path):
     # half a GPU per trial, two trials side by side on the one logical GPU; longer epochs
     budget = 0.01  # 36 GPU-seconds: 72 trial-seconds, Ray's startup included
     job = _job(tmp_path, "gpuh", task={"num_train": 2048}, resources={"cpu": 1, "gpu": 0.5},
-               num_trials=60, max_epochs=4, reduction_factor=2, budget={"gpu_hours": budget})
+               num_trials=1000, max_epochs=4, reduction_factor=2, budget={"gpu_hours": budget})
     result = run_search(job, show_progress=False)
     seconds = sum(t.wall_seconds for t in result.trials)
     spent = result.progress["budget"]["spent"]
     assert spent == pytest.approx(0.5 * seconds / 3600, rel=1e-3)  # resources.gpu x the trials' seconds
-    assert result.counts["total"] < 60 and result.progress["budget"]["exhausted"]
+    # far more trials asked than the budget pays for, however fast the machine: the budget ends it
+    assert result.counts["total"] < 1000 and result.progress["budget"]["exhausted"]
     assert all(t.stopped_at_epoch >= 2 for t in result.trials if t.state.value != "diverged"), result.trials
     # a forecast can be wrong by what the epochs promised at the end took beyond their forecast:
     # at most 2 trials x 2 epochs, each no longer than the slowest whole trial (one epoch can take

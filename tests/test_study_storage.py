@@ -59,7 +59,7 @@ def _searcher(path: str, num_trials: int):
 def test_a_resume_squares_tunes_older_saved_state_with_the_newer_study(tmp_path):
     from ray.tune.search import Searcher
 
-    from lrsearch.tuning.optuna_adapter import TUNE_ID_ATTR, unknown_to_tune
+    from lrsearch.tuning.optuna_adapter import TUNE_ID_ATTR, tune_record, unknown_to_tune
 
     db = str(tmp_path / "optuna.db")
     live = _searcher(db, num_trials=5)
@@ -67,8 +67,8 @@ def test_a_resume_squares_tunes_older_saved_state_with_the_newer_study(tmp_path)
         assert live.suggest(tid) is not None
     live.on_trial_complete("a", {"acc": 0.5, "training_iteration": 1})
     live.save(str(tmp_path / "searcher.pkl"))  # Tune's last saved state: a done, b and c running
-    for tid in ("d", "e"):
-        assert live.suggest(tid) is not None
+    suggested = {tid: live.suggest(tid) for tid in ("d", "e")}
+    assert None not in suggested.values()
     for tid, acc in (("b", 0.6), ("d", 0.7)):
         live.on_trial_complete(tid, {"acc": acc, "training_iteration": 1})
     # the driver dies: c (known to Tune) and e (not) were running; d finished unknown to Tune
@@ -80,10 +80,16 @@ def test_a_resume_squares_tunes_older_saved_state_with_the_newer_study(tmp_path)
     assert state == {"a": "COMPLETE", "b": "COMPLETE", "c": "RUNNING", "d": "COMPLETE", "e": "FAIL"}
     # the study's finished trial Tune's results will lack, to be read from its directory
     assert unknown_to_tune(study, {"a", "b", "c"}) == {"d": 3}
+    # ... or, where the killed driver never wrote Tune's files there, from the study's own record
+    rebuilt = tune_record(study.trials[3], str(tmp_path / "d"))
+    assert rebuilt.metrics["acc"] == 0.7 and rebuilt.metrics["training_iteration"] == 1
+    assert rebuilt.metrics_dataframe["acc"].tolist() == [0.7] and rebuilt.config == suggested["d"]
     # Tune re-runs c and b from its older state (the study keeps their first values) and asks for
     # trials until its own count of 5: one more fits (a, b, c, d + 1), then no more
     restored.on_trial_complete("b", {"acc": 0.1, "training_iteration": 1})
-    assert restored.suggest("f") is not None
+    f = restored.suggest("f")
+    # the sampler Tune saved is as old as its state: reseeded, it does not draw d's and e's again
+    assert f is not None and f not in (suggested["d"], suggested["e"])
     assert restored.suggest("g") == Searcher.FINISHED
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{db}")
     values = {t.user_attrs[TUNE_ID_ATTR]: t.value for t in study.trials}

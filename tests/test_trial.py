@@ -3,6 +3,7 @@ where a trial gets its task (TaskSource), the step budget and the trial's schedu
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -333,6 +334,16 @@ def test_a_non_callable_task_is_a_config_error():
     with pytest.raises(ConfigError, match="task") as info:
         TaskSource.of(_job(), 42)
     assert "int" in str(info.value)
+
+
+def test_a_task_shipped_by_value_leaves_the_standard_library_by_reference(clear_tasks):
+    # the synthetic task's model is a functools.partial: its module, functools, must not be sent
+    # by value (its locks would then break every later pickle, Ray Tune's trainable's among them)
+    TaskSource.of(_job(), _task())
+    TaskSource.of(_job(), functools.partial(_task, num_train=8))
+    registered = cloudpickle.list_registry_pickle_by_value()
+    assert not {"functools", "lrsearch.tasks.synthetic"} & registered, registered
+    assert __name__ in registered  # this file's own functions still travel by value
 
 
 def test_a_closure_factory_round_trips_through_cloudpickle(clear_tasks):

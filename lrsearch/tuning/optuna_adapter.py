@@ -8,6 +8,7 @@ intermediate values). Per-trial work is O(1): no copy of the study, no file writ
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -24,6 +25,12 @@ WARM_START_ATTR = "lrsearch.warm_start_trials"
 
 #: each Optuna trial's user attribute naming its Ray Tune trial (this search's own trials carry it)
 TUNE_ID_ATTR = "lrsearch.tune_trial_id"
+
+#: each finished trial's user attribute holding its config and per-epoch record (:func:`tune_record`)
+RECORD_ATTR = "lrsearch.record"
+#: the result keys kept per epoch in that record: what the trial table reads
+_RECORD_KEYS = ("training_iteration", "time_total_s", "train_loss", "val_loss", "train_seconds",
+                "checkpoint_bytes", "diverged", "node_id", "trial_id")
 
 #: ``search.algorithm`` -> a function building the Optuna sampler
 ALGORITHMS = ("tpe", "random")
@@ -85,6 +92,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._num_trials = num_trials
         self._asked: int | None = None  # this search's trials in the study, counted once per driver
         self._last_step: dict[str, int] = {}
+        self._epochs: dict[str, dict[int, dict]] = {}  # the running trials' results, per epoch
+        self._configs: dict[str, dict] = {}  # the running trials' configs, as suggested
         # once per study: the mark keeps a study loaded again from its storage from growing twice.
         # Not kept on self: Tune pickles the searcher at every experiment checkpoint
         if warm_trials and not self._ot_study.user_attrs.get(WARM_START_ATTR):
@@ -108,6 +117,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         config = super().suggest(trial_id)
         if new and trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr(TUNE_ID_ATTR, trial_id)
+            self._configs[trial_id] = config
             self._asked = (self._asked or 0) + 1
         return config
 
@@ -124,9 +134,14 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self._asked = None
         known = set(self._ot_trials) | set(self._completed_trials)
-        for trial in self._own_trials((TrialState.RUNNING,)):
-            if trial.user_attrs[TUNE_ID_ATTR] not in known:
+        unknown = [t for t in self._own_trials(tuple(TrialState)) if t.user_attrs[TUNE_ID_ATTR] not in known]
+        for trial in unknown:
+            if trial.state == TrialState.RUNNING:
                 self._ot_study.tell(trial.number, state=TrialState.FAIL)
+        if unknown:
+            # the restored sampler's random state is as old as Tune's save: it would draw again,
+            # number for number, the params of the trials created since
+            self._sampler.reseed_rng()
 
     def _own_trials(self, states: tuple[TrialState, ...]) -> list[Any]:
         return [t for t in self._ot_study.get_trials(deepcopy=False, states=states) if TUNE_ID_ATTR in t.user_attrs]
@@ -143,19 +158,40 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             return
         if trial_id not in self._completed_trials:
             self._last_step[trial_id] = int(result.get(TRAINING_ITERATION, 0))
+            self._keep(trial_id, result)
+
+    def _keep(self, trial_id: str, result: dict) -> None:
+        keys = (*_RECORD_KEYS, self.metric)
+        row = {k: result[k] for k in keys if isinstance(result.get(k), (int, float, str, bool))}
+        # keyed by epoch: a trial resumed from its checkpoint reports the epochs after it again
+        self._epochs.setdefault(trial_id, {})[int(result.get(TRAINING_ITERATION, 0))] = row
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
 
         try:
+            if result and not error and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+                self._record(trial_id, result)
             self._complete(trial_id, result, error)
         except UpdateFinishedTrialError:
             self._completed_trials.add(trial_id)  # told before the driver died (see on_trial_result)
         finally:
+            self._epochs.pop(trial_id, None)
+            self._configs.pop(trial_id, None)
             if trial_id in self._completed_trials:
                 # told: the handle is not needed again, and the searcher's saved state (pickled by
                 # Tune at every experiment checkpoint) stays the size of the running trials
                 self._ot_trials.pop(trial_id, None)
+
+    def _record(self, trial_id: str, result: dict) -> None:
+        """Keep the trial's config and per-epoch results with it in optuna.db: if the driver dies
+        before Tune saves its state again, a resume rebuilds the trial's result from them
+        (:func:`tune_record`)."""
+        self._keep(trial_id, result)
+        epochs = self._epochs[trial_id]
+        config = json.loads(json.dumps(self._configs.get(trial_id) or result.get("config") or {}, default=str))
+        self._ot_trials[trial_id].set_user_attr(RECORD_ATTR, {"config": config,
+                                                              "epochs": [epochs[k] for k in sorted(epochs)]})
 
     def _complete(self, trial_id: str, result: dict | None, error: bool) -> None:
         last = self._last_step.pop(trial_id, None)
@@ -184,6 +220,20 @@ def unknown_to_tune(study: Any, known: set[str]) -> dict[str, int]:
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     return {t.user_attrs[TUNE_ID_ATTR]: t.number for t in finished
             if TUNE_ID_ATTR in t.user_attrs and t.user_attrs[TUNE_ID_ATTR] not in known}
+
+
+def tune_record(trial: Any, path: str) -> Any:
+    """A Ray Tune ``Result`` rebuilt from an Optuna trial's record (:data:`RECORD_ATTR`), for a
+    finished trial whose own result files the killed driver never wrote; ``None`` without one."""
+    import pandas as pd
+    from ray.tune import Result
+
+    record = trial.user_attrs.get(RECORD_ATTR)
+    if not record or not record["epochs"]:
+        return None
+    epochs = record["epochs"]
+    return Result(metrics={**epochs[-1], "config": record["config"]}, checkpoint=None, error=None, path=path,
+                  metrics_dataframe=pd.DataFrame(epochs))
 
 
 def study_trials(study: Any) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from lrsearch.tuning import warm_start as ws
 from lrsearch.tuning.budget import Ledger
 from lrsearch.tuning.checkpoints import fill_replaced_checkpoints, prune_checkpoints
 from lrsearch.tuning.interrupt import CtrlC
-from lrsearch.tuning.optuna_adapter import importances, study_storage, study_trials, unknown_to_tune
+from lrsearch.tuning.optuna_adapter import importances, study_storage, study_trials, tune_record, unknown_to_tune
 from lrsearch.tuning.progress import LiveProgress
 from lrsearch.tuning.setup import first_points, prepare_dir, range_test_data, start_tracker, warn
 from lrsearch.tuning.track import log_results, log_setup, log_warm_start
@@ -139,8 +139,9 @@ def _collect(job: JobConfig, task: Task, grid, searcher, out: Path | None, range
 
 
 def _unknown_to_tune(study, results: list, tune_path: str) -> list:
-    """The results, read from their trial directories, of the trials that finished after Tune's
-    last saved state and before the driver died (the study has them; the restored Tune did not)."""
+    """The results of the trials that finished after Tune's last saved state and before the driver
+    died (the study has them; the restored Tune did not), rebuilt from the record the study keeps
+    of each (Tune's own files in their directories may lag, or be missing)."""
     from ray.tune import Result
 
     from lrsearch.storage import filesystem, listing
@@ -149,8 +150,19 @@ def _unknown_to_tune(study, results: list, tune_path: str) -> list:
     if not missing:
         return []
     names = list(listing(*filesystem(tune_path), dirs=True))
-    found = [next((n for n in names if f"_{tid}_" in n), None) for tid in missing]
-    return [Result.from_path(f"{tune_path}/{name}") for name in found if name]
+    trials = study.get_trials(deepcopy=False)
+    found = []
+    for tid, number in missing.items():
+        path = f"{tune_path}/{next((n for n in names if f'_{tid}_' in n), tid)}"
+        # the study's record first: Tune's files in the trial directory may lag or be missing
+        rebuilt = tune_record(trials[number], path)
+        if rebuilt is None:  # a study written before trials kept a record
+            try:
+                rebuilt = Result.from_path(path)
+            except RuntimeError:  # no result.json, no progress.csv: the driver never wrote them
+                continue
+        found.append(rebuilt)
+    return found
 
 
 def _saved_study(job: JobConfig, out: Path | None):
