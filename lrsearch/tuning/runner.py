@@ -27,7 +27,13 @@ from lrsearch.tuning import warm_start as ws
 from lrsearch.tuning.budget import Ledger
 from lrsearch.tuning.checkpoints import fill_replaced_checkpoints, prune_checkpoints
 from lrsearch.tuning.interrupt import CtrlC
-from lrsearch.tuning.optuna_adapter import importances, study_storage, study_trials, tune_record, unknown_to_tune
+from lrsearch.tuning.optuna_adapter import (
+    importances,
+    study_storage,
+    study_trials,
+    tune_record,
+    unknown_to_tune,
+)
 from lrsearch.tuning.progress import LiveProgress
 from lrsearch.tuning.setup import first_points, prepare_dir, range_test_data, start_tracker, warn
 from lrsearch.tuning.track import log_results, log_setup, log_warm_start
