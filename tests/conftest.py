@@ -1,11 +1,26 @@
-"""Shared fixtures: one local Ray per test module (ray.init takes ~10 s here)."""
+"""Shared fixtures: one local Ray per test module (ray.init takes ~10 s here), and the pieces of
+a real token-auth Ray cluster on loopback (tests/test_multinode.py, tests/test_load.py)."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import ray
+
+#: the virtual environment's executables (ray, lrsearch, mlflow)
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +36,79 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_process(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """One of the environment's executables, in its own process group, its output in ``log``."""
+    return subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process's whole group (a Ray node and its workers die at once)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process's group (a server shuts down), SIGKILL if it has not in 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+
+
+def alive_nodes(env: dict[str, str], gcs: str) -> int:
+    """How many nodes the cluster at ``gcs`` counts alive (0 while it cannot be joined)."""
+    code = (f"import ray; ray.init(address='{gcs}', log_to_driver=False); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+
+@contextmanager
+def loopback_cluster(tmp: Path, workers: tuple[str, ...] = ("worker-a", "worker-b")) -> Iterator[dict]:
+    """A token-auth Ray cluster on 127.0.0.1: a head with no CPUs and 1-CPU workers, started with
+    the commands ``lrsearch.cluster`` gives users. Its own ports, dashboard agent port and temp
+    directory: two such clusters on one machine (or one left by a crashed run) do not meet."""
+    from lrsearch.cluster import head_command, worker_command
+
+    token = secrets.token_hex(24)
+    port, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env.get('PATH', '')}",
+               HOME=str(tmp))  # no ~/.ray/auth_token from elsewhere
+    gcs = f"127.0.0.1:{port}"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lrc-", dir="/tmp"))  # short: unix socket paths live there
+    head = [*head_command(port=port, dashboard_port=dash, num_cpus=0),
+            f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={ray_tmp}"]
+    procs = {"head": start_process(head, env, tmp / "head.log")}
+    try:
+        deadline = time.time() + 300
+        while alive_nodes(env, gcs) < 1:
+            assert time.time() < deadline, (tmp / "head.log").read_text()[-3000:]
+            time.sleep(2)
+        # one worker at a time: nodes on one machine share a session directory, and two raylets
+        # starting at once race for the same socket name
+        for count, name in enumerate(workers, start=2):
+            procs[name] = start_process(worker_command(address=gcs, num_cpus=1), env, tmp / f"{name}.log")
+            while alive_nodes(env, gcs) < count:
+                assert time.time() < deadline, (tmp / f"{name}.log").read_text()[-3000:]
+                time.sleep(2)
+        yield {"address": f"http://127.0.0.1:{dash}", "gcs": gcs, "token": token, "env": env, "tmp": tmp,
+               "procs": procs}
+    finally:
+        for proc in procs.values():
+            kill_group(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        # `ray start` recorded this cluster as the machine's current one; a later ray.init() must not
+        # try to join it
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and str(port) in current.read_text():
+            current.unlink()

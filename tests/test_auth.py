@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import free_port
+from conftest import free_port, stop_group
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -70,16 +69,6 @@ def _server_argv(tmp: Path, port: int) -> list[str]:
     return [str(BIN / "mlflow"), *argv[1:], "--workers", "1"]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auth-server")
@@ -107,7 +96,7 @@ def server(tmp_path_factory):
             AuthServiceClient(url).create_user(USER, PASSWORD)
         yield {"url": url, "port": port, "tmp": tmp}
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def _job_file(tmp: Path, url: str, name: str) -> Path:
@@ -348,7 +337,7 @@ def _chromium_text(url: str, profile: Path, until: tuple[str, ...], headers: dic
         port = int(active.read_text().split()[0])
         return asyncio.run(_devtools_text(port, url, headers, until))
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed")

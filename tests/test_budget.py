@@ -124,6 +124,23 @@ def test_the_ledger_never_overspends_and_every_trial_it_starts_reaches_its_first
     assert ledger.exhausted and ledger.snapshot()["budget"]["remaining"] == budget - ledger.epochs
 
 
+def test_a_resume_after_a_kill_counts_the_trials_tunes_saved_state_lacks():
+    # the driver died after Tune saved 6 trial-epochs (3 s each); the study holds two trials more:
+    # one that ended after 4 epochs (14 s), one told FAIL after 2 (its seconds were not kept)
+    saved = Ledger(("gpu_hours", 1.0), min_epochs=2, max_epochs=4, gpu=0.5, num_trials=10, metric="acc", mode="max")
+    for epoch in (1, 2):
+        for trial in ("a", "b", "c"):
+            saved.record(trial, {"training_iteration": epoch, "time_this_iter_s": 3.0})
+    saved.ended("a", {"training_iteration": 2, "acc": 0.4})
+    ledger = Ledger(("gpu_hours", 1.0), min_epochs=2, max_epochs=4, gpu=0.5, num_trials=10, metric="acc", mode="max")
+    ledger.load(saved.state())
+    ledger.add_lost([{"epochs": 4, "seconds": 14.0, "ended": True, "value": 0.9},
+                     {"epochs": 2, "seconds": None, "ended": False, "value": None}])
+    assert ledger.epochs == 12 and ledger.done == 2 and ledger.best == 0.9
+    assert ledger.epoch_seconds == pytest.approx(18 + 14 + 2 * 32 / 10)  # the mean epoch, then
+    assert ledger.spent() == pytest.approx(0.5 * ledger.epoch_seconds / 3600)
+
+
 def test_a_wall_budget_stops_every_trial_at_the_deadline():
     now = [0.0]
     ledger = Ledger(("wall_s", 10.0), min_epochs=3, max_epochs=5, gpu=0.0, num_trials=8, metric="acc",

@@ -15,22 +15,15 @@ end of the module, whatever the test's outcome; other Ray instances on the machi
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import free_port
+from conftest import BIN, kill_group, loopback_cluster
 from mlflow import MlflowClient
-from test_multinode import BIN, _alive_nodes, _cli, _kill, _start
-
-from lrsearch.cluster import head_command, worker_command
+from test_multinode import _cli
 
 NUM_TRIALS, MAX_EPOCHS, BUDGET = 2, 2, 8
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -38,34 +31,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("load")
-    token = secrets.token_hex(24)
-    port, dash = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env.get('PATH', '')}",
-               HOME=str(tmp))  # no ~/.ray/auth_token from elsewhere
-    gcs = f"127.0.0.1:{port}"
-    ray_tmp = Path(tempfile.mkdtemp(prefix="lrl-", dir="/tmp"))  # short: unix socket paths live there
-    head = [*head_command(port=port, dashboard_port=dash, num_cpus=0), f"--dashboard-agent-listen-port={free_port()}",
-            f"--temp-dir={ray_tmp}"]
-    procs = {"head": _start(head, env, tmp / "head.log")}
-    try:
-        deadline = time.time() + 300
-        while _alive_nodes(env, gcs) < 1:
-            assert time.time() < deadline, (tmp / "head.log").read_text()[-3000:]
-            time.sleep(2)
-        # one worker at a time: nodes on one machine share a session directory
-        for count, name in enumerate(("worker-a", "worker-b"), start=2):
-            procs[name] = _start(worker_command(address=gcs, num_cpus=1), env, tmp / f"{name}.log")
-            while _alive_nodes(env, gcs) < count:
-                assert time.time() < deadline, (tmp / f"{name}.log").read_text()[-3000:]
-                time.sleep(2)
-        yield {"address": f"http://127.0.0.1:{dash}", "gcs": gcs, "token": token, "env": env, "tmp": tmp,
-               "procs": procs}
-    finally:
-        for proc in procs.values():
-            _kill(proc)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with loopback_cluster(tmp_path_factory.mktemp("load")) as c:
+        yield c
 
 
 def _load_job(cluster, name: str, *, cpu: float = 1, seed: int = 0):
@@ -219,7 +186,7 @@ def _wait_kill_and_finish(cluster, ids: dict[str, str]) -> None:
         if not killed and list(runs.glob("*/tune/*/checkpoint_*")):
             unfinished = [s for s, v in states.items() if v not in TERMINAL]
             assert len(unfinished) >= 2, states  # the kill comes while searches run
-            _kill(cluster["procs"]["worker-b"])
+            kill_group(cluster["procs"]["worker-b"])
             killed = True
         if all(v in TERMINAL for v in states.values()):
             break

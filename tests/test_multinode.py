@@ -10,80 +10,26 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import free_port
+from conftest import BIN, kill_group, loopback_cluster
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
-from lrsearch.cluster import head_command, worker_command
 
-BIN = Path(sys.executable).parent
 runner = CliRunner()
-
-
-def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
-def _alive_nodes(env: dict[str, str], gcs: str) -> int:
-    code = (f"import ray; ray.init(address='{gcs}', log_to_driver=False); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cluster")
-    token = secrets.token_hex(24)
-    port, dash = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env.get('PATH', '')}",
-               HOME=str(tmp))  # no ~/.ray/auth_token from elsewhere
-    gcs = f"127.0.0.1:{port}"
-    procs = {"head": _start(head_command(port=port, dashboard_port=dash, num_cpus=0), env, tmp / "head.log")}
-    try:
-        deadline = time.time() + 240
-        while _alive_nodes(env, gcs) < 1:
-            assert time.time() < deadline, (tmp / "head.log").read_text()[-3000:]
-            time.sleep(2)
-        # one worker at a time: nodes on one machine share a session directory, and two raylets
-        # starting at once race for the same socket name
-        for count, name in enumerate(("worker-a", "worker-b"), start=2):
-            procs[name] = _start(worker_command(address=gcs, num_cpus=1), env, tmp / f"{name}.log")
-            while _alive_nodes(env, gcs) < count:
-                assert time.time() < deadline, (tmp / f"{name}.log").read_text()[-3000:]
-                time.sleep(2)
-        yield {"address": f"http://127.0.0.1:{dash}", "gcs": gcs, "token": token, "env": env, "tmp": tmp,
-               "procs": procs}
-    finally:
-        for proc in procs.values():
-            _kill(proc)
-        # `ray start` recorded this cluster as the machine's current one; a later ray.init() must not
-        # try to join it
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.is_file() and str(port) in current.read_text():
-            current.unlink()
+    with loopback_cluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
 
 
 def _job_file(cluster, name, **search):
@@ -159,6 +105,29 @@ def test_submit_runs_the_search_across_nodes(cluster):
     assert finals[0].data.params["epochs"] == "3"
 
 
+def test_jobs_status_and_list_show_a_submitted_searchs_progress_and_budget(cluster):
+    job = _job_file(cluster, "progress", num_trials=6, max_epochs=2, grace_period=1, budget={"trial_epochs": 5})
+    sub = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--wait", "--json")
+    assert sub.exit_code == 0, sub.output[-4000:]
+    sub_id = json.loads(sub.stdout.strip().splitlines()[-1])["submission_id"]
+    summary = json.loads((cluster["tmp"] / "runs" / "progress" / "summary.json").read_text())
+    assert summary["budget"]["spent"] == 5 and summary["counts"]["total"] < 6  # the budget stopped it
+
+    # read through the Jobs API only: the driver's last progress line in the job's logs
+    status = _cli(cluster, "jobs", "status", sub_id, "--address", cluster["address"], "--json")
+    assert status.exit_code == 0, status.output
+    progress = json.loads(status.stdout)["progress"]
+    assert progress["trials_done"] == summary["counts"]["total"] and progress["num_trials"] == 6
+    assert progress["best"] == summary["best_metric"] and progress["trial_epochs"] == 5
+    assert progress["budget"] == {"kind": "trial_epochs", "limit": 5, "spent": 5, "remaining": 0, "exhausted": True}
+    text = _cli(cluster, "jobs", "status", sub_id, "--address", cluster["address"])
+    assert "SUCCEEDED" in text.output and f"{progress['trials_done']}/6 done" in text.output
+    assert "5 trial-epochs of 5 trial-epochs spent" in text.output
+    listed = json.loads(_cli(cluster, "jobs", "list", "--address", cluster["address"], "--json").stdout)
+    (row,) = [j for j in listed["jobs"] if j["submission_id"] == sub_id]
+    assert row["progress"] == progress
+
+
 def test_search_joins_an_existing_cluster_with_address(cluster):
     # the driver runs here and joins the running cluster instead of starting a local Ray
     job = _job_file(cluster, "joined", num_trials=2, max_epochs=1, grace_period=1)
@@ -214,7 +183,7 @@ def test_worker_node_killed_mid_search(cluster):
     if study.is_file():
         finished_before = {json.dumps(s["params"], sort_keys=True) for s in json.loads(study.read_text())
                            if s["state"] in ("COMPLETE", "PRUNED")}
-    _kill(cluster["procs"]["worker-b"])
+    kill_group(cluster["procs"]["worker-b"])
 
     deadline = time.time() + 500
     status = "PENDING"

@@ -80,6 +80,10 @@ def test_a_resume_squares_tunes_older_saved_state_with_the_newer_study(tmp_path)
     assert state == {"a": "COMPLETE", "b": "COMPLETE", "c": "RUNNING", "d": "COMPLETE", "e": "FAIL"}
     # the study's finished trial Tune's results will lack, to be read from its directory
     assert unknown_to_tune(study, {"a", "b", "c"}) == {"d": 3}
+    # what they trained, for the budget's ledger: d ended after its epoch, e was told FAIL at none
+    assert sorted(restored.lost_work, key=lambda w: w["epochs"]) == [
+        {"epochs": 0, "seconds": None, "ended": False, "value": None},
+        {"epochs": 1, "seconds": 0.0, "ended": True, "value": 0.7}]
     # ... or, where the killed driver never wrote Tune's files there, from the study's own record
     rebuilt = tune_record(study.trials[3], str(tmp_path / "d"))
     assert rebuilt.metrics["acc"] == 0.7 and rebuilt.metrics["training_iteration"] == 1

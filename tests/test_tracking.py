@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import free_port
+from conftest import free_port, stop_group
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -175,18 +174,8 @@ def _start_server(port: int, backend: str, artifacts: Path) -> subprocess.Popen:
             if proc.poll() is not None:
                 raise RuntimeError("mlflow server exited") from None
             time.sleep(0.5)
-    _stop(proc)
+    stop_group(proc)
     raise RuntimeError("mlflow server did not come up")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _spooled(root: Path) -> int:
@@ -225,7 +214,7 @@ def test_server_outage_mid_search_loses_nothing(local_ray, tmp_path, monkeypatch
             except Exception:
                 pass
             time.sleep(0.3)
-        _stop(server)  # the tracking server goes away mid-search
+        stop_group(server)  # the tracking server goes away mid-search
         deadline = time.time() + 120
         while _spooled(root) == 0 and thread.is_alive() and time.time() < deadline:
             time.sleep(0.2)
@@ -254,7 +243,7 @@ def test_server_outage_mid_search_loses_nothing(local_ray, tmp_path, monkeypatch
         assert parent.info.status == "FINISHED"
         assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     finally:
-        _stop(server)
+        stop_group(server)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,4 +353,4 @@ def test_mlflow_ui_shows_parent_and_nested_runs(tracked_search, tmp_path):
             _chromium(url, tmp_path / "chrome", f"--screenshot={shot}")
             assert Image.open(shot).size == (1400, 900)
     finally:
-        _stop(server)
+        stop_group(server)

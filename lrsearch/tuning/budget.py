@@ -147,8 +147,11 @@ class Ledger:
         value = (result or {}).get(self.metric)
         full = (result or {}).get("training_iteration", 0) >= self.max_epochs and not (result or {}).get("diverged")
         if full and isinstance(value, int | float) and math.isfinite(value):
-            if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
-                self.best = float(value)
+            self._better(value)
+
+    def _better(self, value: float) -> None:
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best = float(value)
 
     # ---- what others read ----------------------------------------------------------------------
 
@@ -194,6 +197,18 @@ class Ledger:
             return
         self.epochs, self.epoch_seconds, self.done = state["epochs"], state["epoch_seconds"], state["done"]
         self.best, self.running, self._before = state["best"], dict(state["running"]), state["elapsed_s"]
+
+    def add_lost(self, work: list[dict[str, Any]]) -> None:
+        """Count the trials a killed driver ran after Tune's last saved state (that state, loaded,
+        lacks them; the study has them): their epochs and seconds are spent, the ended ones are done.
+        A trial's seconds not kept are forecast from the mean epoch so far."""
+        for w in work:
+            mean = self.epoch_seconds / self.epochs if self.epochs else 0.0
+            self.epochs += w["epochs"]
+            self.epoch_seconds += w["seconds"] if w["seconds"] is not None else mean * w["epochs"]
+            self.done += 1 if w["ended"] else 0
+            if w["value"] is not None:
+                self._better(w["value"])
 
 
 class BudgetScheduler(TrialScheduler):
@@ -267,5 +282,7 @@ class BudgetedSearch(SearchGenerator):
     def set_state(self, state: dict) -> None:
         state = dict(state)
         self.ledger.load(state.pop("ledger", None))
+        # restore_from_dir restored the searcher first: it knows what ran after Tune's saved state
+        self.ledger.add_lost(getattr(self.searcher.searcher, "lost_work", []))
         # whatever ended the run before (a spent budget, a deadline), the job's budget decides now
         super().set_state({**state, "finished": False})

@@ -94,6 +94,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
         self._last_step: dict[str, int] = {}
         self._epochs: dict[str, dict[int, dict]] = {}  # the running trials' results, per epoch
         self._configs: dict[str, dict] = {}  # the running trials' configs, as suggested
+        #: after :meth:`restore`: what the trials Tune's saved state never knew had trained
+        self.lost_work: list[dict[str, Any]] = []
         # once per study: the mark keeps a study loaded again from its storage from growing twice.
         # Not kept on self: Tune pickles the searcher at every experiment checkpoint
         if warm_trials and not self._ot_study.user_attrs.get(WARM_START_ATTR):
@@ -142,6 +144,7 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             # the restored sampler's random state is as old as Tune's save: it would draw again,
             # number for number, the params of the trials created since
             self._sampler.reseed_rng()
+        self.lost_work = [_work(t, self._max_t) for t in unknown]
 
     def _own_trials(self, states: tuple[TrialState, ...]) -> list[Any]:
         return [t for t in self._ot_study.get_trials(deepcopy=False, states=states) if TUNE_ID_ATTR in t.user_attrs]
@@ -220,6 +223,19 @@ def unknown_to_tune(study: Any, known: set[str]) -> dict[str, int]:
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     return {t.user_attrs[TUNE_ID_ATTR]: t.number for t in finished
             if TUNE_ID_ATTR in t.user_attrs and t.user_attrs[TUNE_ID_ATTR] not in known}
+
+
+def _work(trial: Any, max_t: int) -> dict[str, Any]:
+    """What one trial trained: its epochs, their seconds (``None``: not kept), whether it ended,
+    and its value where it trained all ``max_t`` epochs."""
+    record = trial.user_attrs.get(RECORD_ATTR)
+    ended = trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    if record and record["epochs"]:
+        last = record["epochs"][-1]
+        full = last.get(TRAINING_ITERATION, 0) >= max_t and not last.get("diverged")
+        return {"epochs": len(record["epochs"]), "seconds": float(last.get("time_total_s") or 0.0),
+                "ended": ended, "value": trial.value if full and trial.state == TrialState.COMPLETE else None}
+    return {"epochs": len(trial.intermediate_values), "seconds": None, "ended": ended, "value": None}
 
 
 def tune_record(trial: Any, path: str) -> Any:
