@@ -9,10 +9,12 @@ is bookkeeping) through the public API, two trials at a time on a local Ray. Rep
 - the marginal cost per trial between consecutive points (flat = no growth with the trial count);
 - the driver's peak memory (ru_maxrss), MLflow logging time (the same search with and without
   tracking), and the sizes of trials.parquet, optuna.db and Ray Tune's experiment state;
-- with ``--long``: the fraction of wall time that is not training for trials of ~30 s.
+- with ``--long``: the fraction of wall time that is not training for trials of ~30 s;
+- with ``--second-trials N``: N trials of ~1 s of training each, with the default checkpoints, and
+  the wall time beyond training (Ray Tune's published +14 % is for 10,000 such trials).
 
     .venv/bin/python bench/scale.py [--trials 10,100,1000] [--tracking none,sqlite,postgres]
-        [--policies defaults,none] [--baseline PATH] [--long]
+        [--policies defaults,none] [--baseline PATH] [--long] [--second-trials N]
 
 ``--policies``: ``defaults`` runs the job's default checkpoint policies (``search.checkpoint:
 rungs``, ``keep_checkpoints: best``: every trial saves its final weights), ``none`` turns both off
@@ -129,6 +131,9 @@ def main() -> None:
     ap.add_argument("--algorithms", default="tpe", help="search.algorithm: tpe, random (comma-separated)")
     ap.add_argument("--baseline", default=None, help="a checkout of another lrsearch: its rows too")
     ap.add_argument("--long", action="store_true", help="also: 6 trials of ~30 s, bookkeeping fraction")
+    ap.add_argument("--second-trials", type=int, default=0,
+                    help="also: N trials of ~1 s of training each, the default checkpoints (Ray Tune's "
+                         "benchmark of 10k one-second trials, at N)")
     args = ap.parse_args()
     counts = [int(n) for n in args.trials.split(",")]
     sources = [("this", None)] + ([("baseline", args.baseline)] if args.baseline else [])
@@ -168,6 +173,16 @@ def main() -> None:
         print(f"| {r['code']} | {r['algorithm']} | {r['backend']} | {r['policy']} | {r['trials']} | {r['wall_s']:.1f} | "
               f"{over:.3f} | {marginal} | {per100} | {r['driver_peak_mb']:.0f} | {r['parquet_kb']:.0f} | {r['optuna_db_kb']:.0f} | "
               f"{r['tune_state_kb']:.0f} |")
+    if args.second_trials:
+        n, steps = args.second_trials, 83  # ~12 ms per step of the 1024-wide MLP on one core here
+        base, r = _child(1, None, steps, "defaults"), _child(n, None, steps, "defaults")
+        ideal = r["train_s"] / 2  # two trials at a time, nothing but training
+        r.update(kind="second_trials", fixed_s=base["wall_s"])
+        print(json.dumps(r), flush=True)
+        print(f"\n{n} trials of {r['train_s'] / n:.2f} s of training each, two at a time: wall {r['wall_s']:.1f} s, "
+              f"fixed start {base['wall_s']:.1f} s; bookkeeping beyond training: "
+              f"{(r['wall_s'] - base['wall_s']) / ideal - 1:+.1%} without the fixed start, "
+              f"{r['wall_s'] / ideal - 1:+.1%} with it")
     if args.long:
         r = _child(6, None, 2500)  # ~30 s of training per trial on one core here
         busy = r["train_s"] / 2  # two trials at a time
