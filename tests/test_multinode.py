@@ -121,8 +121,9 @@ def test_jobs_status_and_list_show_a_submitted_searchs_progress_and_budget(clust
     assert progress["best"] == summary["best_metric"] and progress["trial_epochs"] == 5
     assert progress["budget"] == {"kind": "trial_epochs", "limit": 5, "spent": 5, "remaining": 0, "exhausted": True}
     text = _cli(cluster, "jobs", "status", sub_id, "--address", cluster["address"])
-    assert "SUCCEEDED" in text.output and f"{progress['trials_done']}/6 done" in text.output
-    assert "5 trial-epochs of 5 trial-epochs spent" in text.output
+    line = " ".join(text.output.split())  # the console wraps at the terminal's width
+    assert "SUCCEEDED" in line and f"{progress['trials_done']}/6 done" in line
+    assert "5 trial-epochs of 5 trial-epochs spent" in line
     listed = json.loads(_cli(cluster, "jobs", "list", "--address", cluster["address"], "--json").stdout)
     (row,) = [j for j in listed["jobs"] if j["submission_id"] == sub_id]
     assert row["progress"] == progress
