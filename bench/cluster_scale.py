@@ -27,13 +27,15 @@ from lrsearch.cluster import head_command, worker_command
 BIN = Path(sys.executable).parent
 
 
-def _port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _alive(env: dict[str, str], gcs: str) -> int:
+def alive_nodes(env: dict[str, str], gcs: str) -> int:
+    """How many nodes the cluster at ``gcs`` counts alive (0 while it cannot be joined)."""
     code = f"import ray; ray.init(address='{gcs}', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
@@ -66,16 +68,16 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24), PATH=f"{BIN}:{env['PATH']}",
                HOME=str(tmp))
-    port = _port()
+    port = free_port()
     gcs, procs = f"127.0.0.1:{port}", []
     try:
-        for i, argv in enumerate([head_command(port=port, dashboard_port=_port(), num_cpus=0),
+        for i, argv in enumerate([head_command(port=port, dashboard_port=free_port(), num_cpus=0),
                                   worker_command(address=gcs, num_cpus=1),
                                   worker_command(address=gcs, num_cpus=1)]):
             procs.append(subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=env, start_new_session=True,
                                           stdout=(tmp / f"node{i}.log").open("w"), stderr=subprocess.STDOUT))
             deadline = time.time() + 240
-            while _alive(env, gcs) < i + 1:  # one node at a time (they share a session directory)
+            while alive_nodes(env, gcs) < i + 1:  # one node at a time (they share a session directory)
                 assert time.time() < deadline, (tmp / f"node{i}.log").read_text()[-2000:]
                 time.sleep(2)
         results = {}

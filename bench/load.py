@@ -23,7 +23,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from cluster_scale import alive_nodes, free_port  # bench/: the cluster helpers of the scale bench
 from mlflow import MlflowClient
 
 from lrsearch.cluster import head_command, worker_command
@@ -41,18 +41,6 @@ from lrsearch.cluster import head_command, worker_command
 BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).parent / "results" / "load"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(env: dict[str, str], gcs: str) -> int:
-    code = f"import ray; ray.init(address='{gcs}', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 
 def _job(tmp: Path, name: str, *, trials: int, epochs: int, cpu: float = 1, seed: int = 0) -> Path:
@@ -158,12 +146,12 @@ def main() -> None:
     token = secrets.token_hex(24)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{env['PATH']}", HOME=str(tmp),
                PYTHONWARNINGS="ignore")
-    port, dash = _port(), _port()
+    port, dash = free_port(), free_port()
     gcs, address, procs = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", []
     # apart from other Rays on the machine: the agent's default port may be taken, and a job's driver
     # joins the cluster "auto" finds in the head's temp dir (/tmp/ray: whoever started last)
     ray_tmp = Path(tempfile.mkdtemp(prefix="lrl-", dir="/tmp"))
-    head = [*head_command(port=port, dashboard_port=dash, num_cpus=0), f"--dashboard-agent-listen-port={_port()}",
+    head = [*head_command(port=port, dashboard_port=dash, num_cpus=0), f"--dashboard-agent-listen-port={free_port()}",
             f"--temp-dir={ray_tmp}"]
     try:
         for i, argv in enumerate([head,
@@ -172,7 +160,7 @@ def main() -> None:
             procs.append(subprocess.Popen([str(BIN / argv[0]), *argv[1:]], env=env, start_new_session=True,
                                           stdout=(tmp / f"node{i}.log").open("w"), stderr=subprocess.STDOUT))
             deadline = time.time() + 300
-            while _alive(env, gcs) < i + 1:  # one node at a time (they share a session directory)
+            while alive_nodes(env, gcs) < i + 1:  # one node at a time (they share a session directory)
                 if time.time() > deadline:
                     raise RuntimeError((tmp / f"node{i}.log").read_text()[-2000:])
                 time.sleep(2)
