@@ -27,13 +27,13 @@ _EXPORTS = {
     "LRSearchError": "lrsearch.errors", "SearchError": "lrsearch.errors", "TaskError": "lrsearch.errors",
     "RangeTestResult": "lrsearch.range_test", "lr_range_test": "lrsearch.range_test",
     "SCHEDULES": "lrsearch.schedules", "build_scheduler": "lrsearch.schedules",
-    "Task": "lrsearch.tasks",
+    "Task": "lrsearch.tasks", "Trial": "lrsearch.protocol",
     "BestConfig": "lrsearch.tuning.results", "SearchResult": "lrsearch.tuning.results",
     "TrialRecord": "lrsearch.tuning.results", "TrialState": "lrsearch.tuning.results",
 }
 __all__ = [
     "SCHEDULES", "BestConfig", "ConfigError", "Exported", "FinalResult", "Interrupted", "JobConfig", "LRSearchError",
-    "RangeTestResult", "SearchError", "SearchResult", "Task", "TaskError", "TrialRecord", "TrialState",
+    "RangeTestResult", "SearchError", "SearchResult", "Task", "TaskError", "Trial", "TrialRecord", "TrialState",
     "__version__", "build_scheduler", "export", "find_lr", "load_job", "lr_range_test", "search",
     "train",
 ]
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from lrsearch.config import JobConfig
     from lrsearch.errors import ConfigError, Interrupted, LRSearchError, SearchError, TaskError
     from lrsearch.final import FinalResult
+    from lrsearch.protocol import Trial
     from lrsearch.range_test import RangeTestResult, lr_range_test
     from lrsearch.schedules import SCHEDULES, build_scheduler
     from lrsearch.tasks import Task

@@ -32,6 +32,7 @@ from lrsearch.config import JobConfig, parse_job
 from lrsearch.config import load_job as _load_job_file
 from lrsearch.errors import ConfigError
 from lrsearch.final import FinalResult
+from lrsearch.protocol import Trial
 from lrsearch.range_test import RangeTestResult
 from lrsearch.tasks import Task
 from lrsearch.tuning.results import BestConfig, SearchResult
@@ -57,13 +58,21 @@ def load_job(job: JobLike) -> JobConfig:
     raise ConfigError(f"job: got {type(job).__name__}; allowed: a JobConfig, a YAML file's path or a dict")
 
 
-def search(job: JobLike, *, task: TaskLike = None, num_trials: int | None = None,
+def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task: TaskLike = None,
+           metric: str | None = None, mode: str | None = None, num_trials: int | None = None,
            address: str | None = None, resume: bool = False, track: bool = True,
            show_progress: bool = False, verbose: bool = False) -> SearchResult:
     """Run a job's search: range test -> Optuna (TPE or random) + ASHA on Ray Tune -> best config.
 
     Args:
         job: a :class:`JobConfig`, a job file's path, or a dict with the job file's content.
+        train_fn: your own training loop: ``train_fn(trial)`` runs one trial with the
+            :class:`~lrsearch.Trial` it gets (its optimizer, schedule, start epoch) and calls
+            ``trial.report(epoch, accuracy=...)`` after each epoch. Shipped to the Ray workers by
+            value, like ``task``. The job may then leave out ``task``; a ``task`` given (here or in
+            the job) is what the range test runs on; without one the range test is off.
+        metric, mode: the objective ``train_fn`` reports (default ``accuracy``, ``max``; ``mode``
+            defaults to ``min`` for a metric named ``*loss*``).
         task: the task to search, instead of the job's ``task`` section: a :class:`Task` or a
             zero-argument function returning one, defined anywhere (a notebook cell too). It is
             shipped to the Ray workers by value (cloudpickle), so its loaders and model factory
@@ -87,7 +96,8 @@ def search(job: JobLike, *, task: TaskLike = None, num_trials: int | None = None
     """
     from lrsearch.tuning.runner import run_search
 
-    return run_search(load_job(job), task=task, num_trials=num_trials, address=address,
+    return run_search(load_job(job), task=task, train_fn=train_fn, metric=metric, mode=mode,
+                      num_trials=num_trials, address=address,
                       resume=resume, verbose=verbose, show_progress=show_progress, track=track)
 
 

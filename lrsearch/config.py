@@ -272,7 +272,9 @@ class JobConfig(Strict):
     """A whole job file."""
 
     name: str
-    task: TaskConfig
+    #: what the built-in loop trains; a search with its own loop (``train_fn=``, an integration)
+    #: may leave it out, or keep it for the range test
+    task: TaskConfig | None = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     range_test: RangeTestConfig = Field(default_factory=RangeTestConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)

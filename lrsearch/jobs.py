@@ -109,7 +109,7 @@ def _stage(job_file: Path, job: JobConfig, staging: Path) -> None:
         data = yaml.safe_load((staging / "job.yaml").read_text())
         data["tracking"]["uri"] = redact_uri(job.tracking.uri)
         (staging / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    if job.task.kind != "python":
+    if job.task is None or job.task.kind != "python":
         return
     module = job.task.entrypoint.split(":", 1)[0].split(".", 1)[0]
     base = Path(job.resolve(job.task.path)) if job.task.path else job_file.parent

@@ -53,6 +53,11 @@ def build_optimizer(
     """The optimizer ``cfg`` names over ``model`` at peak LR ``lr`` (``weight_decay`` overrides cfg's)."""
     wd = cfg.weight_decay if weight_decay is None else weight_decay
     groups = param_groups(model, lr, wd, layer_groups=layer_groups, layer_decay=layer_decay)
+    return optimizer_over(cfg, groups, lr)
+
+
+def optimizer_over(cfg: OptimizerConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names over ready parameter groups (each with its own ``lr``, or ``lr``)."""
     name = cfg.name.value
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)

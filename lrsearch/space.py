@@ -33,7 +33,7 @@ __all__ = [
     "spaces_dir",
 ]
 
-FAMILIES = ("default", "resnet", "efficientnet", "vit", "bert", "gpt2")
+FAMILIES = ("default", "resnet", "efficientnet", "vit", "bert", "gpt2", "lora")
 
 #: space-only parameters, expressed as a fraction of the run, and the schedule parameter they set
 FRACTION_PARAMS = {"cosine_restarts": {"T_0_frac": "T_0"}, "step": {"step_size_frac": "step_size"}}

@@ -35,6 +35,31 @@ class SyntheticTask(Strict):
     seed: int = 0
 
 
+class PeftConfig(Strict):
+    """``task.peft``: fine-tune a LoRA adapter (PyPI ``peft``) instead of every weight.
+
+    The pretrained weights stay frozen; the low-rank updates of ``target_modules`` and the new
+    classifier head train. ``alpha / r`` scales the update, as in the LoRA paper.
+    """
+
+    #: rank of each low-rank update
+    r: PositiveInt = 8
+    #: LoRA's ``lora_alpha``: the update is scaled by ``alpha / r``
+    alpha: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 16.0
+    #: dropout on the adapter's input
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.1
+    #: names of the layers to adapt (``query``, ``value``); ``None``: peft's default for the model
+    #: type (``query`` and ``value`` for BERT and MiniLM)
+    target_modules: list[str] | None = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _target_modules(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not all(name.strip() for name in value)):
+            raise ValueError("allowed: a non-empty list of layer names (or leave it out for peft's default)")
+        return value
+
+
 class TextClassificationTask(Strict):
     """A Hugging Face sequence classifier fine-tuned on labelled text."""
 
@@ -51,12 +76,40 @@ class TextClassificationTask(Strict):
     max_length: Annotated[int, Field(ge=2)] = 64
     batch_size: PositiveInt = 16
     seed: int = 0
+    #: train a LoRA adapter and the head instead of the whole model (``None``: full fine-tuning)
+    peft: PeftConfig | None = None
 
     @field_validator("categories")
     @classmethod
     def _categories(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and len(set(value)) < 2:
             raise ValueError("needs at least 2 distinct categories")
+        return value
+
+
+class LanguageModelingTask(Strict):
+    """A Hugging Face causal language model (GPT-2 style) fine-tuned on text; labels are ignored."""
+
+    kind: Literal["language_modeling"]
+    model: str
+    dataset: str = "fortunes"
+    categories: list[str] | None = None
+    text_column: str = "text"
+    num_train: Annotated[int, Field(ge=2)] = 512
+    num_val: Annotated[int, Field(ge=2)] = 256
+    #: held-out texts only a final run (``lrsearch train``) scores; the search never sees them
+    num_test: Annotated[int, Field(ge=0)] = 256
+    max_length: Annotated[int, Field(ge=2)] = 64
+    batch_size: PositiveInt = 16
+    seed: int = 0
+    #: what the search minimises: mean validation token loss, or its exp (perplexity)
+    metric: Literal["loss", "perplexity"] = "loss"
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("needs at least 1 category, each named once")
         return value
 
 
@@ -101,7 +154,7 @@ class PythonTask(Strict):
 
 
 TaskConfig = Annotated[
-    SyntheticTask | TextClassificationTask | ImageClassificationTask | PythonTask,
+    SyntheticTask | TextClassificationTask | LanguageModelingTask | ImageClassificationTask | PythonTask,
     Field(discriminator="kind"),
 ]
 
@@ -110,6 +163,7 @@ TaskConfig = Annotated[
 TASK_MODELS = {
     "synthetic": SyntheticTask,
     "text_classification": TextClassificationTask,
+    "language_modeling": LanguageModelingTask,
     "image_classification": ImageClassificationTask,
     "python": PythonTask,
 }

@@ -14,10 +14,7 @@ trial at once: it reports ``diverged=True`` and the worst metric value, and ends
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,14 +25,14 @@ import torch
 from lrsearch.config import JobConfig
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.optim import build_optimizer
+from lrsearch.protocol import REPLAY_FILE as REPLAY_FILE
+from lrsearch.protocol import Trial, worst_metric
+from lrsearch.protocol import trial_device as trial_device
 from lrsearch.recipe import Recipe, Stepper
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
 from lrsearch.tasks import Task, build_task, evaluate, reseed
-from lrsearch.tracking import TrackingInfo, TrialLogger
-
-#: in a checkpoint directory instead of ``trial.pt``: "rebuild this state by retraining N epochs"
-REPLAY_FILE = "replay.json"
+from lrsearch.tracking import TrackingInfo
 
 #: tasks this worker process has built or received, by TaskSource.key (one at a time)
 _TASKS: dict[str, Task] = {}
@@ -117,9 +114,7 @@ def metric_key(task: Task) -> str:
 
 def worst_value(task: Task) -> float:
     """What a diverged trial reports: finite (Optuna and ASHA rank it last), never NaN."""
-    if task.metric == "accuracy":
-        return 0.0
-    return -1e9 if task.mode == "max" else 1e9
+    return worst_metric(metric_key(task), task.mode)
 
 
 def loader_steps(job: JobConfig, task: Task) -> int:
@@ -178,11 +173,6 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
-def trial_device() -> torch.device:
-    # Ray sets CUDA_VISIBLE_DEVICES to the GPU(s) it granted this trial; none granted -> CPU.
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torch.device,
                 total: int | None = None):
     """Model, optimizer, scheduler and schedule parameters for one trial config, the schedule
@@ -228,79 +218,87 @@ def recipe(job: JobConfig) -> Recipe:
     return Recipe.of(job.train)
 
 
-def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo | None = None) -> None:
-    """Ray Tune trainable: one trial of the search (logged to its own nested MLflow run)."""
-    import ray
+@dataclass(frozen=True)
+class UserLoop:
+    """A search's own training loop: ``fn(trial)`` runs one trial (:class:`~lrsearch.Trial`);
+    ``metric`` / ``mode`` are the objective it reports."""
+
+    fn: Callable[[Trial], Any]
+    metric: str = "val_accuracy"
+    mode: str = "max"
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+
+
+def user_loop(fn: Callable[[Trial], Any] | None, metric: str | None = None,
+              mode: str | None = None) -> UserLoop | None:
+    """The search's own loop ``fn`` with its objective (default ``accuracy``, ``max``), checked."""
+    from lrsearch.errors import ConfigError
+    from lrsearch.protocol import objective_key
+
+    if fn is None:
+        if metric is not None or mode is not None:
+            raise ConfigError("metric / mode: only with train_fn= (a task's metric is its own)")
+        return None
+    if not callable(fn):
+        raise ConfigError(f"train_fn: got {type(fn).__name__}; allowed: a function fn(trial) that "
+                          "trains one trial")
+    if mode not in (None, "max", "min"):
+        raise ConfigError(f"mode: got {mode!r}; allowed: 'max' or 'min'")
+    metric = metric or "accuracy"
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(f"metric: got {metric!r}; allowed: the name of a metric the loop reports")
+    _ship_by_value(fn)
+    return UserLoop(fn, objective_key(metric), mode or ("min" if "loss" in metric else "max"))
+
+
+def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo | None = None,
+              loop: UserLoop | None = None) -> None:
+    """Ray Tune trainable: one trial of the search (logged to its own nested MLflow run), run by
+    the built-in loop on the job's task (:func:`task_loop`) or by the user's ``loop``."""
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    job, task, device = source.job, source.get(), trial_device()
+    job = source.job
     torch.manual_seed(job.search.seed)
-    model, optimizer, scheduler, params = build_trial(job, task, config, device)
-    stepper = Stepper(recipe(job), model, optimizer, task.criterion, device)
-    per_epoch, key = steps_per_epoch(job, task), metric_key(task)
-    monitor = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
-                                reference="first")
-    logger = None
-    if tracking is not None:
-        context = tune.get_context()
-        logger = TrialLogger(tracking, context.get_trial_id(), context.get_trial_name())
-        logger.log_config(config, params)
-    logged = logger.logged_epochs(key) if logger is not None else 0
-    start_epoch, replay_to = _restore(tune.get_checkpoint(), stepper, scheduler, monitor, device)
-    saved_at = set(checkpoint_epochs(job))
-    node_id = ray.get_runtime_context().get_node_id()
+    if loop is not None:
+        trial = Trial(config, job, metric=loop.metric, mode=loop.mode, tracking=tracking,
+                      checkpoint=tune.get_checkpoint())
+        loop.fn(trial)
+        return
+    task = source.get()
+    trial = Trial(config, job, metric=metric_key(task), mode=task.mode, tracking=tracking,
+                  checkpoint=tune.get_checkpoint())
+    task_loop(trial, task)
 
-    for epoch in range(start_epoch, job.search.max_epochs):
+
+def task_loop(trial: Trial, task: Task) -> None:
+    """The built-in loop on the trial protocol: the task's pretrained model, the job's recipe
+    (clipping, precision, accumulation), an evaluation after every epoch, the divergence stop at
+    every step."""
+    job, device = trial.job, trial.device
+    model = task.build_model().to(device)
+    optimizer = trial.optimizer(model, layer_groups=task.layer_groups)
+    scheduler = trial.scheduler(optimizer, total_steps(job, task))
+    stepper = Stepper(recipe(job), model, optimizer, task.criterion, device)
+    trial.track(stepper=stepper)
+    per_epoch = steps_per_epoch(job, task)
+    for epoch in range(trial.start_epoch, trial.max_epochs):
         # each epoch's batch order depends on the seed and the epoch only: not on which trials this
         # (reused) worker ran before, nor on whether the trial was resumed from a checkpoint
         reseed(task, job.search.seed * 1_000_003 + epoch)
-        started, started_at = time.perf_counter(), time.time()
-        train_loss, _, diverged, lrs = train_epoch(stepper, scheduler, task, monitor, per_epoch)
-        if epoch < replay_to and not diverged:
-            continue
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": _peak_lr(optimizer),
-                   "total_steps": total_steps(job, task), "diverged": diverged, "node_id": node_id,
-                   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                   "epoch_started_at": started_at}
+        train_loss, _, diverged, _ = train_epoch(stepper, scheduler, task, trial.monitor, per_epoch)
         if diverged:
-            metrics.update({key: worst_value(task), "val_loss": 1e9, "train_seconds": time.perf_counter() - started})
-            if logger is not None and epoch + 1 > logged:
-                logger.log_epoch(epoch + 1, {"train_loss": train_loss, "diverged": 1.0}, lrs, epoch * per_epoch)
-            tune.report(metrics)
+            trial.report(epoch + 1, train_loss=train_loss, diverged=True)
             return
-        metrics.update({f"val_{k}": v for k, v in evaluate(model, task, device, autocast=stepper.autocast).items()})
-        metrics["train_seconds"] = time.perf_counter() - started
-        if logger is not None and epoch + 1 > logged:
-            logger.log_epoch(epoch + 1, {k: metrics[k] for k in (key, "val_loss", "train_loss", "lr")},
-                             lrs, epoch * per_epoch)
-        if epoch + 1 not in saved_at:
-            tune.report(metrics)
+        if trial.replaying(epoch + 1):
+            trial.report(epoch + 1)
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            state = {"model": trainable_state(model), "epoch": epoch + 1}
-            if epoch + 1 < job.search.max_epochs:  # resume needs these; a finished trial does not
-                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                             monitor=monitor.state_dict(), stepper=stepper.state_dict())
-            torch.save(state, os.path.join(tmp, "trial.pt"))
-            metrics["checkpoint_bytes"] = os.path.getsize(os.path.join(tmp, "trial.pt"))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-
-
-def _restore(checkpoint, stepper: Stepper, scheduler, monitor: DivergenceMonitor,
-             device: torch.device) -> tuple[int, int]:
-    """Load a trial checkpoint: ``(first epoch to train, epochs to retrain unreported)``."""
-    if checkpoint is None:
-        return 0, 0
-    with checkpoint.as_directory() as path:
-        if os.path.isfile(os.path.join(path, REPLAY_FILE)):
-            # the search's saved state points at a checkpoint Tune had already replaced: retrain
-            # the epochs it covered (seeded per epoch, so the same trajectory) without reporting
-            with open(os.path.join(path, REPLAY_FILE)) as f:
-                return 0, int(json.load(f)["epoch"])
-        state = torch.load(os.path.join(path, "trial.pt"), map_location=device, weights_only=False)
-    load_state(state, stepper, scheduler, monitor)
-    return state["epoch"], 0
+        scores = evaluate(model, task, device, autocast=stepper.autocast)
+        if trial.report(epoch + 1, train_loss=train_loss, **scores):
+            return
 
 
 def load_state(state: dict[str, Any], stepper: Stepper, scheduler, monitor: DivergenceMonitor) -> None:

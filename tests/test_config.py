@@ -33,7 +33,7 @@ BAD = [
     ("name: x\ntask: {kind: synthetic, batchsize: 4}\n", ["task.batchsize", "unknown field", "batch_size"]),
     ("name: x\ntask: {kind: vision}\n", ["task.kind", "'vision'", "text_classification"]),
     ("name: x\ntask: {model: minilm-l6}\n", ["task.kind", "required"]),
-    ("name: x\n", ["task", "required field is missing"]),
+    ("name: x\n", ["task: missing", "task section"]),
     ("task: {kind: synthetic}\n", ["name", "required"]),
     ("name: 'a b'\ntask: {kind: synthetic}\n", ["name", "'a b'", "letters"]),
     (OK + "optimizer: {name: lion}\n", ["optimizer.name", "'lion'", "adamw"]),

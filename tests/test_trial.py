@@ -17,13 +17,13 @@ import lrsearch.trial as train
 from lrsearch.config import parse_job
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.errors import ConfigError, TaskError
+from lrsearch.protocol import Trial
 from lrsearch.recipe import Recipe, Stepper
 from lrsearch.schedules import build_scheduler, lr_curve
 from lrsearch.space import schedule_params
 from lrsearch.tasks import Task, reseed, synthetic_task
 from lrsearch.trial import (
     TaskSource,
-    _restore,
     build_trial,
     steps_per_epoch,
     total_steps,
@@ -41,9 +41,8 @@ def _epoch(model, optimizer, scheduler, task, monitor, max_steps, recipe=PLAIN):
                        max_steps)
 
 
-def _restore_into(checkpoint, model, optimizer, scheduler, monitor):
-    return _restore(checkpoint, Stepper(PLAIN, model, optimizer, nn.functional.cross_entropy, CPU),
-                    scheduler, monitor, CPU)
+def _trial(job, config, checkpoint=None) -> Trial:
+    return Trial(config, job, metric="accuracy", checkpoint=checkpoint, device=CPU)
 
 
 def _job(**search):
@@ -196,11 +195,8 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_restore_without_checkpoint_starts_at_zero():
-    task = _task()
-    model = task.build_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = build_scheduler(optimizer, "constant", 8)
-    assert _restore_into(None, model, optimizer, scheduler, DivergenceMonitor()) == (0, 0)
+    trial = _trial(_job(), {"max_lr": 0.1, "schedule": "constant"})
+    assert trial.start_epoch == 0 and not trial.replaying(1)
 
 
 def test_restore_from_a_replay_marker_retrains_without_loading(tmp_path):
@@ -208,14 +204,14 @@ def test_restore_from_a_replay_marker_retrains_without_loading(tmp_path):
     task = _task()
     model = task.build_model()
     before = _state(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = build_scheduler(optimizer, "linear", 8)
-    monitor = DivergenceMonitor(reference="first")
-    got = _restore_into(Checkpoint.from_directory(str(tmp_path)), model, optimizer, scheduler, monitor)
-    assert got == (0, 2)
+    trial = _trial(_job(), {"max_lr": 0.1, "schedule": "linear"}, Checkpoint.from_directory(str(tmp_path)))
+    optimizer = trial.optimizer(model)
+    scheduler = trial.scheduler(optimizer, 8)
+    assert (trial.start_epoch, trial.replaying(2), trial.replaying(3)) == (0, True, False)
+    assert trial.report(1) is False  # replayed epochs are not reported
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert scheduler.last_epoch == 0 and monitor.num_losses == 0 and not optimizer.state
+    assert scheduler.last_epoch == 0 and trial.monitor.num_losses == 0 and not optimizer.state
 
 
 def _run_epochs(job, task, config, epochs, *, objects=None):
@@ -243,16 +239,23 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
     (model, optimizer, scheduler, monitor), lrs = _run_epochs(job, task, config, range(2))
 
-    (m1, o1, s1, mon1), first = _run_epochs(job, task, config, range(1))
-    torch.save({"model": m1.state_dict(), "optimizer": o1.state_dict(), "scheduler": s1.state_dict(),
-                "epoch": 1, "monitor": mon1.state_dict()}, tmp_path / "trial.pt")
+    torch.manual_seed(job.search.seed)
+    saving = _trial(job, config)
+    m1 = task.build_model()
+    o1 = saving.optimizer(m1)
+    s1 = saving.scheduler(o1, total_steps(job, task))
+    (_, _, _, mon1), first = _run_epochs(job, task, config, range(1), objects=(m1, o1, s1, saving.monitor))
+    saving._next_epoch()
+    torch.save(saving.state(1), tmp_path / "trial.pt")
     checkpoint = Checkpoint.from_directory(str(tmp_path))
 
     torch.manual_seed(123)  # fresh objects, built as a restarted worker would
-    m2, o2, s2, _ = build_trial(job, task, config, CPU)
-    mon2 = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
-                             reference="first")
-    assert _restore_into(checkpoint, m2, o2, s2, mon2) == (1, 0)
+    trial = _trial(job, config, checkpoint)
+    m2 = task.build_model()
+    o2 = trial.optimizer(m2)
+    s2 = trial.scheduler(o2, total_steps(job, task))
+    mon2 = trial.monitor
+    assert trial.start_epoch == 1 and not trial.replaying(1)
     assert mon2.num_losses == 5 and s2.last_epoch == 5
     _, second = _run_epochs(job, task, config, range(1, 2), objects=(m2, o2, s2, mon2))
 

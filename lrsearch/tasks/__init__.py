@@ -35,6 +35,11 @@ def build_task(job: JobConfig) -> Task:
         TaskError: the model or dataset cannot be loaded; the message says why and how to fix it.
     """
     cfg = job.task
+    if cfg is None:
+        from lrsearch.errors import ConfigError
+
+        raise ConfigError("task: missing; this job has no task section to build (allowed: a task "
+                          "section, or a search with its own training loop)")
     options = cfg.model_dump(exclude={"kind"})
     if cfg.kind == "synthetic":
         return synthetic_task(**options)
@@ -43,6 +48,11 @@ def build_task(job: JobConfig) -> Task:
 
         options.update(model=_maybe_path(job, cfg.model), dataset=_maybe_path(job, cfg.dataset))
         return text_classification_task(**options)
+    if cfg.kind == "language_modeling":
+        from lrsearch.tasks.lm import language_modeling_task
+
+        options.update(model=_maybe_path(job, cfg.model), dataset=_maybe_path(job, cfg.dataset))
+        return language_modeling_task(**options)
     if cfg.kind == "image_classification":
         from lrsearch.tasks.image import image_classification_task
 

