@@ -81,7 +81,8 @@ def _ship_by_value(task: Task | Callable[[], Task]) -> None:
 
     from ray import cloudpickle
 
-    funcs = [task] if not isinstance(task, Task) else [task.build_model, task.criterion, task.layer_groups]
+    funcs = [task] if not isinstance(task, Task) else [task.build_model, task.criterion, task.layer_groups,
+                                                        task.evaluate_fn]
     # the standard library too: a functools.partial names "functools" as its module, and functools
     # by value would take its locks into every pickle after
     installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}

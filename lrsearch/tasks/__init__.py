@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lrsearch.tasks.base import Task, evaluate, forward, move_to_device, reseed
+from lrsearch.tasks.base import Task, evaluate, forward, model_loss, move_to_device, reseed
 from lrsearch.tasks.synthetic import synthetic_task
 
 if TYPE_CHECKING:
     from lrsearch.config import JobConfig
 
-__all__ = ["Task", "build_task", "evaluate", "forward", "move_to_device", "reseed", "synthetic_task"]
+__all__ = ["Task", "build_task", "evaluate", "forward", "model_loss", "move_to_device", "reseed",
+           "synthetic_task"]
 
 
 def _maybe_path(job: JobConfig, value: str) -> str:

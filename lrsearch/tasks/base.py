@@ -72,9 +72,25 @@ def forward(model: nn.Module, criterion: Callable, batch: Any, device: torch.dev
         )
     inputs, targets = move_to_device(batch, device)
     outputs = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    if targets is None:  # the model computes its own loss (labels inside the inputs)
+        return model_loss(outputs)
     if hasattr(outputs, "logits"):
         outputs = outputs.logits
     return criterion(outputs, targets)
+
+
+def model_loss(outputs: Any, _targets: Any = None) -> torch.Tensor:
+    """The loss a model computed itself: ``outputs.loss`` (Hugging Face models given ``labels``),
+    ``outputs["loss"]``, or the output when it is the loss (a scalar tensor). A criterion too."""
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    if loss is None and isinstance(outputs, torch.Tensor) and outputs.ndim == 0:
+        loss = outputs
+    if loss is None:
+        raise ValueError("a batch of (inputs, None) needs a model that returns its loss "
+                         f"(outputs.loss or a scalar); got {type(outputs).__name__}")
+    return loss
 
 
 @torch.no_grad()
