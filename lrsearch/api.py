@@ -96,7 +96,29 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
     """
     from lrsearch.tuning.runner import run_search
 
-    return run_search(load_job(job), task=task, train_fn=train_fn, metric=metric, mode=mode,
+    job = load_job(job)
+    if train_fn is None and task is None and job.task is not None and job.task.kind == "python":
+        # the entrypoint may return a Task, a Trainer, a Lightning module and its data, or a train_fn
+        from lrsearch.tasks.user import python_loop
+
+        kind, got = python_loop(job)
+        options = {"num_trials": num_trials, "address": address, "resume": resume, "track": track,
+                   "show_progress": show_progress, "verbose": verbose}
+        loose = job.model_copy(update={"task": None})  # the loop's, not a Task the workers build
+        if kind == "trainer":
+            from lrsearch.integrations import transformers as hf
+
+            return hf.search(loose, got, metric=metric, mode=mode, **options)
+        if kind == "lightning":
+            from lrsearch.integrations import lightning as pl
+
+            return pl.search(loose, *got, metric=metric, mode=mode, **options)
+        if kind == "train_fn":
+            return run_search(loose, train_fn=got, metric=metric, mode=mode, **options)
+        from lrsearch.trial import TaskSource
+
+        TaskSource.prime(job, got)  # built once on the driver; the workers build their own
+    return run_search(job, task=task, train_fn=train_fn, metric=metric, mode=mode,
                       num_trials=num_trials, address=address,
                       resume=resume, verbose=verbose, show_progress=show_progress, track=track)
 

@@ -61,6 +61,12 @@ class TaskSource:
         _ship_by_value(task)
         return cls(uuid.uuid4().hex, job, task)
 
+    @staticmethod
+    def prime(job: JobConfig, task: Task) -> None:
+        """Keep ``task``, already built from ``job`` here, for the search's own :meth:`get`."""
+        _TASKS.clear()
+        _TASKS[TaskSource.of(job).key] = task
+
     def get(self) -> Task:
         if self.key not in _TASKS:
             _TASKS.clear()
