@@ -14,6 +14,7 @@ trial at once: it reports ``diverged=True`` and the worst metric value, and ends
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Callable
@@ -236,7 +237,12 @@ class UserLoop:
 
     @property
     def name(self) -> str:
-        return getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+        fn = self.fn
+        while isinstance(fn, functools.partial):
+            fn = fn.args[0] if fn.args and isinstance(fn.args[0], str) else fn.func  # an entrypoint's name
+            if isinstance(fn, str):
+                return fn
+        return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def user_loop(fn: Callable[[Trial], Any] | None, metric: str | None = None,

@@ -18,7 +18,7 @@ OK = "name: ok\ntask: {kind: synthetic, num_train: 256, num_val: 64}\n"
 
 def test_examples_exist_for_every_built_in_task_and_parse():
     kinds = {load_job(p).task.kind for p in EXAMPLES}
-    assert kinds == {"synthetic", "text_classification", "image_classification", "python"}
+    assert kinds == {"synthetic", "text_classification", "image_classification", "python", "language_modeling"}
 
 
 def _run(tmp_path, text: str, name: str = "job.yaml"):

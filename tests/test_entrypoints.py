@@ -80,7 +80,7 @@ def _job(tmp: Path, name: str, entry: str, **search) -> Path:
 
 def test_the_entrypoints_return_is_told_apart(tmp_path):
     kind, got = python_loop(lrsearch.load_job(_job(tmp_path, "a", "train_fn")))
-    assert kind == "train_fn" and got.__name__ == "loop"
+    assert kind == "train_fn" and got.func.__name__ == "run_entry_loop"
     kind, got = python_loop(lrsearch.load_job(_job(tmp_path, "b", "task")))
     assert kind == "task" and isinstance(got, Task)
     kind, factory = python_loop(lrsearch.load_job(_job(tmp_path, "c", "trainer")))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import lrsearch
 from lrsearch.config import parse_job
-from lrsearch.tuning import run_search
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SMALL = {
@@ -16,6 +16,7 @@ SMALL = {
     "image_classification": {"num_train": 64, "num_val": 32, "batch_size": 16, "image_size": 32},
     "synthetic": {"num_train": 256, "num_val": 64},
     "python": {},
+    "language_modeling": {"num_train": 32, "num_val": 16, "num_test": 16, "max_length": 24, "batch_size": 8},
 }
 
 
@@ -28,11 +29,18 @@ def test_example_searches_offline(local_ray, path, tmp_path, monkeypatch):
     data["search"] = {**data.get("search", {}), "num_trials": 2, "max_epochs": 1, "grace_period": 1}
     data["storage"] = {"path": str(tmp_path / "runs")}
     data["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlruns.db"}
+    if data["task"]["kind"] == "language_modeling":  # the example builds its tiny GPT-2 first
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("make_tiny_gpt2", path.parent / "make_tiny_gpt2.py")
+        builder = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(builder)
+        data["task"]["model"] = str(builder.build(tmp_path / "tiny-gpt2"))
     if data["task"]["kind"] == "text_classification":
         # discriminative fine-tuning: a lower LR for each lower encoder layer
         data["space"] = {**data.get("space", {}), "layer_decay": {"low": 0.7, "high": 0.95}}
     job = parse_job(data, source=str(path), base_dir=str(path.parent))
-    result = run_search(job, show_progress=False)
+    result = lrsearch.search(job)
     assert result.counts["total"] == 2 and result.counts["errored"] == 0, result.trials
     assert result.best is not None and result.best_metric is not None
     assert Path(result.paths["trials"]).is_file() and Path(result.paths["best_config"]).is_file()

@@ -116,11 +116,11 @@ def test_the_model_is_required():
 
 
 def test_the_example_job_builds_its_task_from_a_model_next_to_it(tiny_gpt2, tmp_path):
-    data = yaml.safe_load((EXAMPLE / "job.yml").read_text())
+    data = yaml.safe_load((EXAMPLE / "job.yaml").read_text())
     assert (data["task"]["kind"], data["space"]["family"]) == ("language_modeling", "gpt2")
     (tmp_path / data["task"]["model"]).symlink_to(tiny_gpt2)  # relative to the job file, as shipped
     data["task"].update(num_train=8, num_val=4, num_test=0, max_length=16)
-    path = tmp_path / "job.yml"
+    path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
     task = build_task(lrsearch.load_job(path))
     assert task.name == "tiny-gpt2/fortunes" and (task.metric, task.mode) == ("loss", "min")

@@ -65,6 +65,11 @@ def entry_part(entrypoint: str, options: dict[str, Any], path: str | None, index
     return call_entrypoint(entrypoint, options, path)[index]
 
 
+def run_entry_loop(entrypoint: str, options: dict[str, Any], path: str | None, trial: Any) -> Any:
+    """One trial of the ``train_fn`` the entrypoint returns."""
+    return call_entrypoint(entrypoint, options, path)(trial)
+
+
 def python_loop(job: Any) -> tuple[str, Any]:
     """What a ``python`` task's entrypoint gives a search, by what it returns (called once here):
 
@@ -91,7 +96,9 @@ def python_loop(job: Any) -> tuple[str, Any]:
         raise TaskError(f"task.entrypoint: {cfg.entrypoint} returned a LightningModule alone; allowed: "
                         "(module, datamodule), so that each trial has its data")
     if callable(got):
-        return "train_fn", got
+        # each worker imports the module from the job's path again (its imports of modules next
+        # to it too) rather than receiving the function by value
+        return "train_fn", partial(run_entry_loop, *bound)
     raise TaskError(f"task.entrypoint: {cfg.entrypoint} returned {type(got).__name__}; allowed: an "
                     "lrsearch.Task, a transformers.Trainer, a (LightningModule, LightningDataModule) "
                     "pair, or a function train_fn(trial)")
