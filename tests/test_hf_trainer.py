@@ -71,6 +71,16 @@ def make_trainer_with_model_init() -> Trainer:
     return make_trainer(model_init=True)
 
 
+def make_lora_trainer() -> Trainer:
+    """The same Trainer on a PEFT LoRA model, the way the peft docs build one."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    trainer = make_trainer()
+    torch.manual_seed(0)
+    trainer.model = get_peft_model(trainer.model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8))
+    return trainer
+
+
 def _job(tmp, name, **search):
     return {"name": name, "space": {"family": "bert", "max_lr": {"low": 1e-5, "high": 3e-4}},
             "search": {"num_trials": 4, "max_epochs": 4, "max_concurrent_trials": 2, **search},
@@ -119,6 +129,20 @@ def test_model_init_combines_with_lrsearchs_own_schedules(local_ray, tmp_path):
     result = lrs_hf.search(job, make_trainer_with_model_init, range_test=False)
     assert {t.schedule for t in result.trials} == {"stlr", "one_cycle"}
     assert all(t.state is TrialState.COMPLETED for t in result.trials)
+    assert_schedules(f"sqlite:///{tmp_path}/mlruns.db", result, steps_per_epoch=4)
+
+
+def test_a_lora_trainer_checkpoints_only_its_adapters_and_head(local_ray, tmp_path):
+    from peft import PeftModel
+
+    job = _job(tmp_path, "hf-lora", num_trials=2, max_epochs=2, early_stopping="none", checkpoint="epoch")
+    job["space"] = {"family": "lora"}
+    result = lrs_hf.search(job, make_lora_trainer, range_test=False)
+    assert all(t.state is TrialState.COMPLETED for t in result.trials)
+    full = sum(v.numel() * v.element_size() for v in make_trainer().model.state_dict().values())
+    # two checkpoints a trial (epochs 1 and 2), each of the adapters, the head and the optimizer state
+    assert all(0 < t.checkpoint_bytes < 0.05 * full for t in result.trials), [t.checkpoint_bytes for t in result.trials]
+    assert isinstance(result.model, PeftModel) and 1e-4 <= result.best.max_lr <= 1e-3
     assert_schedules(f"sqlite:///{tmp_path}/mlruns.db", result, steps_per_epoch=4)
 
 
