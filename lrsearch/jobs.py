@@ -118,6 +118,10 @@ def _stage(job_file: Path, job: JobConfig, staging: Path) -> None:
         shutil.copytree(package, staging / module, ignore=shutil.ignore_patterns("__pycache__"))
     elif single.is_file():
         shutil.copy2(single, staging / single.name)
+        # the modules next to it that it may import (a train_fn's module importing the task's)
+        for sibling in base.glob("*.py"):
+            if not (staging / sibling.name).exists():
+                shutil.copy2(sibling, staging / sibling.name)
     else:
         raise JobsError(f"task.entrypoint: module {module!r} not found next to the job file ({base}); "
                         "lrsearch submit ships it from there")

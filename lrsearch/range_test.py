@@ -252,6 +252,7 @@ class _Snapshot:
         return cls(model_state, copy.deepcopy(optimizer.state_dict()), model.training, device)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        model.zero_grad(set_to_none=True)  # the sweep's last gradients go with it
         model.load_state_dict(self.model_state)
         optimizer.load_state_dict(self.optim_state)
         model.to(self.device)

@@ -58,7 +58,7 @@ def task():
 
 def lightning():
     import test_lightning
-    return test_lightning.lightning_pair()
+    return test_lightning.make_module(), test_lightning.Digits()
 
 
 def nothing():
@@ -106,6 +106,14 @@ def test_a_trainer_entrypoint_is_searched_as_a_trainer(local_ray, tmp_path):
     result = lrsearch.search(job, track=False)
     assert result.metric == "val_accuracy" and len(result.trials) == 2
     assert type(result).__name__ == "TrainerSearchResult" and result.model is not None
+
+
+def test_a_lightning_entrypoint_is_searched_as_a_lightning_module(local_ray, tmp_path):
+    job = _job(tmp_path, "entry-pl", "lightning", num_trials=2, max_epochs=1)
+    kind, (module_factory, data_factory) = python_loop(lrsearch.load_job(job))
+    assert kind == "lightning" and type(module_factory()).__name__ == "MLP"
+    result = lrsearch.search(job, track=False)
+    assert result.metric == "val_accuracy" and len(result.trials) == 2 and result.best is not None
 
 
 def test_a_final_run_of_a_non_task_entrypoint_says_why(tmp_path):

@@ -152,6 +152,14 @@ def test_a_docs_style_script_becomes_a_factory_without_changes():
     assert len(trainer.train_dataset) == 32 and trainer.compute_metrics is not None
 
 
+def test_the_docs_style_script_is_searched_unchanged(local_ray, tmp_path):
+    make = lrs_hf.from_script(EXAMPLE, "--num-train", "32", "--epochs", "1")
+    result = lrs_hf.search(_job(tmp_path, "hf-script", num_trials=2, max_epochs=2, early_stopping="none"), make)
+    assert result.range_test is not None and all(t.state is TrialState.COMPLETED for t in result.trials)
+    assert_schedules(f"sqlite:///{tmp_path}/mlruns.db", result, steps_per_epoch=2)  # 32 texts, batch 16
+    assert result.training_args.output_dir == "minilm-fortunes"  # the script's own arguments
+
+
 def test_bad_factories_fail_before_anything_trains(tmp_path):
     with pytest.raises(lrsearch.ConfigError, match="trainer_factory: returned int"):
         lrs_hf.search(_job(tmp_path, "bad"), lambda: 3)

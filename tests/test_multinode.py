@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -201,3 +202,23 @@ def test_worker_node_killed_mid_search(cluster):
     final = {json.dumps(s["params"], sort_keys=True) for s in json.loads(study.read_text())
              if s["state"] == "COMPLETE"}
     assert finished_before <= final  # no trial finished before the kill was lost
+
+
+def test_submit_ships_a_train_fn_entrypoint_with_the_modules_beside_it(cluster):
+    # examples/python_task/loop_job.yaml: my_loop.py returns train_fn and imports my_task.py
+    example = Path(__file__).resolve().parents[1] / "examples" / "python_task"
+    src = cluster["tmp"] / "own-loop"
+    src.mkdir()
+    for name in ("my_loop.py", "my_task.py"):
+        (src / name).write_text((example / name).read_text())
+    data = yaml.safe_load((example / "loop_job.yaml").read_text())
+    data.update(name="own-loop", storage={"path": str(cluster["tmp"] / "runs")},
+                tracking={"uri": f"sqlite:///{cluster['tmp']}/mlruns.db", "experiment": "own-loop"})
+    data["search"].update(num_trials=2, max_epochs=1)
+    job = src / "job.yaml"
+    job.write_text(yaml.safe_dump(data))
+    result = _cli(cluster, "submit", str(job), "--address", cluster["address"], "--wait", "--json")
+    assert result.exit_code == 0, result.output[-4000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "SUCCEEDED"
+    trials = pq.read_table(cluster["tmp"] / "runs" / "own-loop" / "trials.parquet").to_pylist()
+    assert len(trials) == 2 and all(t["state"] == "completed" for t in trials)

@@ -15,6 +15,7 @@ import mlflow
 import mlflow.pytorch
 import pytest
 import torch
+from protocol_checks import assert_asha_stopped_some, assert_schedules
 
 import lrsearch
 from lrsearch.config import OptimizerConfig
@@ -216,11 +217,16 @@ def test_search_and_final_run_with_lora(local_ray, tmp_path):
            "task": {"kind": "text_classification", **SMALL, "peft": PEFT},
            "range_test": {"start_lr": 1e-6, "end_lr": 1.0, "num_steps": 12},
            "space": {"family": "lora"},
-           "search": {"num_trials": 2, "max_epochs": 2, "grace_period": 1, "max_concurrent_trials": 2},
+           # ranked by the continuous val_loss at the rungs: 16 validation texts make accuracies tie
+           "search": {"num_trials": 6, "max_epochs": 2, "grace_period": 1, "max_concurrent_trials": 2,
+                      "rung_metric": "val_loss"},
            "storage": {"path": str(tmp_path / "runs")},
            "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "lora-e2e"}}
-    result = lrsearch.search(job, track=False)
-    assert result.counts["errored"] == 0 and result.counts["total"] == 2, result.trials
+    result = lrsearch.search(job)
+    assert result.counts["errored"] == 0 and result.counts["total"] == 6, result.trials
+    # the built-in loop on the trial protocol: every step at its schedule's LR, ASHA stopping trials
+    assert_schedules(f"sqlite:///{tmp_path}/mlruns.db", result, result.steps_per_epoch)
+    assert_asha_stopped_some(result)
     best = result.best
     assert best is not None and math.isfinite(best.value) and best.schedule in {"linear", "cosine", "constant"}
     # the range test on the adapters set the max_lr range the trials drew from

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from protocol_checks import assert_asha_stopped_some, assert_schedules
 
 import lrsearch
 from lrsearch.config import parse_job
@@ -255,11 +256,15 @@ def test_search_then_final_run_on_the_tiny_gpt2(local_ray, tiny_gpt2, tmp_path):
                     "num_train": 64, "num_val": 32, "num_test": 32, "max_length": 32, "batch_size": 16},
            "space": {"family": "gpt2"},
            "range_test": {"num_steps": 12, "end_lr": 1.0},
-           "search": {"num_trials": 3, "max_epochs": 2, "grace_period": 1, "max_concurrent_trials": 2},
+           "search": {"num_trials": 4, "max_epochs": 2, "grace_period": 1, "max_concurrent_trials": 2},
            "storage": {"path": str(tmp_path / "runs")},
+           "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "lm-e2e"},
            "resources": {"cpu": 1, "gpu": 0}}
-    result = lrsearch.search(job, track=False)
+    result = lrsearch.search(job)
     assert (result.metric, result.mode) == ("val_loss", "min")
+    # the built-in loop on the trial protocol: every step at its schedule's LR, ASHA stopping trials
+    assert_schedules(f"sqlite:///{tmp_path}/mlruns.db", result, result.steps_per_epoch)
+    assert_asha_stopped_some(result)
     assert result.counts["errored"] == 0 and result.counts["completed"] >= 1, result.trials
     assert result.range_test is not None
     best = result.best
