@@ -134,7 +134,9 @@ _ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class PythonTask(Strict):
-    """The user's own task: ``entrypoint`` is ``package.module:function`` returning a ``Task``.
+    """The user's own code: ``entrypoint`` is ``package.module:function`` returning a ``Task``, a
+    ``transformers.Trainer``, a ``(LightningModule, LightningDataModule)`` pair or a
+    ``train_fn(trial)`` (:func:`lrsearch.tasks.user.python_loop` tells them apart).
 
     The function is called with ``options`` as keyword arguments. ``path`` (relative to the job
     file) is put on ``sys.path`` first, so a task module can sit next to the job file.

@@ -18,10 +18,11 @@ from lrsearch.schedules import lr_curve
 from lrsearch.tuning.results import TrialState
 
 
-def logged_lrs(uri: str, result) -> dict[str, list[float]]:
+def logged_lrs(uri: str, result, experiment: str | None = None) -> dict[str, list[float]]:
     """Each trial's LR at every optimizer step, from its MLflow run (``lr_step``)."""
     client = MlflowClient(uri)
-    runs = client.search_runs([result.tracking["experiment_id"]], max_results=1000)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id if experiment else result.tracking["experiment_id"]
+    runs = client.search_runs([exp_id], max_results=1000)
     out = {}
     for run in runs:
         if run.data.tags.get("lrsearch.role") == "trial":
@@ -30,9 +31,9 @@ def logged_lrs(uri: str, result) -> dict[str, list[float]]:
     return out
 
 
-def assert_schedules(uri: str, result, steps_per_epoch: int) -> None:
+def assert_schedules(uri: str, result, steps_per_epoch: int, experiment: str | None = None) -> None:
     """Every trial trained ``steps_per_epoch`` steps per epoch it ran, each at its schedule's LR."""
-    lrs = logged_lrs(uri, result)
+    lrs = logged_lrs(uri, result, experiment)
     total = steps_per_epoch * result.best.search_horizon["epochs"]
     checked = 0
     for t in result.trials:
