@@ -8,6 +8,7 @@ received and what is allowed (a :class:`~lrsearch.errors.ConfigError`).
 from __future__ import annotations
 
 import re
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -418,8 +419,10 @@ def _allowed_keys(loc: tuple[Any, ...], data: Any) -> str:
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return "?"
-        annotation = field.annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        # ``X | None`` (an optional section, e.g. task.peft): the section's model is X
+        models = [a for a in (typing.get_args(field.annotation) or (field.annotation,))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if len(models) == 1 else None
         if model is None and part == "task":
             continue
         if model is None:

@@ -52,6 +52,8 @@ BAD = [
     ("name: x\ntask: {kind: python, entrypoint: my_task}\n", ["task.entrypoint", "'my_task'", "module:function"]),
     ("name: x\ntask: {kind: text_classification, categories: [law]}\n", ["task.categories", "['law']", "2 distinct"]),
     ("name: x\ntask: {kind: image_classification, image_size: 4}\n", ["task.image_size", "4", ">= 8"]),
+    ("name: x\ntask: {kind: text_classification, peft: {rank: 4}}\n", ["task.peft.rank", "unknown field", "alpha"]),
+    (OK + "space: {max_lr: {low: 1.0e-5, high: 1.0e-3, lo: 2}}\n", ["space.max_lr.lo", "unknown field", "log"]),
     ("name: x\ntask: [kind, synthetic\n", ["YAML syntax error", "line"]),
     ("- just\n- a list\n", ["top level must be a mapping"]),
     ("", ["empty"]),
