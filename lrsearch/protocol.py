@@ -47,7 +47,8 @@ from lrsearch.optim import build_optimizer, optimizer_over
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
 
-__all__ = ["REPLAY_FILE", "Trial", "flat_config", "objective_key", "worst_metric"]
+__all__ = ["REPLAY_FILE", "Trial", "checkpoint_epochs", "flat_config", "objective_key", "trainable_state",
+           "worst_metric"]
 
 #: in a checkpoint directory instead of ``trial.pt``: "rebuild this state by retraining N epochs"
 REPLAY_FILE = "replay.json"
@@ -105,7 +106,7 @@ class Trial:
         self._steps_before = 0  # optimizer steps of the epochs reported so far
         self._fed_losses = False
         self._epoch_started = (time.perf_counter(), time.time())
-        self._checkpoint_at = set(_checkpoint_epochs(job))
+        self._checkpoint_at = set(checkpoint_epochs(job))
         self._logger = None
         self._state, self.start_epoch, self._replay_to = _load_checkpoint(checkpoint, self.device)
         if tracking is not None:
@@ -269,8 +270,6 @@ class Trial:
 
     def state(self, epoch: int) -> dict[str, Any]:
         """What a checkpoint after ``epoch`` holds (a finished trial's: the weights only)."""
-        from lrsearch.trial import trainable_state
-
         state: dict[str, Any] = {"epoch": epoch, "steps": self._steps_before}
         if self._model is not None:
             state["model"] = trainable_state(self._model)
@@ -321,10 +320,33 @@ def worst_metric(metric: str, mode: str) -> float:
     return -1e9 if mode == "max" else 1e9
 
 
-def _checkpoint_epochs(job: JobConfig) -> list[int]:
-    from lrsearch.trial import checkpoint_epochs
+def checkpoint_epochs(job: JobConfig) -> list[int]:
+    """The epochs after which a trial saves a checkpoint, by ``search.checkpoint``.
 
-    return checkpoint_epochs(job)
+    ``rungs``: where ASHA judges trials (``grace_period`` x ``reduction_factor``^k), or epochs 1, 2,
+    4, 8... without ASHA, so a search writes O(log max_epochs) checkpoints per trial and resume
+    loses at most the epochs since the last one. The last epoch's checkpoint (weights only: the
+    trial is done) is written only when ``keep_checkpoints`` keeps something.
+    """
+    s = job.search
+    last = [s.max_epochs] if s.keep_checkpoints != "none" else []
+    if s.checkpoint == "none":
+        return last
+    if s.checkpoint == "epoch":
+        return list(range(1, s.max_epochs + 1))
+    start, factor = (s.grace_period, s.reduction_factor) if s.early_stopping == "asha" else (1, 2)
+    rungs, epoch = set(), float(start)
+    while epoch < s.max_epochs:
+        rungs.add(int(epoch))
+        epoch *= factor
+    return sorted(rungs | set(last))
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What fine-tuning changes: the parameters that require gradients, and the buffers (norm
+    statistics). Frozen weights come back from ``task.build_model()``."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
 def _tune_ids() -> tuple[str, str]:

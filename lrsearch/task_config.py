@@ -60,15 +60,12 @@ class PeftConfig(Strict):
         return value
 
 
-class TextClassificationTask(Strict):
-    """A Hugging Face sequence classifier fine-tuned on labelled text."""
+class _TextData(Strict):
+    """What the text tasks read: a corpus (fortunes, or a table's text column) and its splits."""
 
-    kind: Literal["text_classification"]
-    model: str = "minilm-l6"
     dataset: str = "fortunes"
     categories: list[str] | None = None
     text_column: str = "text"
-    label_column: str = "label"
     num_train: Annotated[int, Field(ge=2)] = 512
     num_val: Annotated[int, Field(ge=2)] = 256
     #: held-out texts only a final run (``lrsearch train``) scores; the search never sees them
@@ -76,6 +73,14 @@ class TextClassificationTask(Strict):
     max_length: Annotated[int, Field(ge=2)] = 64
     batch_size: PositiveInt = 16
     seed: int = 0
+
+
+class TextClassificationTask(_TextData):
+    """A Hugging Face sequence classifier fine-tuned on labelled text."""
+
+    kind: Literal["text_classification"]
+    model: str = "minilm-l6"
+    label_column: str = "label"
     #: train a LoRA adapter and the head instead of the whole model (``None``: full fine-tuning)
     peft: PeftConfig | None = None
 
@@ -87,21 +92,11 @@ class TextClassificationTask(Strict):
         return value
 
 
-class LanguageModelingTask(Strict):
+class LanguageModelingTask(_TextData):
     """A Hugging Face causal language model (GPT-2 style) fine-tuned on text; labels are ignored."""
 
     kind: Literal["language_modeling"]
     model: str
-    dataset: str = "fortunes"
-    categories: list[str] | None = None
-    text_column: str = "text"
-    num_train: Annotated[int, Field(ge=2)] = 512
-    num_val: Annotated[int, Field(ge=2)] = 256
-    #: held-out texts only a final run (``lrsearch train``) scores; the search never sees them
-    num_test: Annotated[int, Field(ge=0)] = 256
-    max_length: Annotated[int, Field(ge=2)] = 64
-    batch_size: PositiveInt = 16
-    seed: int = 0
     #: what the search minimises: mean validation token loss, or its exp (perplexity)
     metric: Literal["loss", "perplexity"] = "loss"
 

@@ -28,6 +28,8 @@ from lrsearch.divergence import DivergenceMonitor
 from lrsearch.optim import build_optimizer
 from lrsearch.protocol import REPLAY_FILE as REPLAY_FILE
 from lrsearch.protocol import Trial, worst_metric
+from lrsearch.protocol import checkpoint_epochs as checkpoint_epochs
+from lrsearch.protocol import trainable_state as trainable_state
 from lrsearch.protocol import trial_device as trial_device
 from lrsearch.recipe import Recipe, Stepper
 from lrsearch.schedules import build_scheduler
@@ -152,35 +154,6 @@ def total_steps(job: JobConfig, task: Task) -> int:
     return steps_per_epoch(job, task) * job.search.max_epochs
 
 
-def checkpoint_epochs(job: JobConfig) -> list[int]:
-    """The epochs after which a trial saves a checkpoint, by ``search.checkpoint``.
-
-    ``rungs``: where ASHA judges trials (``grace_period`` x ``reduction_factor``^k), or epochs 1, 2,
-    4, 8... without ASHA, so a search writes O(log max_epochs) checkpoints per trial and resume
-    loses at most the epochs since the last one. The last epoch's checkpoint (weights only: the
-    trial is done) is written only when ``keep_checkpoints`` keeps something.
-    """
-    s = job.search
-    last = [s.max_epochs] if s.keep_checkpoints != "none" else []
-    if s.checkpoint == "none":
-        return last
-    if s.checkpoint == "epoch":
-        return list(range(1, s.max_epochs + 1))
-    start, factor = (s.grace_period, s.reduction_factor) if s.early_stopping == "asha" else (1, 2)
-    rungs, epoch = set(), float(start)
-    while epoch < s.max_epochs:
-        rungs.add(int(epoch))
-        epoch *= factor
-    return sorted(rungs | set(last))
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What fine-tuning changes: the parameters that require gradients, and the buffers (norm
-    statistics). Frozen weights come back from ``task.build_model()``."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k not in frozen}
-
-
 def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torch.device,
                 total: int | None = None):
     """Model, optimizer, scheduler and schedule parameters for one trial config, the schedule
@@ -237,12 +210,14 @@ class UserLoop:
 
     @property
     def name(self) -> str:
+        """What the search's MLflow run names as its task: the loop's own name, or an entrypoint's."""
         fn = self.fn
-        while isinstance(fn, functools.partial):
-            fn = fn.args[0] if fn.args and isinstance(fn.args[0], str) else fn.func  # an entrypoint's name
-            if isinstance(fn, str):
-                return fn
-        return getattr(fn, "__qualname__", None) or type(fn).__name__
+        if getattr(fn, "__qualname__", None):
+            return fn.__qualname__
+        if isinstance(fn, functools.partial):
+            first = fn.args[0] if fn.args else None
+            return first if isinstance(first, str) else getattr(fn.func, "__qualname__", "train_fn")
+        return type(fn).__name__
 
 
 def user_loop(fn: Callable[[Trial], Any] | None, metric: str | None = None,

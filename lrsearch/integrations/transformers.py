@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from lrsearch.errors import ConfigError, SearchError, TaskError
 from lrsearch.protocol import Trial
@@ -133,13 +134,7 @@ def _control(args: Any, epochs: int) -> None:
     args.disable_tqdm = True
 
 
-def _trainer_callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class _Reporter(_trainer_callback_base()):
+class _Reporter(TrainerCallback):
     """Each evaluation to ``trial.report``; each logged training loss to the divergence stop."""
 
     def __init__(self, trial: Trial) -> None:

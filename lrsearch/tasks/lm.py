@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -22,12 +21,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.tasks.base import Task, move_to_device
-from lrsearch.tasks.text import collate_text, load_texts, split_indices
+from lrsearch.tasks.text import check_sizes, collate_text, load_texts, split_indices
 from lrsearch.tasks.text_model import (
     MODEL_ALIASES,
     _quiet_transformers,
     load_tokenizer,
     resolve_model,
+    warn_random_weights,
 )
 
 __all__ = ["IGNORE_INDEX", "METRICS", "causal_lm_loss", "decoder_layer_groups", "evaluate_lm",
@@ -92,11 +92,8 @@ def language_modeling_task(
         inputs, labels = next(iter(task.train_loader))
         loss = task.criterion(model(**inputs).logits, labels)
     """
-    for field, value, least in (("num_train", num_train, 2), ("num_val", num_val, 2),
-                                ("num_test", num_test, 0),
-                                ("max_length", max_length, 2), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"task.{field}: got {value!r}; allowed: an integer >= {least}")
+    check_sizes(num_train=num_train, num_val=num_val, num_test=num_test, max_length=max_length,
+                batch_size=batch_size)
     if metric not in METRICS:
         raise ConfigError(f"task.metric: got {metric!r}; allowed: {', '.join(map(repr, METRICS))}")
     if model in MODEL_ALIASES:
@@ -226,13 +223,7 @@ def load_causal_lm(name_or_path: str, local_only: bool, pad_token_id: int | None
         raise TaskError(f"task.model: {model!r} is neither a local directory holding a causal LM nor "
                         f"a hub id available offline ({cause})") from None
     # nothing is new in a causal LM: every missing weight starts random
-    missing = sorted(info["missing_keys"])
-    if missing:
-        warnings.warn(
-            f"task.model {model!r}: {len(missing)} weights missing from the checkpoint were "
-            f"initialised at random: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}",
-            stacklevel=2,
-        )
+    warn_random_weights(model, info["missing_keys"])
     if net.config.pad_token_id is None:
         net.config.pad_token_id = pad_token_id
     # from_pretrained returns eval mode; a model about to be fine-tuned wants dropout on

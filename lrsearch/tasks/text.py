@@ -115,11 +115,8 @@ def text_classification_task(
         inputs, labels = next(iter(task.train_loader))
         loss = task.criterion(model(**inputs).logits, labels)
     """
-    for field, value, least in (("num_train", num_train, 2), ("num_val", num_val, 2),
-                                ("num_test", num_test, 0),
-                                ("max_length", max_length, 2), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"task.{field}: got {value!r}; allowed: an integer >= {least}")
+    check_sizes(num_train=num_train, num_val=num_val, num_test=num_test, max_length=max_length,
+                batch_size=batch_size)
     lora = _lora_options(peft)
 
     texts, labels, num_labels, data_name = _load_examples(
@@ -183,6 +180,19 @@ def _lora_options(peft: Mapping[str, Any] | None) -> dict[str, Any] | None:
                    first["msg"].removeprefix("Value error, "))
         raise ConfigError(f"task.peft.{where}: got {first['input']!r}; {allowed}") from None
     return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": cfg.target_modules}
+
+
+def check_sizes(**sizes: int) -> None:
+    """The text tasks' sizes from Python (a job file's are checked by its config): each an integer
+    at least ``num_test`` 0, ``batch_size`` 1, any other 2.
+
+    Raises:
+        ConfigError: naming the first field that is not.
+    """
+    for field, value in sizes.items():
+        least = {"num_test": 0, "batch_size": 1}.get(field, 2)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"task.{field}: got {value!r}; allowed: an integer >= {least}")
 
 
 def collate_text(rows: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):

@@ -91,17 +91,23 @@ def load_classifier(name_or_path: str, num_labels: int, seed: int, local_only: b
     # A new classifier head is expected; a missing body weight means part of the "pretrained"
     # model starts random, which the silenced load report would otherwise have shown.
     prefix = f"{net.base_model_prefix}."
-    body = sorted(k for k in info["missing_keys"] if k.startswith(prefix))
-    if body:
-        warnings.warn(
-            f"task.model {model!r}: {len(body)} weights missing from the checkpoint were "
-            f"initialised at random: {', '.join(body[:5])}{', ...' if len(body) > 5 else ''}",
-            stacklevel=2,
-        )
+    warn_random_weights(model, [k for k in info["missing_keys"] if k.startswith(prefix)])
     if net.config.pad_token_id is None:
         net.config.pad_token_id = pad_token_id
     # from_pretrained returns eval mode; a model about to be fine-tuned wants dropout on
     return net.train()
+
+
+def warn_random_weights(model: str, missing: list[str]) -> None:
+    """Say which weights of a pretrained model were missing from its checkpoint (they start random);
+    the silenced load report would otherwise have shown them."""
+    if missing:
+        missing = sorted(missing)
+        warnings.warn(
+            f"task.model {model!r}: {len(missing)} weights missing from the checkpoint were "
+            f"initialised at random: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}",
+            stacklevel=3,
+        )
 
 
 def load_lora_classifier(name_or_path: str, num_labels: int, seed: int, local_only: bool,
