@@ -55,6 +55,9 @@ class OptimizerName(str, Enum):
     adamw = "adamw"
     adam = "adam"
     sgd = "sgd"
+    #: schedulefree.AdamWScheduleFree (Defazio et al., 2024): no decay schedule to search, so pair it
+    #: with ``constant`` (its warmup the schedule's warmup_frac)
+    adamw_schedulefree = "adamw_schedulefree"
 
 
 class OptimizerConfig(Strict):

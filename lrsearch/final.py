@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import torch
 from lrsearch.config import JobConfig
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.errors import ConfigError, SearchError
+from lrsearch.optim import eval_mode
 from lrsearch.recipe import Stepper
 from lrsearch.tasks import Task, evaluate, reseed
 from lrsearch.tracking.store import redact_uri
@@ -46,7 +47,8 @@ from lrsearch.trial import (
     trainable_state,
     trial_device,
 )
-from lrsearch.tuning.results import SearchResult, TrialState, ranked_completed
+from lrsearch.space import schedule_params
+from lrsearch.tuning.results import BestConfig, SearchResult, TrialState, ranked_completed
 
 __all__ = ["FinalResult", "run_final"]
 
@@ -246,9 +248,12 @@ def _read_search(search: SearchResult | str | None, uri: str, experiment: str, t
                    "final_metric": t.final_metric} for t in ranked_completed(search.trials, search.mode)]
         return {"run_id": tracking.get("run_id"), "experiment_id": tracking.get("experiment_id"),
                 "best": search.best.to_dict(), "trials": trials, "mode": search.mode}
+    if isinstance(search, BestConfig) or isinstance(search, Mapping):
+        return _given_config(search)
     if search is not None and not isinstance(search, str):
-        raise ConfigError(f"search: got {type(search).__name__}; allowed: a SearchResult, an MLflow "
-                          "run id, an experiment name, or None (the job's latest search)")
+        raise ConfigError(f"search: got {type(search).__name__}; allowed: a SearchResult, a config "
+                          "({max_lr, schedule, params}), an MLflow run id, an experiment name, or None "
+                          "(the job's latest search)")
     if not track and search is None:
         raise ConfigError("search: without MLflow (track=False) give the SearchResult to train")
     from lrsearch.tracking.final import read_search
@@ -263,11 +268,39 @@ def _read_search(search: SearchResult | str | None, uri: str, experiment: str, t
     return found
 
 
+def _given_config(given: BestConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """A config to train without a search: a :class:`BestConfig`, its ``to_dict()`` or an exported
+    YAML's (``schedule``, ``max_lr``, ``params``), or a trial config (``{max_lr, schedule,
+    <schedule>: {...}}``). Checked here, before anything trains."""
+    data = given.to_dict() if isinstance(given, BestConfig) else dict(given)
+    missing = [k for k in ("max_lr", "schedule") if k not in data]
+    if missing:
+        raise ConfigError(f"search: the config has no {' or '.join(missing)}; allowed: a mapping with "
+                          "max_lr, schedule and (optionally) params, the schedule's parameters")
+    name, max_lr = data["schedule"], data["max_lr"]
+    if isinstance(max_lr, bool) or not isinstance(max_lr, int | float) or not 0 < max_lr < math.inf:
+        raise ConfigError(f"search: max_lr={max_lr!r}; allowed: a number > 0")
+    params = data.get("params", data.get(name)) or {}
+    config = {"max_lr": float(max_lr), "schedule": name, name: dict(params)}
+    for key in ("layer_decay", "weight_decay"):
+        if data.get(key) is not None:
+            config[key] = data[key]
+    try:
+        schedule_params(config, 1000)
+    except ValueError as exc:
+        raise ConfigError(f"search: {exc}") from None
+    best = {"trial_id": "config", "schedule": name, "max_lr": config["max_lr"], "params": dict(params),
+            "search_config": config, "value": None, "train": data.get("train") or {}}
+    return {"run_id": None, "experiment_id": None, "best": best, "mode": None,
+            "trials": [{"trial_id": "config", "state": TrialState.COMPLETED.value, "config": config,
+                        "final_metric": None}]}
+
+
 def _candidates(found: dict[str, Any], top_k: int) -> list[Candidate]:
     best = found["best"]
     mode = found.get("mode") or _infer_mode(found)
     done = [t for t in found["trials"] if t.get("state") == TrialState.COMPLETED.value
-            and t.get("final_metric") is not None]
+            and (t.get("final_metric") is not None or t["trial_id"] == best["trial_id"])]
     done.sort(key=lambda t: t["final_metric"], reverse=mode == "max")
     # the best config first, whatever the table's order of ties
     first = [t for t in done if t["trial_id"] == best["trial_id"]]
@@ -495,6 +528,7 @@ def _train_one(job: JobConfig, task: Task, cand: Candidate, horizon: dict[str, A
             if log:
                 run.log(metrics={f"{prefix}train_loss": train_loss, f"{prefix}diverged": 1.0}, step=epoch + 1)
             break
+        eval_mode(optimizer, model, task.train_loader, device=device)  # schedule-free: its average
         metrics = evaluate(model, task, device, autocast=stepper.autocast)
         if log:
             run.log(metrics={f"{prefix}{key}": metrics[task.metric], f"{prefix}val_loss": metrics["loss"],

@@ -35,7 +35,7 @@ __all__ = ["FORMATS", "hf_training_arguments", "portable_config", "render", "tor
 
 FORMATS = ("yaml", "json", "hf", "torch")
 
-_OPTIMIZER_CLASSES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
+_OPTIMIZER_CLASSES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "adamw_schedulefree": "AdamWScheduleFree"}
 
 #: schedule -> (transformers' lr_scheduler_type without / with a floor, whether it has warmup);
 #: the only lrsearch schedules transformers computes identically
@@ -230,6 +230,10 @@ def hf_training_arguments(best: Any) -> tuple[dict[str, Any], str]:
         if opt["name"] == "adam" and opt["weight_decay"]:
             notes.append("the search used Adam with L2 weight decay; the Trainer's is AdamW (decoupled): "
                          "pass torch.optim.Adam yourself through Trainer(optimizers=...) to match it.")
+    elif opt["name"] == "adamw_schedulefree":
+        # the Trainer switches the optimizer's train/eval modes around evaluation itself
+        kwargs.update(optim="schedule_free_adamw", adam_beta1=opt["betas"][0], adam_beta2=opt["betas"][1],
+                      adam_epsilon=opt["eps"])
     else:
         kwargs.update(optim="sgd", optim_args=f"momentum={opt['momentum']}")
     recipe = b["train"]
@@ -289,6 +293,10 @@ def torch_snippet(best: Any) -> str:
     cls = _OPTIMIZER_CLASSES[opt["name"]]
     if opt["name"] == "sgd":
         make = f"torch.optim.SGD(groups, lr=MAX_LR, momentum={opt['momentum']!r})"
+    elif opt["name"] == "adamw_schedulefree":
+        # built in eval mode; call optimizer.eval() before evaluating or saving, .train() after
+        make = (f"schedulefree.AdamWScheduleFree(groups, lr=MAX_LR, betas={tuple(opt['betas'])!r}, "
+                f"eps={opt['eps']!r})")
     else:
         make = f"torch.optim.{cls}(groups, lr=MAX_LR, betas={tuple(opt['betas'])!r}, eps={opt['eps']!r})"
     if layer_decay is not None and layer_decay != 1:
@@ -326,9 +334,15 @@ def torch_snippet(best: Any) -> str:
         sig_step = "model, optimizer, scheduler"
         amp_doc = ("    Forward under torch.autocast(device_type, dtype=torch.bfloat16), as the search did.\n"
                    if precision == "bf16" else "")
+    extra_import, make_lines = "", f"    return {make}"
+    if opt["name"] == "adamw_schedulefree":
+        extra_import = "import schedulefree\n"
+        make_lines = (f"    optimizer = {make}\n"
+                      "    optimizer.train()  # schedule-free: .eval() before evaluating or saving, .train() after\n"
+                      "    return optimizer")
     return f'''# Best LR strategy found by lrsearch: {b['metric']} = {score} (trial {b['trial_id']})
 {horizon_lines}import torch
-
+{extra_import}
 from lrsearch.optim import param_groups
 from lrsearch.schedules import build_scheduler
 
@@ -341,7 +355,7 @@ GRAD_ACCUMULATION_STEPS = {recipe['gradient_accumulation_steps']!r}
 
 def build_optimizer({sig}) -> torch.optim.Optimizer:
 {doc}    groups = {groups}
-    return {make}
+{make_lines}
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int):

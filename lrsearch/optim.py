@@ -1,4 +1,10 @@
-"""Optimizers from the job's ``optimizer`` section, with optional layer-wise LR decay."""
+"""Optimizers from the job's ``optimizer`` section, with optional layer-wise LR decay.
+
+Schedule-free AdamW (``adamw_schedulefree``) keeps two sets of weights: it trains at one point and
+evaluates at another (the average). :func:`train_mode` and :func:`eval_mode` switch between them and
+do nothing for other optimizers; every loop of lrsearch calls ``eval_mode`` before it evaluates or
+checkpoints and ``train_mode`` before it steps again.
+"""
 
 from __future__ import annotations
 
@@ -59,8 +65,60 @@ def build_optimizer(
 def optimizer_over(cfg: OptimizerConfig, groups: list[dict], lr: float) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` names over ready parameter groups (each with its own ``lr``, or ``lr``)."""
     name = cfg.name.value
+    if name == "adamw_schedulefree":
+        import schedulefree
+
+        # warmup comes from the LR schedule (constant + warmup_frac), as for every optimizer
+        opt = schedulefree.AdamWScheduleFree(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, warmup_steps=0)
+        opt.train()  # it is built in eval mode and refuses to step there
+        return opt
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
+def is_schedule_free(optimizer: object) -> bool:
+    """Whether ``optimizer`` (or the optimizer a wrapper holds) has train and eval modes."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    return callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
+
+
+def train_mode(optimizer: object) -> None:
+    """Ready a schedule-free optimizer to step again (its training weights); no-op otherwise."""
+    if is_schedule_free(optimizer):
+        getattr(optimizer, "optimizer", optimizer).train()
+
+
+@torch.no_grad()
+def eval_mode(optimizer: object, model: nn.Module | None = None, batches=None, *,
+              device: torch.device | str = "cpu", max_batches: int = 16) -> None:
+    """Put a schedule-free optimizer's evaluation weights (the average) into the model; no-op otherwise.
+
+    BatchNorm caveat (schedulefree's README): the running statistics were gathered at the training
+    weights, not at the average. With ``model`` and ``batches`` (the train loader) they are recomputed
+    at the average, as a plain mean over up to ``max_batches`` batches in train mode, no gradients.
+    """
+    if not is_schedule_free(optimizer):
+        return
+    getattr(optimizer, "optimizer", optimizer).eval()
+    norms = [m for m in (model.modules() if model is not None else ())
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or batches is None:
+        return
+    from lrsearch.tasks.base import move_to_device
+
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        inputs, _ = move_to_device(batch, device)
+        model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)

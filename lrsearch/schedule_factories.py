@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from lrsearch.schedule_math import constant_factor, cosine_factor, linear_factor, stlr_factor
+from lrsearch.schedule_math import constant_factor, cosine_factor, linear_factor, stlr_factor, wsd_factor
 
 __all__ = [
     "build_constant",
@@ -36,6 +36,7 @@ __all__ = [
     "build_one_cycle",
     "build_step",
     "build_stlr",
+    "build_wsd",
 ]
 
 
@@ -113,3 +114,9 @@ def build_one_cycle(opt: Optimizer, total: int, p: dict[str, Any]) -> LRSchedule
 
 def build_constant(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
     return LambdaLR(opt, partial(constant_factor, warmup_steps=_warmup_steps(p, total)))
+
+
+def build_wsd(opt: Optimizer, total: int, p: dict[str, Any]) -> LRScheduler:
+    fn = partial(wsd_factor, warmup_steps=_warmup_steps(p, total), decay_steps=int(p["decay_frac"] * total),
+                 total_steps=total, decay_type=p["decay_type"], min_lr_ratio=float(p["min_lr_ratio"]))
+    return LambdaLR(opt, fn)

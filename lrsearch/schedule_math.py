@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["constant_factor", "cosine_factor", "linear_factor", "stlr_factor"]
+__all__ = ["constant_factor", "cosine_factor", "linear_factor", "stlr_factor", "wsd_factor"]
 
 
 def linear_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -57,3 +57,29 @@ def constant_factor(step: int, *, warmup_steps: int) -> float:
     if step < warmup_steps:
         return float(step) / float(max(1.0, warmup_steps))
     return 1.0
+
+
+def wsd_factor(step: int, *, warmup_steps: int, decay_steps: int, total_steps: int, decay_type: str,
+               min_lr_ratio: float) -> float:
+    """Warmup-stable-decay: linear warmup, flat at 1, then a cooldown to ``min_lr_ratio`` over the
+    last ``decay_steps`` steps (``linear``, ``cosine`` or ``1-sqrt``; Hägele et al., 2024).
+
+    Same arithmetic as ``transformers.get_wsd_schedule`` with ``warmup_type="linear"`` and
+    ``num_training_steps=total_steps``.
+    """
+    stable_end = total_steps - decay_steps
+    if step < warmup_steps:
+        factor = float(step) / float(max(1, warmup_steps))
+    elif step < stable_end:
+        return 1.0
+    elif step < total_steps:
+        progress = float(step - stable_end) / float(max(1, decay_steps))
+        if decay_type == "linear":
+            factor = 1.0 - progress
+        elif decay_type == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:  # 1-sqrt
+            factor = 1.0 - math.sqrt(progress)
+    else:
+        return min_lr_ratio
+    return max(0.0, factor * (1.0 - min_lr_ratio) + min_lr_ratio)

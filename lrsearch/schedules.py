@@ -65,8 +65,12 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     integer: bool = False
+    #: a categorical parameter: the names it may take (then low/high do not apply)
+    choices: tuple[str, ...] | None = None
 
     def allowed(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
         kind = "an integer" if self.integer else "a number"
         if self.low is not None and self.high is not None:
             lo = "<" if self.low_open else "<="
@@ -76,7 +80,14 @@ class Param:
             return f"{kind} {'>' if self.low_open else '>='} {_fmt(self.low)}"
         return kind
 
-    def check(self, schedule: str, value: Any) -> float | int:
+    def check(self, schedule: str, value: Any) -> float | int | str:
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ValueError(
+                    f"schedule {schedule!r}: {self.name}={value!r} is not allowed; "
+                    f"{self.name} must be {self.allowed()}"
+                )
+            return value
         ok_type = isinstance(value, int | float) and not isinstance(value, bool)
         if ok_type and self.integer and isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -265,6 +276,32 @@ SCHEDULES: dict[str, Schedule] = {
             "torch.optim.lr_scheduler.OneCycleLR(anneal_strategy='cos')",
         ),
         Schedule(
+            "wsd",
+            "warmup-stable-decay: linear warmup, flat at max_lr, then a cooldown over the last decay_frac",
+            (
+                _warmup(0.1),
+                Param(
+                    "decay_frac",
+                    "fraction of total steps spent cooling down at the end; decay steps = int(decay_frac * total_steps)",
+                    0.2,
+                    "0.2",
+                    low=0.0,
+                    high=1.0,
+                    low_open=True,
+                ),
+                Param(
+                    "decay_type",
+                    "the cooldown's shape",
+                    "1-sqrt",
+                    "'1-sqrt'",
+                    choices=("linear", "cosine", "1-sqrt"),
+                ),
+                _min_lr_ratio(0.0),
+            ),
+            factories.build_wsd,
+            "transformers.get_wsd_schedule(warmup_type='linear', num_training_steps=total_steps)",
+        ),
+        Schedule(
             "constant",
             "constant max_lr after an optional linear warmup",
             (_warmup(0.0),),
@@ -318,6 +355,11 @@ def resolve_params(name: str, total_steps: int, **params: Any) -> dict[str, Any]
         if value is None:
             value = p.default(total_steps) if callable(p.default) else p.default
         resolved[p.name] = None if value is None else p.check(name, value)
+    if name == "wsd" and resolved["warmup_frac"] + resolved["decay_frac"] > 1.0 + 1e-12:
+        raise ValueError(
+            f"schedule 'wsd': warmup_frac={resolved['warmup_frac']!r} + decay_frac={resolved['decay_frac']!r} "
+            "is over 1; warmup and cooldown must fit in the run"
+        )
     if name == "exponential":
         given_gamma, given_ratio = params.get("gamma"), params.get("min_lr_ratio")
         if (given_gamma is not None and given_ratio is not None
@@ -355,6 +397,7 @@ def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, **params:
         - ``step``: ``step_size=ceil(total_steps / 3)``, ``gamma=0.1``.
         - ``one_cycle``: ``pct_start=0.3``, ``div_factor=25``, ``final_div_factor=1e4``.
         - ``constant``: ``warmup_frac=0``.
+        - ``wsd``: ``warmup_frac=0.1``, ``decay_frac=0.2``, ``decay_type='1-sqrt'``, ``min_lr_ratio=0``.
 
     Args:
         optimizer: a torch optimizer whose ``lr`` is the peak learning rate.
@@ -362,7 +405,7 @@ def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, **params:
         total_steps: number of optimizer steps in the run (>= 1).
         **params: schedule parameters (``warmup_frac``, ``min_lr_ratio``, ``cut_frac``, ``ratio``,
             ``T_0``, ``T_mult``, ``gamma``, ``step_size``, ``pct_start``, ``div_factor``,
-            ``final_div_factor``), each only for the schedules that have it.
+            ``final_div_factor``, ``decay_frac``, ``decay_type``), each only for the schedules that have it.
 
     Returns:
         A ``torch.optim.lr_scheduler.LRScheduler``.

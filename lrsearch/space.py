@@ -66,7 +66,7 @@ class Range(BaseModel):
 
 
 #: a parameter's search: a range, a list of choices, or one fixed value
-ParamSpec = Range | list[float] | float
+ParamSpec = Range | list[float] | list[str] | float | str  # str: a categorical parameter (wsd.decay_type)
 
 
 class SearchSpace(BaseModel):
@@ -131,6 +131,9 @@ def _check_domain(schedule: str, pname: str, spec: ParamSpec) -> None:
                 raise ValueError(f"schedules.{schedule}.{pname}: {value!r} must be a fraction in (0, 1]")
             continue
         param = next(p for p in SCHEDULES[schedule].params if p.name == pname)
+        if param.choices is not None and isinstance(spec, Range):
+            raise ValueError(f"schedules.{schedule}.{pname}: takes a list of choices "
+                             f"({', '.join(param.choices)}), not a range")
         if param.integer and isinstance(spec, Range):
             raise ValueError(f"schedules.{schedule}.{pname}: an integer parameter takes a list of choices")
         try:

@@ -25,7 +25,7 @@ import torch
 
 from lrsearch.config import JobConfig
 from lrsearch.divergence import DivergenceMonitor
-from lrsearch.optim import build_optimizer
+from lrsearch.optim import build_optimizer, eval_mode, train_mode
 from lrsearch.protocol import REPLAY_FILE as REPLAY_FILE
 from lrsearch.protocol import Trial, worst_metric
 from lrsearch.protocol import checkpoint_epochs as checkpoint_epochs
@@ -178,6 +178,7 @@ def train_epoch(stepper: Stepper, scheduler, task: Task, monitor: DivergenceMoni
     """One epoch of at most ``max_steps`` optimizer steps, each the recipe's (``stepper``):
     ``(mean train loss, steps, diverged, LR at every step)``; stops at divergence."""
     stepper.model.train()
+    train_mode(stepper.optimizer)  # schedule-free: back to its training weights
     loss_sum, steps, lrs = 0.0, 0, []
     for batches in stepper.batches(task.train_loader):
         if steps >= max_steps:
@@ -284,6 +285,7 @@ def task_loop(trial: Trial, task: Task) -> None:
         if trial.replaying(epoch + 1):
             trial.report(epoch + 1)
             continue
+        eval_mode(optimizer, model, task.train_loader, device=device)  # schedule-free: its average
         scores = evaluate(model, task, device, autocast=stepper.autocast)
         if trial.report(epoch + 1, train_loss=train_loss, **scores):
             return

@@ -33,6 +33,7 @@ PARAMS = {
     "step": {"step_size_frac": 0.3, "gamma": 0.5},
     "one_cycle": {"pct_start": 0.25, "div_factor": 10.0, "final_div_factor": 100.0},
     "constant": {"warmup_frac": 0.1},
+    "wsd": {"warmup_frac": 0.05, "decay_frac": 0.3, "decay_type": "cosine", "min_lr_ratio": 0.0},
 }
 
 

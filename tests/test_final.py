@@ -269,3 +269,35 @@ def test_the_recipe_reaches_the_range_test_the_trials_the_best_config_and_the_fi
     assert (final.steps_per_epoch, final.total_steps) == (4, 8)
     params = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(final.run_id).data.params
     assert (params["train.precision"], params["train.gradient_accumulation_steps"]) == ("bf16", "2")
+
+
+def test_a_given_config_trains_without_a_search(local_ray, tmp_path):
+    # a config a user already has (the HF default here), trained and tested at the horizon
+    job = _job(tmp_path, "given", task={"num_train": 256})
+    config = {"max_lr": 5e-3, "schedule": "wsd", "params": {"decay_frac": 0.3, "decay_type": "cosine"}}
+    final = lrsearch.train(job, search=config, epochs=2, track=False)
+    assert final.trial_id == "config" and final.config["wsd"] == config["params"]
+    assert final.total_steps == 8 and final.val_metric > 0.5 and final.test_metric is not None
+    bad = [({"schedule": "linear"}, "no max_lr"),
+           ({"max_lr": -1, "schedule": "linear"}, "max_lr=-1; allowed: a number > 0"),
+           ({"max_lr": 1e-3, "schedule": "wsd", "params": {"decay_type": "fast"}}, "decay_type='fast'")]
+    for given, fragment in bad:
+        with pytest.raises(ConfigError, match=fragment):
+            lrsearch.train(job, search=given, track=False)
+
+
+def test_schedulefree_trains_and_ships_its_averaged_weights(local_ray, tmp_path):
+    # optimizer.eval() before each evaluation and checkpoint: the test score and model.pt are the
+    # average's, the checkpoint resumes into train mode (test_optim checks the exact resume)
+    job = _job(tmp_path, "sf", optimizer={"name": "adamw_schedulefree", "weight_decay": 0.0})
+    config = {"max_lr": 5e-3, "schedule": "constant", "params": {"warmup_frac": 0.05}}
+    final = lrsearch.train(job, search=config, epochs=2, track=False)
+    task = build_task(lrsearch.load_job(job))
+    model = task.build_model()
+    model.load_state_dict(torch.load(final.paths["model"], weights_only=True))
+    assert _accuracy(model, task.test_loader) == pytest.approx(final.test_metric)
+    assert final.val_metric > 0.5
+    # the same run with plain AdamW's weights differs: the model really is the average
+    plain = lrsearch.train({**job, "optimizer": {"name": "adamw", "weight_decay": 0.0}, "name": "sf2"},
+                           search=config, epochs=2, track=False)
+    assert plain.test_metric != final.test_metric or plain.val_metric != final.val_metric

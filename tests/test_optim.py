@@ -296,3 +296,94 @@ def test_after_linear_warmup_each_group_is_at_its_own_peak():
     assert history[2] == pytest.approx([p / 2 for p in peaks], rel=1e-12)
     assert history[4] == pytest.approx(peaks, rel=1e-12)
     assert sorted({round(lr / MAX_LR, 12) for lr in history[4]}) == [DECAY**3, DECAY**2, DECAY, 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule-free AdamW: its train and eval modes around evaluation and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+
+
+def _batches(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(n)]
+
+
+def _train(model, opt, batches):
+    from lrsearch.optim import train_mode
+
+    train_mode(opt)
+    model.train()
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_schedulefree_is_built_ready_to_step_and_its_eval_mode_holds_the_average():
+    import schedulefree
+
+    from lrsearch.optim import eval_mode, is_schedule_free, train_mode
+
+    model = _bn_net()
+    opt = build_optimizer(OptimizerConfig(name="adamw_schedulefree"), model, 1e-2)
+    assert isinstance(opt, schedulefree.AdamWScheduleFree) and opt.param_groups[0]["train_mode"]
+    assert is_schedule_free(opt) and not is_schedule_free(torch.optim.AdamW(model.parameters()))
+    _train(model, opt, _batches())
+    y = [p.detach().clone() for p in model.parameters()]
+    eval_mode(opt)
+    x = [p.detach().clone() for p in model.parameters()]
+    assert not opt.param_groups[0]["train_mode"]
+    assert max(float((a - b).abs().max()) for a, b in zip(x, y, strict=True)) > 1e-4  # the average, not y
+    train_mode(opt)
+    back = list(model.parameters())
+    assert max(float((a - b).abs().max()) for a, b in zip(back, y, strict=True)) < 1e-6
+    eval_mode(torch.optim.SGD(model.parameters(), lr=0.1))  # other optimizers: nothing happens
+
+
+def test_schedulefree_recomputes_batchnorm_statistics_at_the_average():
+    from lrsearch.optim import eval_mode
+
+    model = _bn_net()
+    opt = build_optimizer(OptimizerConfig(name="adamw_schedulefree"), model, 5e-2)
+    _train(model, opt, _batches(12))
+    stale = model[1].running_mean.clone()
+    batches = _batches(4, seed=7)
+    eval_mode(opt, model, batches)
+    bn = model[1]
+    assert int(bn.num_batches_tracked) == 4 and bn.momentum == 0.1  # momentum put back
+    with torch.no_grad():  # the mean of the 4 batches' statistics at the evaluation weights
+        feats = [model[0](x) for x, _ in batches]
+    expected = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
+    assert not torch.allclose(stale, expected, atol=1e-3)
+
+
+def test_schedulefree_checkpoint_in_eval_mode_resumes_exactly():
+    from lrsearch.optim import eval_mode
+
+    cfg = OptimizerConfig(name="adamw_schedulefree")
+    first, second = _batches(5, seed=3), _batches(5, seed=4)
+    # uninterrupted: epoch 1, evaluation (eval mode), epoch 2
+    model = _bn_net()
+    opt = build_optimizer(cfg, model, 1e-2)
+    _train(model, opt, first)
+    eval_mode(opt, model, first)
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+             "optimizer": __import__("copy").deepcopy(opt.state_dict())}
+    _train(model, opt, second)
+    eval_mode(opt, model, second)
+    # killed after the checkpoint: a fresh model and optimizer, loaded, go on with epoch 2
+    resumed = _bn_net()
+    opt2 = build_optimizer(cfg, resumed, 1e-2)
+    resumed.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optimizer"])
+    assert not opt2.param_groups[0]["train_mode"]  # saved at the evaluation weights
+    _train(resumed, opt2, second)
+    eval_mode(opt2, resumed, second)
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)

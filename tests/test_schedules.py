@@ -214,6 +214,9 @@ def test_pickle_and_state_dict_round_trip(name):
         ("stlr", {"ratio": "big"}, 10, ["ratio='big'"]),
         ("cosine_restarts", {"T_0": 0}, 10, ["T_0=0", ">= 1"]),
         ("step", {"gamma": float("nan")}, 10, ["gamma=nan"]),
+        ("wsd", {"decay_type": "sqrt"}, 10, ["decay_type='sqrt'", "'linear', 'cosine', '1-sqrt'"]),
+        ("wsd", {"decay_frac": 0.0}, 10, ["decay_frac=0.0", "0 < decay_frac <= 1"]),
+        ("wsd", {"warmup_frac": 0.5, "decay_frac": 0.6}, 10, ["warmup_frac=0.5", "decay_frac=0.6", "over 1"]),
     ],
 )
 def test_bad_input_names_field_value_and_allowed(name, params, total, fragments):
@@ -233,3 +236,30 @@ def test_resolved_params_rebuild_the_same_curve(name):
     # What resolve_params returns (what results and exports record) must build the same schedule.
     resolved = resolve_params(name, 300)
     assert lr_curve(name, 300, 1e-3, **resolved) == lr_curve(name, 300, 1e-3)
+
+
+def _hf_wsd(total: int, warmup: int, decay: int, decay_type: str, min_lr_ratio: float) -> list[float]:
+    opt = _optimizer()
+    sched = hf.get_wsd_schedule(opt, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=total,
+                                decay_type=decay_type, min_lr_ratio=min_lr_ratio)
+    return [row[0] for row in _run(opt, sched, total)]
+
+
+@pytest.mark.parametrize("decay_type", ["linear", "cosine", "1-sqrt"])
+@pytest.mark.parametrize(("total", "warmup_frac", "decay_frac", "min_lr_ratio"),
+                         [(1000, 0.1, 0.2, 0.0), (997, 0.0, 0.5, 0.1), (37, 0.3, 0.7, 0.0), (5, 0.2, 1e-9, 0.0)])
+def test_wsd_equals_transformers_get_wsd_schedule(decay_type, total, warmup_frac, decay_frac, min_lr_ratio):
+    ours = lr_curve("wsd", total, MAX_LR, warmup_frac=warmup_frac, decay_frac=decay_frac,
+                    decay_type=decay_type, min_lr_ratio=min_lr_ratio)
+    ref = _hf_wsd(total, int(warmup_frac * total), int(decay_frac * total), decay_type, min_lr_ratio)
+    assert len(ours) == len(ref) == total
+    assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) <= 1e-9 * MAX_LR
+
+
+def test_wsd_is_flat_between_warmup_and_cooldown_and_cools_down_to_the_floor():
+    lrs = lr_curve("wsd", 100, 1.0, warmup_frac=0.1, decay_frac=0.2, decay_type="linear", min_lr_ratio=0.0)
+    assert lrs[5] == pytest.approx(0.5) and lrs[10:80] == [1.0] * 70
+    assert lrs[90] == pytest.approx(0.5) and lrs[-1] == pytest.approx(0.05)
+    # defaults: 10 % warmup, a 1-sqrt cooldown over the last 20 %
+    default = lr_curve("wsd", 100, 1.0)
+    assert default[50] == 1.0 and default[85] == pytest.approx(1 - math.sqrt(5 / 20))

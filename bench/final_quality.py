@@ -1,0 +1,305 @@
+"""What users take home: each method's chosen config trained at the final horizon, scored on test.
+
+For every task, method and seed: the method's search at ``B`` = 18 trial-epochs (the jobs of
+``bench/search_quality.py``: lrsearch as shipped, the hand-wired TPE + ASHA peer and random search
+over a wide prior), then its chosen config trained by ``lrsearch.train`` on 4x the search's
+training data for the same 3 epochs (4x a trial's optimizer steps), and scored once on a held-out
+test split of 1500 examples that no search saw (one accuracy's standard error <= 0.013). Methods
+without a search train one config at that horizon through the same ``lrsearch.train(job,
+search=config)``:
+
+- ``hf_default``: AdamW 5e-5, linear decay, no warmup, weight decay 0 (``TrainingArguments``);
+- ``schedulefree``: ``optimizer.name: adamw_schedulefree`` at the package's defaults (lr 2.5e-3,
+  betas (0.9, 0.999), weight decay 0) with a 5 % warmup (its README's advice), constant after;
+- ``family_default``: the family space's default schedule at the geometric middle of its prior;
+- ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
+  half-decade apart around each family's usual range; reported by its best test score (an upper
+  bound no user gets) and by its best validation score.
+
+Compute is in trial-epochs of the search's task: the search (range test included, as
+``bench/search_quality.py`` charges it) plus the final run (its optimizer steps / the search's
+steps per epoch: 12 here). The final run is part of every method's bill.
+
+Everything is a call of the public API (``lrsearch.search``, ``lrsearch.train``); one local Ray
+serves a whole process. Each (task, method, seed) is one JSON record under
+``bench/results/final_quality/`` (committed; a rerun skips what is there, so it resumes and can be
+split across processes: ``--tasks image`` in one, ``--tasks text`` in another).
+
+Usage::
+
+    .venv/bin/python bench/final_quality.py --tasks image --seeds 5
+    .venv/bin/python bench/final_quality.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import search_quality as sq  # noqa: E402  (the search jobs and their summaries)
+
+import lrsearch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / "results" / "final_quality"
+REPORT = ROOT / "bench" / "results" / "final_quality.md"
+BUDGET = 18.0
+SCALE = 4  # the final run's data (and optimizer steps) over a trial's
+NUM_TEST = 1500
+TIE = 0.005
+SEARCHES = ("lrsearch", "peer", "random")
+SINGLE = ("hf_default", "schedulefree", "family_default")
+METHODS = (*SEARCHES, *SINGLE, "grid")
+
+#: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
+#: entries, so that train, validation and 1500 test texts fit
+TASKS: dict[str, dict[str, Any]] = {
+    "image": {"kind": "image_classification", "model": "efficientnet-lite0", "dataset": "fashion_mnist",
+              "image_size": 32, "num_train": 256, "num_val": 256, "batch_size": 32},
+    "text": {"kind": "text_classification", "model": "minilm-l6", "dataset": "fortunes",
+             "categories": ["people", "definitions", "cookie", "computers"], "num_train": 128,
+             "num_val": 192, "max_length": 32, "batch_size": 16},
+    "text2": {"kind": "text_classification", "model": "minilm-l6", "dataset": "fortunes",
+              "categories": ["people", "computers"], "num_train": 128, "num_val": 192,
+              "max_length": 32, "batch_size": 16},
+}
+FAMILY = {"image": "efficientnet", "text": "bert", "text2": "bert"}
+GRID_LRS = {"efficientnet": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "bert": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]}
+GRID_SCHEDULES = ("linear", "cosine")
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------
+
+
+def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
+    """The search job of ``method`` (``bench/search_quality.py``'s), on this benchmark's task."""
+    sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
+    sq.FAMILY[task_name] = FAMILY[task_name]
+    job = sq.make_job("final", task_name, method, seed, BUDGET, {"num_test": NUM_TEST})
+    job["name"] = f"fq-{task_name}-{method}-s{seed}"
+    return job
+
+
+def final_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
+    """The job of the final run: the search's, on SCALE x the training data."""
+    base = "family_default" if method in ("schedulefree", "grid") else method
+    job = search_job(task_name, base, seed)
+    job["task"] = {**job["task"], "num_train": SCALE * TASKS[task_name]["num_train"]}
+    job["name"] = f"fq-{task_name}-{method}-s{seed}-final"
+    if method == "schedulefree":
+        job["optimizer"] = {"name": "adamw_schedulefree", "weight_decay": 0.0}
+    return job
+
+
+def configs(task_name: str, method: str) -> list[dict[str, Any]]:
+    """The configs a method without a search trains at the final horizon."""
+    family = FAMILY[task_name]
+    if method == "hf_default":
+        return [{"max_lr": 5e-5, "schedule": "linear", "params": {"warmup_frac": 0.0}}]
+    if method == "schedulefree":
+        return [{"max_lr": 2.5e-3, "schedule": "constant", "params": {"warmup_frac": 0.05}}]
+    if method == "family_default":
+        point = sq.family_default_point(family)
+        name = point["schedule"]
+        return [{"max_lr": point["max_lr"], "schedule": name,
+                 "params": {k: v for k, v in point.items() if k not in ("max_lr", "schedule")}}]
+    return [{"max_lr": lr, "schedule": s, "params": {"warmup_frac": 0.1}}
+            for lr in GRID_LRS[family] for s in GRID_SCHEDULES]
+
+
+def record_path(task_name: str, method: str, seed: int) -> Path:
+    key = json.dumps({"search": search_job(task_name, method, seed) if method in SEARCHES else None,
+                      "final": final_job(task_name, method, seed), "configs": configs(task_name, method)
+                      if method not in SEARCHES else None, "scale": SCALE}, sort_keys=True)
+    return CACHE / f"{task_name}-{method}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def final_run(job: dict[str, Any], search: Any, storage: str) -> dict[str, Any]:
+    result = lrsearch.train({**job, "storage": {"path": storage}}, search=search, track=False)
+    return {"test_metric": result.test_metric, "test_loss": result.test_loss, "val_metric": result.val_metric,
+            "config": result.config, "total_steps": result.total_steps,
+            "steps_per_epoch": result.steps_per_epoch, "seconds": round(result.seconds, 1)}
+
+
+def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
+    storage = tempfile.mkdtemp(prefix="lrfq-")
+    started = time.perf_counter()
+    try:
+        record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": BUDGET,
+                                  "scale": SCALE, "lrsearch_version": lrsearch.__version__}
+        fjob = final_job(task_name, method, seed)
+        if method in SEARCHES:
+            sjob = search_job(task_name, method, seed)
+            result = lrsearch.search({**sjob, "storage": {"path": storage}}, track=False, show_progress=False)
+            summary = sq.summarize(result, sjob, BUDGET, method)
+            if any(t["state"] == "errored" for t in summary["trials"]):
+                raise RuntimeError("a trial errored (infrastructure, not the method)")
+            record["search"] = summary
+            record["search_value"] = result.best.value if result.best else None
+            per_epoch = result.steps_per_epoch
+            record["finals"] = [final_run(fjob, result, storage)]
+            search_compute = summary["compute_total"]
+        else:
+            record["finals"] = [final_run(fjob, cfg, os.path.join(storage, str(i)))
+                                for i, cfg in enumerate(configs(task_name, method))]
+            per_epoch = sq.steps_per_epoch(TASKS[task_name])
+            search_compute = 0.0
+        final_epochs = sum(f["total_steps"] for f in record["finals"]) / per_epoch
+        record["compute"] = {"search": search_compute, "final": final_epochs, "total": search_compute + final_epochs}
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        return record
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+
+
+def run_all(tasks: list[str], methods: list[str], seeds: list[int], grid_seeds: int) -> None:
+    import ray
+    import torch
+
+    torch.set_num_threads(sq.DRIVER_THREADS)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    todo = [(t, m, s) for s in seeds for t in tasks for m in methods
+            if not (m == "grid" and s >= grid_seeds) and not record_path(t, m, s).is_file()]
+    print(f"# {len(todo)} runs to do", file=sys.stderr, flush=True)
+    ray_tmp = tempfile.mkdtemp(prefix="lrfq-ray-")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for i, (task_name, method, seed) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {task_name} {method} seed {seed} ...", file=sys.stderr, flush=True)
+            try:
+                record = run_one(task_name, method, seed)
+            except Exception as exc:  # one failure must not stop the rest; retried on the next run
+                frame = traceback.extract_tb(exc.__traceback__)[-1]
+                print(f"    failed: {type(exc).__name__}: {str(exc).strip()[:300]} "
+                      f"(at {frame.filename}:{frame.lineno})", file=sys.stderr, flush=True)
+                continue
+            path = record_path(task_name, method, seed)
+            path.with_suffix(".tmp").write_text(json.dumps(record, separators=(",", ":")) + "\n")
+            path.with_suffix(".tmp").replace(path)
+            tests = [f["test_metric"] for f in record["finals"]]
+            print(f"    test {max(tests):.3f}, compute {record['compute']['total']:.1f} trial-epochs, "
+                  f"{record['seconds']:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def load() -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
+    data: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for path in sorted(CACHE.glob("*.json")):
+        r = json.loads(path.read_text())
+        if path == record_path(r["task"], r["method"], r["seed"]):  # of this protocol only
+            data.setdefault((r["task"], r["method"]), {})[r["seed"]] = r
+    return data
+
+
+def test_of(r: dict[str, Any], by: str = "test") -> float:
+    """A record's test score; the grid's best final run by test (the oracle) or by validation."""
+    finals = r["finals"]
+    if by == "val":
+        return max(finals, key=lambda f: f["val_metric"])["test_metric"]
+    return max(f["test_metric"] for f in finals)
+
+
+def report() -> str:
+    from scipy.stats import spearmanr
+
+    data = load()
+    out = ["# Final-run quality: what users take home\n",
+           f"Each method's chosen config trained on {SCALE}x the search's data at {SCALE}x a trial's "
+           f"optimizer steps, scored once on {NUM_TEST} held-out test examples. Search budget "
+           f"{BUDGET:g} trial-epochs; compute = search + final run, in trial-epochs. Median [IQR] over "
+           f"seeds; W/T/L: lrsearch against the method, paired by seed (tie: within {TIE}).\n"]
+    for task in TASKS:
+        rows = {m: data[(task, m)] for m in METHODS if (task, m) in data}
+        if not rows:
+            continue
+        out.append(f"## `{task}`: {TASKS[task]['model']}, {TASKS[task]['dataset']}\n")
+        out.append("| method | seeds | median test | IQR | compute | lrsearch W/T/L | search score -> test (Spearman) |")
+        out.append("|---|---|---|---|---|---|---|")
+        ours = rows.get("lrsearch", {})
+        variants = [(m, "test") for m in rows] + ([("grid", "val")] if "grid" in rows else [])
+        for method, by in variants:
+            runs = rows[method]
+            tests = [test_of(r, by) for r in runs.values()]
+            q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
+            compute = float(np.median([r["compute"]["total"] for r in runs.values()]))
+            wtl = "-"
+            if method != "lrsearch" and ours:
+                common = sorted(set(ours) & set(runs))
+                diffs = [test_of(ours[s]) - test_of(runs[s], by) for s in common]
+                wtl = (f"{sum(d > TIE for d in diffs)}/{sum(abs(d) <= TIE for d in diffs)}/"
+                       f"{sum(d < -TIE for d in diffs)}") if diffs else "-"
+            rho = "-"
+            pairs = [(r["search_value"], test_of(r)) for r in runs.values() if r.get("search_value") is not None]
+            if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1:
+                rho = f"{spearmanr(*zip(*pairs, strict=True)).statistic:.2f}"
+            name = {"grid": "grid (oracle: best by test)"}.get(method, method) if by == "test" else "grid, best by val"
+            out.append(f"| {name} | {len(runs)} | {q50:.3f} | {q25:.3f}-{q75:.3f} | {compute:.0f} | {wtl} | {rho} |")
+        searched = [r for m in SEARCHES for r in rows.get(m, {}).values() if r.get("search_value") is not None]
+        if len(searched) >= 3:
+            rho = spearmanr([r["search_value"] for r in searched], [test_of(r) for r in searched]).statistic
+            out.append(f"\nAll {len(searched)} searches: Spearman(search's best val, final test) = {rho:.2f}.")
+        if ours:
+            lrs = [f"{r['finals'][0]['config']['max_lr']:.2g} {r['finals'][0]['config']['schedule']}"
+                   for _, r in sorted(ours.items())]
+            out.append(f"\nlrsearch handed over: {', '.join(lrs)}.")
+        if "grid" in rows:
+            for seed, r in sorted(rows["grid"].items()):
+                cells = ", ".join(f"{f['config']['max_lr']:g} {f['config']['schedule']}: {f['test_metric']:.3f}"
+                                  for f in r["finals"])
+                out.append(f"\nGrid, seed {seed}: {cells}.")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--grid-seeds", type=int, default=2)
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    tasks, methods = args.tasks.split(","), args.methods.split(",")
+    for name, got, allowed in (("--tasks", tasks, TASKS), ("--methods", methods, METHODS)):
+        bad = [x for x in got if x not in allowed]
+        if bad:
+            p.error(f"{name}: {bad[0]!r}; allowed: {', '.join(allowed)}")
+    if not args.report_only:
+        run_all(tasks, methods, list(range(args.first_seed, args.first_seed + args.seeds)), args.grid_seeds)
+    text = report()
+    REPORT.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
