@@ -34,6 +34,7 @@ from lrsearch.divergence import DivergenceMonitor
 from lrsearch.errors import ConfigError, SearchError
 from lrsearch.optim import eval_mode
 from lrsearch.recipe import Stepper
+from lrsearch.space import schedule_params
 from lrsearch.tasks import Task, evaluate, reseed
 from lrsearch.tracking.store import redact_uri
 from lrsearch.trial import (
@@ -47,7 +48,6 @@ from lrsearch.trial import (
     trainable_state,
     trial_device,
 )
-from lrsearch.space import schedule_params
 from lrsearch.tuning.results import BestConfig, SearchResult, TrialState, ranked_completed
 
 __all__ = ["FinalResult", "run_final"]

@@ -24,7 +24,13 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from lrsearch.schedule_math import constant_factor, cosine_factor, linear_factor, stlr_factor, wsd_factor
+from lrsearch.schedule_math import (
+    constant_factor,
+    cosine_factor,
+    linear_factor,
+    stlr_factor,
+    wsd_factor,
+)
 
 __all__ = [
     "build_constant",
