@@ -24,7 +24,7 @@ Example (a model that exists only in this session)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -123,7 +123,7 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
                       resume=resume, verbose=verbose, show_progress=show_progress, track=track)
 
 
-def train(job: JobLike, search: SearchResult | str | None = None, *, epochs: int | None = None,
+def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | str | None = None, *, epochs: int | None = None,
           steps: int | None = None, top_k: int = 1, register: str | None = None, resume: bool = False,
           task: TaskLike = None, address: str | None = None, track: bool = True,
           tracking_uri: str | None = None, show_progress: bool = False) -> FinalResult:
@@ -134,7 +134,10 @@ def train(job: JobLike, search: SearchResult | str | None = None, *, epochs: int
             larger ``task.num_train``; its ``train`` recipe is the one the run trains with).
         search: the search to take the config from: a :class:`SearchResult`, an MLflow run id (the
             search's parent run, or one of its trials), an experiment name (its latest search), or
-            ``None``: the job's own latest search (experiment ``tracking.experiment`` or ``name``).
+            ``None``: the job's own latest search (experiment ``tracking.experiment`` or ``name``);
+            or a config to train without a search: a ``BestConfig``, an exported ``best_config.yaml``
+            loaded as a dict, or ``{"max_lr", "schedule", "params"}`` (the job's optimizer and
+            ``train`` recipe train it).
         epochs: epochs to train (whole passes over the train loader); default the search's
             ``max_epochs``. steps: or the run's length in optimizer steps.
         top_k: train the ``top_k`` best completed trials' configs at the horizon and keep the best

@@ -176,6 +176,7 @@ def train(
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Train this config instead (a YAML/JSON file: max_lr, schedule, params; e.g. `lrsearch export`'s).")] = None,
     address: Annotated[str | None, typer.Option(help="Run on a Ray cluster: auto, ray://HOST:10001 or HOST:6379.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed final run from its last epoch.")] = False,
     json_: JsonOpt = False,
@@ -185,16 +186,31 @@ def train(
     from lrsearch.errors import ConfigError
     from lrsearch.final import check_options
 
-    if run_id is not None and experiment is not None:
-        raise ConfigError("give at most one of --run-id ID and --experiment NAME")
+    if sum(x is not None for x in (run_id, experiment, config)) > 1:
+        raise ConfigError("give at most one of --run-id ID, --experiment NAME and --config FILE")
+    source = run_id or experiment
+    if config is not None:
+        import yaml
+
+        try:
+            source = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--config: cannot read {str(config)!r}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(source, dict):
+            raise ConfigError(f"--config: {str(config)!r} holds no mapping; allowed: max_lr, schedule, params")
+        from lrsearch.final import given_config
+
+        given_config(source)  # a bad config: one line, before anything is printed
     check_options(epochs, steps, top_k, register, True)  # bad options: one line, nothing printed first
     job = lrsearch.load_job(job_file)
     if not json_:
         horizon = f"{steps} steps" if steps else f"{epochs or job.search.max_epochs} epochs"
-        out.print(f"[bold]lrsearch train[/] {job.name!r}: the best config of "
-                  f"{'run ' + run_id if run_id else 'the latest search in ' + repr(experiment or job.tracking.experiment or job.name)}"
+        of = (f"the config in {str(config)!r}" if config is not None else "the best config of "
+              + ("run " + run_id if run_id else "the latest search in "
+                 + repr(experiment or job.tracking.experiment or job.name)))
+        out.print(f"[bold]lrsearch train[/] {job.name!r}: {of}"
                   f"{f' (top {top_k})' if top_k > 1 else ''}, {horizon}", highlight=False)
-    result = lrsearch.train(job, run_id or experiment, epochs=epochs, steps=steps, top_k=top_k,
+    result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k,
                             register=register, resume=resume, address=address, show_progress=not json_)
     if json_:
         print_json(result.summary())

@@ -249,7 +249,7 @@ def _read_search(search: SearchResult | str | None, uri: str, experiment: str, t
         return {"run_id": tracking.get("run_id"), "experiment_id": tracking.get("experiment_id"),
                 "best": search.best.to_dict(), "trials": trials, "mode": search.mode}
     if isinstance(search, BestConfig) or isinstance(search, Mapping):
-        return _given_config(search)
+        return given_config(search)
     if search is not None and not isinstance(search, str):
         raise ConfigError(f"search: got {type(search).__name__}; allowed: a SearchResult, a config "
                           "({max_lr, schedule, params}), an MLflow run id, an experiment name, or None "
@@ -268,7 +268,7 @@ def _read_search(search: SearchResult | str | None, uri: str, experiment: str, t
     return found
 
 
-def _given_config(given: BestConfig | Mapping[str, Any]) -> dict[str, Any]:
+def given_config(given: BestConfig | Mapping[str, Any]) -> dict[str, Any]:
     """A config to train without a search: a :class:`BestConfig`, its ``to_dict()`` or an exported
     YAML's (``schedule``, ``max_lr``, ``params``), or a trial config (``{max_lr, schedule,
     <schedule>: {...}}``). Checked here, before anything trains."""

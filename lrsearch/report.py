@@ -154,7 +154,8 @@ def final_lines(result: Any) -> list[str]:
     """What ``lrsearch train`` prints: the config trained, its scores, where the model is."""
     c, m = result.config, result.metric
     params = _fmt_params(c.get(c["schedule"]) or {}, 4)
-    lines = [f"trained trial {result.trial_id}: {c['schedule']} max_lr={c['max_lr']:.3g} ({params}) for "
+    what = "the given config" if result.trial_id == "config" else f"trial {result.trial_id}"
+    lines = [f"trained {what}: {c['schedule']} max_lr={c['max_lr']:.3g} ({params}) for "
              f"{result.epochs} epochs ({result.total_steps} optimizer steps)"
              + (f", resumed from epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "")]
     if len(result.candidates) > 1:
@@ -167,7 +168,8 @@ def final_lines(result: Any) -> list[str]:
     for note in result.notes:
         lines.append(f"note: {note}")
     if result.run_id:
-        lines.append(f"MLflow run:  {result.run_id} (nested under search {result.search_run_id})")
+        lines.append(f"MLflow run:  {result.run_id}"
+                     + (f" (nested under search {result.search_run_id})" if result.search_run_id else ""))
     if result.model_uri:
         lines.append(f"model:       {result.model_uri}")
         uri = result.registered["uri"] if result.registered else result.model_uri

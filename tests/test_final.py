@@ -185,8 +185,12 @@ def test_a_search_with_no_completed_trial_has_nothing_to_train(searched, tmp_pat
 def test_cli_errors_are_one_line_with_exit_code_2(searched):
     job_file = searched["tmp"] / "fin.yaml"
     job_file.write_text(yaml.safe_dump(searched["job"]))
+    bad_config = searched["tmp"] / "bad_config.yaml"
+    bad_config.write_text("max_lr: -1\nschedule: wsd\n")
     for args, fragment in ((["--epochs", "0"], "--epochs: got 0"),
-                           (["--experiment", "nope"], "no experiment 'nope'")):
+                           (["--experiment", "nope"], "no experiment 'nope'"),
+                           (["--config", str(bad_config)], "search: max_lr=-1; allowed: a number > 0"),
+                           (["--config", "nope.yaml", "--run-id", "x"], "give at most one of")):
         done = subprocess.run([LRSEARCH, "train", str(job_file), *args], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 2, done.stderr
@@ -277,6 +281,14 @@ def test_a_given_config_trains_without_a_search(local_ray, tmp_path):
     config = {"max_lr": 5e-3, "schedule": "wsd", "params": {"decay_frac": 0.3, "decay_type": "cosine"}}
     final = lrsearch.train(job, search=config, epochs=2, track=False)
     assert final.trial_id == "config" and final.config["wsd"] == config["params"]
+    # the CLI: the same config from a file (an exported best_config.yaml works the same)
+    job_file, config_file = tmp_path / "given.yaml", tmp_path / "config.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    config_file.write_text(yaml.safe_dump(config))
+    done = subprocess.run([LRSEARCH, "train", str(job_file), "--config", str(config_file), "--epochs", "2",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["config"] == final.config
     assert final.total_steps == 8 and final.val_metric > 0.5 and final.test_metric is not None
     bad = [({"schedule": "linear"}, "no max_lr"),
            ({"max_lr": -1, "schedule": "linear"}, "max_lr=-1; allowed: a number > 0"),
