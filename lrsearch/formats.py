@@ -44,6 +44,7 @@ _HF_SCHEDULES = {
     "cosine": ("cosine", "cosine_with_min_lr", True),
     "cosine_annealing": ("cosine", "cosine_with_min_lr", False),  # = cosine without warmup
     "constant": ("constant", "constant_with_warmup", True),  # second: when warming up
+    "schedule_free": ("constant", "constant_with_warmup", True),  # with optim schedule_free_adamw
 }
 
 
@@ -246,7 +247,7 @@ def hf_training_arguments(best: Any) -> tuple[dict[str, Any], str]:
     if name in _HF_SCHEDULES:
         plain, other, warms = _HF_SCHEDULES[name]
         warmup = float(resolved["warmup_frac"]) if warms else 0.0
-        if name == "constant":
+        if name in ("constant", "schedule_free"):
             kwargs["lr_scheduler_type"] = other if warmup else plain
         elif resolved.get("min_lr_ratio"):
             kwargs.update(lr_scheduler_type=other, lr_scheduler_kwargs={"min_lr_rate": resolved["min_lr_ratio"]})

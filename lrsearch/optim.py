@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lrsearch.config import OptimizerConfig
+from lrsearch.config import OptimizerConfig, OptimizerName
 
 
 def param_groups(
@@ -45,6 +45,20 @@ def param_groups(
         if no_decay:
             groups.append({"params": no_decay, "lr": group_lr, "weight_decay": 0.0})
     return groups
+
+
+def for_schedule(cfg: OptimizerConfig, schedule: str) -> OptimizerConfig:
+    """The optimizer a trial of ``schedule`` trains with: the job's, except that the
+    ``schedule_free`` arm of a search trains AdamWScheduleFree with the job's betas, eps and weight
+    decay (it replaces the schedule's decay by averaging)."""
+    if schedule != "schedule_free" or cfg.name == OptimizerName.adamw_schedulefree:
+        return cfg
+    if cfg.name == OptimizerName.sgd:
+        from lrsearch.errors import ConfigError
+
+        raise ConfigError("space: schedule 'schedule_free' trains AdamWScheduleFree; it needs an Adam-family "
+                          "optimizer (optimizer.name: adamw, adam or adamw_schedulefree), got sgd")
+    return cfg.model_copy(update={"name": OptimizerName.adamw_schedulefree})
 
 
 def build_optimizer(

@@ -43,7 +43,7 @@ from torch import nn
 from lrsearch.config import JobConfig
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.errors import TaskError
-from lrsearch.optim import build_optimizer, optimizer_over
+from lrsearch.optim import build_optimizer, for_schedule, optimizer_over
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
 
@@ -147,12 +147,13 @@ class Trial:
             if self._state is not None:
                 model.load_state_dict(self._state["model"], strict=False)  # frozen weights: as built
         wd = self.config.get("weight_decay")
+        cfg = for_schedule(self.job.optimizer, self.config["schedule"])
         if isinstance(model_or_groups, nn.Module):
-            opt = build_optimizer(self.job.optimizer, model_or_groups, self.max_lr, weight_decay=wd,
+            opt = build_optimizer(cfg, model_or_groups, self.max_lr, weight_decay=wd,
                                   layer_groups=layer_groups,
                                   layer_decay=float(self.config.get("layer_decay", 1.0)))
         else:
-            opt = optimizer_over(self.job.optimizer, _groups(model_or_groups, self.max_lr,
+            opt = optimizer_over(cfg, _groups(model_or_groups, self.max_lr,
                                                              self.job.optimizer.weight_decay if wd is None else wd),
                                  self.max_lr)
         if self._state is not None and "optimizer" in self._state:

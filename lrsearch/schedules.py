@@ -276,6 +276,14 @@ SCHEDULES: dict[str, Schedule] = {
             "torch.optim.lr_scheduler.OneCycleLR(anneal_strategy='cos')",
         ),
         Schedule(
+            "schedule_free",
+            "schedule-free AdamW: constant max_lr after a linear warmup, the optimizer averaging its iterates "
+            "instead of a decay (the trial trains with schedulefree.AdamWScheduleFree)",
+            (_warmup(0.05),),
+            factories.build_constant,
+            "schedulefree.AdamWScheduleFree (Defazio et al., 2024) + transformers.get_constant_schedule_with_warmup",
+        ),
+        Schedule(
             "wsd",
             "warmup-stable-decay: linear warmup, flat at max_lr, then a cooldown over the last decay_frac",
             (
@@ -397,6 +405,7 @@ def build_scheduler(optimizer: Optimizer, name: str, total_steps: int, **params:
         - ``step``: ``step_size=ceil(total_steps / 3)``, ``gamma=0.1``.
         - ``one_cycle``: ``pct_start=0.3``, ``div_factor=25``, ``final_div_factor=1e4``.
         - ``constant``: ``warmup_frac=0``.
+        - ``schedule_free``: ``warmup_frac=0.05`` (the trials' optimizer becomes AdamWScheduleFree).
         - ``wsd``: ``warmup_frac=0.1``, ``decay_frac=0.2``, ``decay_type='1-sqrt'``, ``min_lr_ratio=0``.
 
     Args:

@@ -275,18 +275,20 @@ class SpaceSampler:
             trial.suggest_float("layer_decay", ld.low, ld.high, log=ld.log)
         return None
 
-    def first_point(self, max_lr: float) -> dict[str, Any]:
-        """A trial config for ``max_lr`` with the default schedule at the middle of its ranges."""
+    def first_point(self, max_lr: float, schedule: str | None = None) -> dict[str, Any]:
+        """A trial config for ``max_lr`` with ``schedule`` (default: the space's default) at the middle
+        of its ranges."""
         s = self.space
-        point: dict[str, Any] = {"max_lr": max_lr, "schedule": s.default_schedule}
-        for pname, spec in s.schedules[s.default_schedule].items():
+        schedule = schedule or s.default_schedule
+        point: dict[str, Any] = {"max_lr": max_lr, "schedule": schedule}
+        for pname, spec in s.schedules[schedule].items():
             if isinstance(spec, Range):
                 mid = math.sqrt(spec.low * spec.high) if spec.log else (spec.low + spec.high) / 2
             elif isinstance(spec, list):
                 mid = spec[len(spec) // 2]
             else:
                 mid = spec
-            point[f"{s.default_schedule}/{pname}"] = mid
+            point[f"{schedule}/{pname}"] = mid
         if s.weight_decay is not None:
             wd = s.weight_decay
             point["weight_decay"] = math.sqrt(wd.low * wd.high) if wd.log else (wd.low + wd.high) / 2

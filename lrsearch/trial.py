@@ -25,7 +25,7 @@ import torch
 
 from lrsearch.config import JobConfig
 from lrsearch.divergence import DivergenceMonitor
-from lrsearch.optim import build_optimizer, eval_mode, train_mode
+from lrsearch.optim import build_optimizer, eval_mode, for_schedule, train_mode
 from lrsearch.protocol import REPLAY_FILE as REPLAY_FILE
 from lrsearch.protocol import Trial, worst_metric
 from lrsearch.protocol import checkpoint_epochs as checkpoint_epochs
@@ -161,7 +161,7 @@ def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torc
     steps through :func:`lrsearch.space.schedule_params`, the conversion the export gives users."""
     total = total or total_steps(job, task)
     model = task.build_model().to(device)
-    optimizer = build_optimizer(job.optimizer, model, float(config["max_lr"]),
+    optimizer = build_optimizer(for_schedule(job.optimizer, config["schedule"]), model, float(config["max_lr"]),
                                 weight_decay=config.get("weight_decay"), layer_groups=task.layer_groups,
                                 layer_decay=float(config.get("layer_decay", 1.0)))
     params = schedule_params(config, total)

@@ -33,6 +33,7 @@ PARAMS = {
     "step": {"step_size_frac": 0.3, "gamma": 0.5},
     "one_cycle": {"pct_start": 0.25, "div_factor": 10.0, "final_div_factor": 100.0},
     "constant": {"warmup_frac": 0.1},
+    "schedule_free": {"warmup_frac": 0.05},
     "wsd": {"warmup_frac": 0.05, "decay_frac": 0.3, "decay_type": "cosine", "min_lr_ratio": 0.0},
 }
 
@@ -169,6 +170,7 @@ HF_CASES = {
     "cosine_annealing-min": ("cosine_annealing", PARAMS["cosine_annealing"]),
     "constant": ("constant", PARAMS["constant"]),
     "constant-no-warmup": ("constant", {}),
+    "schedule_free": ("schedule_free", PARAMS["schedule_free"]),
 }
 
 

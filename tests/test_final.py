@@ -313,3 +313,17 @@ def test_schedulefree_trains_and_ships_its_averaged_weights(local_ray, tmp_path)
     plain = lrsearch.train({**job, "optimizer": {"name": "adamw", "weight_decay": 0.0}, "name": "sf2"},
                            search=config, epochs=2, track=False)
     assert plain.test_metric != final.test_metric or plain.val_metric != final.val_metric
+
+
+def test_a_search_with_the_schedule_free_arm_starts_it_beside_the_range_tests_point(local_ray, tmp_path):
+    job = _job(tmp_path, "arm", space={"family": "default", "schedules": ["linear", "schedule_free"]},
+               search={"num_trials": 3, "max_epochs": 2})
+    result = lrsearch.search(job, track=False)
+    first, second = sorted(result.trials, key=lambda t: t.number)[:2]
+    assert (first.schedule, second.schedule) == ("linear", "schedule_free")
+    assert first.max_lr == second.max_lr and second.params == {"warmup_frac": 0.05}
+    assert second.state.value in ("completed", "pruned") and second.metric_per_epoch[0] > 0.3
+    # trained at the horizon with AdamWScheduleFree, as the trial was
+    final = lrsearch.train(job, search={"max_lr": second.max_lr, "schedule": "schedule_free",
+                                        "params": second.params}, epochs=2, track=False)
+    assert final.val_metric > 0.5

@@ -387,3 +387,38 @@ def test_schedulefree_checkpoint_in_eval_mode_resumes_exactly():
     eval_mode(opt2, resumed, second)
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
+def test_the_schedule_free_arm_trains_schedulefree_adamw_with_the_jobs_settings():
+    import schedulefree
+
+    import lrsearch
+    from lrsearch.errors import ConfigError
+    from lrsearch.optim import for_schedule
+    from lrsearch.tasks import build_task
+    from lrsearch.trial import build_trial
+    from lrsearch.tuning.results import best_config
+
+    cfg = OptimizerConfig(name="adamw", weight_decay=0.05, betas=(0.8, 0.99))
+    arm = for_schedule(cfg, "schedule_free")
+    assert arm.name.value == "adamw_schedulefree" and (arm.weight_decay, arm.betas) == (0.05, (0.8, 0.99))
+    assert for_schedule(cfg, "linear") is cfg
+    with pytest.raises(ConfigError, match="needs an Adam-family optimizer"):
+        for_schedule(OptimizerConfig(name="sgd"), "schedule_free")
+    job = lrsearch.load_job({"name": "sf", "task": {"kind": "synthetic", "num_train": 64, "num_val": 32}})
+    task = build_task(job)
+    config = {"max_lr": 1e-3, "schedule": "schedule_free", "schedule_free": {"warmup_frac": 0.1}}
+    _, opt, sched, params = build_trial(job, task, config, torch.device("cpu"), total=20)
+    assert isinstance(opt, schedulefree.AdamWScheduleFree) and params == {"warmup_frac": 0.1}
+    _, plain, _, _ = build_trial(job, task, {**config, "schedule": "constant", "constant": {}},
+                                 torch.device("cpu"), total=20)
+    assert isinstance(plain, torch.optim.AdamW)
+    # the best config says what trained it: the export builds the same optimizer
+    from lrsearch.tuning.results import TrialRecord, TrialState
+
+    record = TrialRecord(trial_id="t1", number=1, schedule="schedule_free", max_lr=1e-3, config=config,
+                         schedule_params={"warmup_frac": 0.1}, state=TrialState.COMPLETED, stopped_at_epoch=1,
+                         metric_per_epoch=[0.9], train_loss_per_epoch=[0.1])
+    best = best_config([record], mode="max", metric="accuracy", optimizer=cfg.model_dump(mode="json"),
+                       epochs=1, steps_per_epoch=20, total_steps=20)
+    assert best.optimizer["name"] == "adamw_schedulefree" and best.optimizer["weight_decay"] == 0.05

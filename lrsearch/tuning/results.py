@@ -278,6 +278,8 @@ def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer:
     best = finished[0]
     if best.weight_decay is not None:
         optimizer = {**optimizer, "weight_decay": best.weight_decay}
+    if best.schedule == "schedule_free":  # the arm trains AdamWScheduleFree (lrsearch.optim.for_schedule)
+        optimizer = {**optimizer, "name": "adamw_schedulefree"}
     return BestConfig(
         schedule=best.schedule, max_lr=best.max_lr, params=best.params, optimizer=optimizer,
         layer_decay=best.layer_decay, metric=metric, value=best.final_metric, trial_id=best.trial_id,

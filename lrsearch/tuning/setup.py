@@ -83,13 +83,17 @@ def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, 
 def first_points(job: JobConfig, space: SearchSpace, range_test: dict | None) -> list[dict[str, Any]]:
     """The trials run before the searcher's own: the job's ``search.start_points``, then the range
     test's consensus suggestion (their geometric mean / 3, clipped into the space) with the space's
-    default schedule."""
+    default schedule, and with the ``schedule_free`` arm where the space has one."""
     points = [_flat(p) for p in job.search.start_points]
     if range_test:
         s = [v for v in range_test["suggestions"].values() if v]
         low, high = space.max_lr_prior.low, space.max_lr_prior.high
         guess = math.exp(sum(math.log(v) for v in s) / len(s)) / 3 if s else math.sqrt(low * high)
-        points.append(SpaceSampler(space).first_point(min(max(guess, low), high)))
+        lr = min(max(guess, low), high)
+        points.append(SpaceSampler(space).first_point(lr))
+        if "schedule_free" in space.schedules and space.default_schedule != "schedule_free":
+            # the schedule-free arm's own start: the same LR, its warmup at the middle of its range
+            points.append(SpaceSampler(space).first_point(lr, schedule="schedule_free"))
     return points
 
 
