@@ -11,6 +11,7 @@ search=config)``:
 - ``hf_default``: AdamW 5e-5, linear decay, no warmup, weight decay 0 (``TrainingArguments``);
 - ``schedulefree``: ``optimizer.name: adamw_schedulefree`` at the package's defaults (lr 2.5e-3,
   betas (0.9, 0.999), weight decay 0) with a 5 % warmup (its README's advice), constant after;
+- ``lrsearch_sf``: lrsearch with the ``schedule_free`` arm in its space (``bench/spaces/``);
 - ``family_default``: the family space's default schedule at the geometric middle of its prior;
 - ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
   half-decade apart around each family's usual range; reported by its best test score (an upper
@@ -59,9 +60,9 @@ BUDGET = 18.0
 SCALE = 4  # the final run's data (and optimizer steps) over a trial's
 NUM_TEST = 1500
 TIE = 0.005
-SEARCHES = ("lrsearch", "peer", "random")
+SEARCHES = ("lrsearch", "peer", "random", "lrsearch_sf")
 SINGLE = ("hf_default", "schedulefree", "family_default")
-METHODS = (*SEARCHES, *SINGLE, "grid")
+METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", "lrsearch_sf")
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
@@ -86,11 +87,16 @@ GRID_SCHEDULES = ("linear", "cosine")
 
 
 def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
-    """The search job of ``method`` (``bench/search_quality.py``'s), on this benchmark's task."""
+    """The search job of ``method`` (``bench/search_quality.py``'s), on this benchmark's task;
+    ``lrsearch_sf`` is lrsearch as shipped on the family space with the ``schedule_free`` arm added
+    (``bench/spaces/``)."""
     sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
     sq.FAMILY[task_name] = FAMILY[task_name]
-    job = sq.make_job("final", task_name, method, seed, BUDGET, {"num_test": NUM_TEST})
+    base = "lrsearch" if method == "lrsearch_sf" else method
+    job = sq.make_job("final", task_name, base, seed, BUDGET, {"num_test": NUM_TEST})
     job["name"] = f"fq-{task_name}-{method}-s{seed}"
+    if method == "lrsearch_sf":
+        job["space"] = {"file": f"bench/spaces/{FAMILY[task_name]}_schedule_free.yaml"}
     return job
 
 
@@ -98,6 +104,8 @@ def final_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     """The job of the final run: the search's, on SCALE x the training data."""
     base = "family_default" if method in ("schedulefree", "grid") else method
     job = search_job(task_name, base, seed)
+    if method == "lrsearch_sf":
+        job["space"] = {"family": FAMILY[task_name]}  # the space plays no part in a final run
     job["task"] = {**job["task"], "num_train": SCALE * TASKS[task_name]["num_train"]}
     job["name"] = f"fq-{task_name}-{method}-s{seed}-final"
     if method == "schedulefree":
