@@ -284,6 +284,8 @@ def _hash_view(resolved: dict[str, Any]) -> dict[str, Any]:
     old record ran keeps that record's name."""
     view = json.loads(json.dumps(resolved))
     view["task"].pop("num_test", None)
+    if not view["train"].get("recompute_bn", True):
+        del view["train"]["recompute_bn"]
     if view["range_test"].get("accumulation_steps") is None:
         view["range_test"]["accumulation_steps"] = view["train"]["gradient_accumulation_steps"]
     if view.get("train") == _NO_RECIPE:

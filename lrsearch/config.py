@@ -112,6 +112,11 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: batches whose gradients add up to one optimizer step (the schedule counts optimizer steps)
     gradient_accumulation_steps: PositiveInt = 1
+    #: recompute BatchNorm's running statistics at the current weights before every evaluation (a
+    #: plain mean over up to 32 training batches, no gradients): a fine-tune of a few hundred steps
+    #: at BN momentum 0.01 (EfficientNet) is otherwise evaluated with mostly pretraining statistics.
+    #: Always done for adamw_schedulefree (its averaged weights never saw a batch)
+    recompute_bn: bool = False
 
 
 class SpaceConfig(Strict):

@@ -528,7 +528,8 @@ def _train_one(job: JobConfig, task: Task, cand: Candidate, horizon: dict[str, A
             if log:
                 run.log(metrics={f"{prefix}train_loss": train_loss, f"{prefix}diverged": 1.0}, step=epoch + 1)
             break
-        eval_mode(optimizer, model, task.train_loader, device=device)  # schedule-free: its average
+        # schedule-free: its averaged weights; BatchNorm statistics recomputed where asked
+        eval_mode(optimizer, model, task.train_loader, device=device, recompute_bn=stepper.recipe.recompute_bn)
         metrics = evaluate(model, task, device, autocast=stepper.autocast)
         if log:
             run.log(metrics={f"{prefix}{key}": metrics[task.metric], f"{prefix}val_loss": metrics["loss"],

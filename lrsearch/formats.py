@@ -115,11 +115,14 @@ def _train_recipe(train: Any) -> dict[str, Any]:
     from lrsearch.config import TrainConfig
 
     try:
-        return TrainConfig.model_validate(train).model_dump(mode="json")
+        recipe = TrainConfig.model_validate(train).model_dump(mode="json")
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"best config: train.{where}: {first['msg']} (got {first['input']!r})") from None
+    if not recipe["recompute_bn"]:  # as the best config records it: only when on
+        del recipe["recompute_bn"]
+    return recipe
 
 
 def _from_step_schema(best: dict[str, Any]) -> dict[str, Any]:

@@ -105,21 +105,30 @@ def train_mode(optimizer: object) -> None:
         getattr(optimizer, "optimizer", optimizer).train()
 
 
-@torch.no_grad()
 def eval_mode(optimizer: object, model: nn.Module | None = None, batches=None, *,
-              device: torch.device | str = "cpu", max_batches: int = 16) -> None:
-    """Put a schedule-free optimizer's evaluation weights (the average) into the model; no-op otherwise.
+              device: torch.device | str = "cpu", recompute_bn: bool = False, max_batches: int = 32) -> None:
+    """Ready ``model`` for evaluation: a schedule-free optimizer's evaluation weights (the average)
+    go into it (other optimizers: nothing), and BatchNorm's statistics are recomputed over
+    ``batches`` (the train loader) for a schedule-free optimizer or with ``recompute_bn``.
 
     BatchNorm caveat (schedulefree's README): the running statistics were gathered at the training
-    weights, not at the average. With ``model`` and ``batches`` (the train loader) they are recomputed
-    at the average, as a plain mean over up to ``max_batches`` batches in train mode, no gradients.
+    weights, not at the average, so they are recomputed at the average.
     """
-    if not is_schedule_free(optimizer):
-        return
-    getattr(optimizer, "optimizer", optimizer).eval()
-    norms = [m for m in (model.modules() if model is not None else ())
+    schedule_free = is_schedule_free(optimizer)
+    if schedule_free:
+        getattr(optimizer, "optimizer", optimizer).eval()
+    if (schedule_free or recompute_bn) and model is not None and batches is not None:
+        recompute_batchnorm(model, batches, device=device, max_batches=max_batches)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches, *, device: torch.device | str = "cpu",
+                        max_batches: int = 32) -> None:
+    """BatchNorm running statistics of ``model`` at its current weights: a plain mean over up to
+    ``max_batches`` of ``batches``, forward only in train mode (no gradients); momenta kept."""
+    norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms or batches is None:
+    if not norms:
         return
     from lrsearch.tasks.base import move_to_device
 

@@ -35,17 +35,22 @@ class Recipe:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     accumulation_steps: int = 1
+    recompute_bn: bool = False
 
     @classmethod
     def of(cls, train: Any, accumulation_steps: int | None = None) -> Recipe:
         """From a job's ``train`` section (``accumulation_steps`` overrides its own)."""
         return cls(train.max_grad_norm, train.precision,
-                   accumulation_steps or train.gradient_accumulation_steps)
+                   accumulation_steps or train.gradient_accumulation_steps, train.recompute_bn)
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe in the job file's names (what a best config records)."""
-        return {"max_grad_norm": self.max_grad_norm, "precision": self.precision,
-                "gradient_accumulation_steps": self.accumulation_steps}
+        """The recipe in the job file's names (what a best config records; ``recompute_bn`` only
+        when on, so that a recipe without it reads as before it existed)."""
+        out = {"max_grad_norm": self.max_grad_norm, "precision": self.precision,
+               "gradient_accumulation_steps": self.accumulation_steps}
+        if self.recompute_bn:
+            out["recompute_bn"] = True
+        return out
 
 
 def autocast_for(precision: str, device: torch.device | str) -> Callable[[], Any]:

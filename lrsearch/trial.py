@@ -285,7 +285,8 @@ def task_loop(trial: Trial, task: Task) -> None:
         if trial.replaying(epoch + 1):
             trial.report(epoch + 1)
             continue
-        eval_mode(optimizer, model, task.train_loader, device=device)  # schedule-free: its average
+        # schedule-free: its averaged weights; BatchNorm statistics recomputed where asked
+        eval_mode(optimizer, model, task.train_loader, device=device, recompute_bn=stepper.recipe.recompute_bn)
         scores = evaluate(model, task, device, autocast=stepper.autocast)
         if trial.report(epoch + 1, train_loss=train_loss, **scores):
             return

@@ -422,3 +422,16 @@ def test_the_schedule_free_arm_trains_schedulefree_adamw_with_the_jobs_settings(
     best = best_config([record], mode="max", metric="accuracy", optimizer=cfg.model_dump(mode="json"),
                        epochs=1, steps_per_epoch=20, total_steps=20)
     assert best.optimizer["name"] == "adamw_schedulefree" and best.optimizer["weight_decay"] == 0.05
+
+
+def test_recompute_bn_refreshes_statistics_for_any_optimizer_only_when_asked():
+    from lrsearch.optim import eval_mode
+
+    model = _bn_net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, _batches(3))
+    before = model[1].running_mean.clone()
+    eval_mode(opt, model, _batches(4, seed=9))  # plain AdamW, not asked: untouched
+    assert torch.equal(model[1].running_mean, before)
+    eval_mode(opt, model, _batches(4, seed=9), recompute_bn=True)
+    assert int(model[1].num_batches_tracked) == 4 and not torch.allclose(model[1].running_mean, before)
