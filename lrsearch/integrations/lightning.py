@@ -40,6 +40,7 @@ from torch import nn
 
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.protocol import Trial
+from lrsearch.optim import eval_mode, train_mode
 from lrsearch.recipe import autocast_for
 from lrsearch.tasks.base import Task, model_loss
 from lrsearch.tuning.results import SearchResult
@@ -180,6 +181,16 @@ class Reporter(pl.Callback):
         if trainer.current_epoch > 0:  # the first epoch's loader was made before this hook
             torch.manual_seed(epoch_seed(self.trial, self.trial.start_epoch + trainer.current_epoch))
         self.loss_sum, self.num_losses = 0.0, 0
+
+    # schedule-free AdamW (the schedule_free arm, adamw_schedulefree) validates at its averaged
+    # weights and trains at its own: switch around validation, as the HF Trainer does
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            eval_mode(optimizer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            train_mode(optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
