@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.protocol import Trial
 from lrsearch.optim import eval_mode, train_mode
+from lrsearch.protocol import Trial
 from lrsearch.recipe import autocast_for
 from lrsearch.tasks.base import Task, model_loss
 from lrsearch.tuning.results import SearchResult
