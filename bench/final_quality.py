@@ -62,7 +62,11 @@ NUM_TEST = 1500
 TIE = 0.005
 SEARCHES = ("lrsearch", "peer", "random", "lrsearch_sf")
 SINGLE = ("hf_default", "schedulefree", "family_default")
-METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", "lrsearch_sf")
+#: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
+#: validation kept (``lrsearch train --top-k 3``): built from the ``lrsearch`` / ``lrsearch_sf``
+#: record (its top-1 final run is reused; the search is not run again)
+TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf"}
+METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", "lrsearch_sf", *TOP3)
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
@@ -137,6 +141,9 @@ def configs(task_name: str, method: str) -> list[dict[str, Any]]:
 
 
 def record_path(task_name: str, method: str, seed: int) -> Path:
+    if method in TOP3:
+        base = record_path(task_name, TOP3[method], seed)
+        return base.with_name(base.name.replace(f"-{TOP3[method]}-", f"-{method}-"))
     key = json.dumps({"search": search_job(task_name, method, seed) if method in SEARCHES else None,
                       "final": final_job(task_name, method, seed), "configs": configs(task_name, method)
                       if method not in SEARCHES else None, "scale": SCALE}, sort_keys=True)
@@ -161,6 +168,8 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
     try:
         record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": BUDGET,
                                   "scale": SCALE, "lrsearch_version": lrsearch.__version__}
+        if method in TOP3:
+            return top3(task_name, method, seed, record, storage, started)
         fjob = final_job(task_name, method, seed)
         if method in SEARCHES:
             sjob = search_job(task_name, method, seed)
@@ -184,6 +193,32 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
         return record
     finally:
         shutil.rmtree(storage, ignore_errors=True)
+
+
+def top3(task_name: str, method: str, seed: int, record: dict[str, Any], storage: str,
+         started: float) -> dict[str, Any]:
+    """The top 3 configs of the base method's search at the final horizon, the best kept by validation."""
+    base_path = record_path(task_name, TOP3[method], seed)
+    if not base_path.is_file():
+        raise RuntimeError(f"needs the {TOP3[method]} record of seed {seed} first")
+    base = json.loads(base_path.read_text())
+    done = sorted((t for t in base["search"]["trials"] if t["state"] == "completed" and t["metric_per_epoch"]),
+                  key=lambda t: t["metric_per_epoch"][-1], reverse=True)[:3]
+    fjob = final_job(task_name, TOP3[method], seed)
+    finals = [dict(base["finals"][0], search_rank=1, search_val=done[0]["metric_per_epoch"][-1],
+                   search_val_loss=done[0]["val_loss_per_epoch"][-1])]
+    for rank, t in enumerate(done[1:], 2):
+        final = final_run(fjob, {"max_lr": t["max_lr"], "schedule": t["schedule"], "params": t["params"]},
+                          os.path.join(storage, str(rank)))
+        finals.append(dict(final, search_rank=rank, search_val=t["metric_per_epoch"][-1],
+                           search_val_loss=t["val_loss_per_epoch"][-1]))
+    per_epoch = base["search"]["steps_per_epoch"]
+    final_epochs = sum(f["total_steps"] for f in finals) / per_epoch
+    record.update(search=base["search"], search_value=base["search_value"], finals=finals,
+                  compute={"search": base["compute"]["search"], "final": final_epochs,
+                           "total": base["compute"]["search"] + final_epochs},
+                  seconds=round(time.perf_counter() - started, 1))
+    return record
 
 
 def run_all(tasks: list[str], methods: list[str], seeds: list[int], grid_seeds: int) -> None:
@@ -236,7 +271,7 @@ def load() -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
 def test_of(r: dict[str, Any], by: str = "test") -> float:
     """A record's test score; the grid's best final run by test (the oracle) or by validation."""
     finals = r["finals"]
-    if by == "val":
+    if by == "val" or r["method"] in TOP3:
         return max(finals, key=lambda f: f["val_metric"])["test_metric"]
     return max(f["test_metric"] for f in finals)
 
@@ -259,6 +294,7 @@ def report() -> str:
         out.append("|---|---|---|---|---|---|---|")
         ours = rows.get("lrsearch", {})
         variants = [(m, "test") for m in rows] + ([("grid", "val")] if "grid" in rows else [])
+        variants.sort(key=lambda v: (v[0] == "grid", v[0] in TOP3, METHODS.index(v[0])))
         for method, by in variants:
             runs = rows[method]
             tests = [test_of(r, by) for r in runs.values()]
@@ -280,6 +316,23 @@ def report() -> str:
         if len(searched) >= 3:
             rho = spearmanr([r["search_value"] for r in searched], [test_of(r) for r in searched]).statistic
             out.append(f"\nAll {len(searched)} searches: Spearman(search's best val, final test) = {rho:.2f}.")
+        for method in TOP3:
+            runs = rows.get(method, {})
+            if not runs:
+                continue
+            rules = {
+                "the search's best val accuracy (as shipped, top-1)": lambda fs: fs[0],
+                "the search's lowest val loss": lambda fs: min(fs, key=lambda f: f["search_val_loss"]),
+                "the final run's val accuracy (top-3, --top-k 3)": lambda fs: max(fs, key=lambda f: f["val_metric"]),
+                "the final run's test accuracy (oracle among the 3)": lambda fs: max(fs, key=lambda f: f["test_metric"]),
+            }
+            out.append(f"\nChoosing among {method}'s top 3, each trained at the final horizon "
+                       f"({len(runs)} seeds): median test by rule")
+            out.append("\n| rule | median test | IQR |\n|---|---|---|")
+            for rule, pick in rules.items():
+                tests = [pick(r["finals"])["test_metric"] for r in runs.values()]
+                q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
+                out.append(f"| {rule} | {q50:.3f} | {q25:.3f}-{q75:.3f} |")
         if ours:
             lrs = [f"{r['finals'][0]['config']['max_lr']:.2g} {r['finals'][0]['config']['schedule']}"
                    for _, r in sorted(ours.items())]
