@@ -322,9 +322,9 @@ def report() -> str:
                 continue
             rules = {
                 "the search's best val accuracy (as shipped, top-1)": lambda fs: fs[0],
-                "the search's lowest val loss": lambda fs: min(fs, key=lambda f: f["search_val_loss"]),
-                "the final run's val accuracy (top-3, --top-k 3)": lambda fs: max(fs, key=lambda f: f["val_metric"]),
-                "the final run's test accuracy (oracle among the 3)": lambda fs: max(fs, key=lambda f: f["test_metric"]),
+                "the search's lowest val loss": lambda fs: min(fs, key=lambda x: x["search_val_loss"]),
+                "the final run's val accuracy (top-3, --top-k 3)": lambda fs: max(fs, key=lambda x: x["val_metric"]),
+                "the final run's test accuracy (oracle among the 3)": lambda fs: max(fs, key=lambda x: x["test_metric"]),
             }
             out.append(f"\nChoosing among {method}'s top 3, each trained at the final horizon "
                        f"({len(runs)} seeds): median test by rule")
