@@ -276,6 +276,27 @@ def test_of(r: dict[str, Any], by: str = "test") -> float:
     return max(f["test_metric"] for f in finals)
 
 
+def _min_search_loss(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(finals, key=lambda x: x["search_val_loss"])
+
+
+def _max_final_val(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(finals, key=lambda x: x["val_metric"])
+
+
+def _max_test(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(finals, key=lambda x: x["test_metric"])
+
+
+#: selection rules among a search's top 3 configs, each trained at the final horizon
+RULES = {
+    "the search's best val accuracy (as shipped, top-1)": lambda finals: finals[0],
+    "the search's lowest val loss": _min_search_loss,
+    "the final run's val accuracy (top-3, --top-k 3)": _max_final_val,
+    "the final run's test accuracy (oracle among the 3)": _max_test,
+}
+
+
 def report() -> str:
     from scipy.stats import spearmanr
 
@@ -320,16 +341,10 @@ def report() -> str:
             runs = rows.get(method, {})
             if not runs:
                 continue
-            rules = {
-                "the search's best val accuracy (as shipped, top-1)": lambda fs: fs[0],
-                "the search's lowest val loss": lambda fs: min(fs, key=lambda x: x["search_val_loss"]),
-                "the final run's val accuracy (top-3, --top-k 3)": lambda fs: max(fs, key=lambda x: x["val_metric"]),
-                "the final run's test accuracy (oracle among the 3)": lambda fs: max(fs, key=lambda x: x["test_metric"]),
-            }
             out.append(f"\nChoosing among {method}'s top 3, each trained at the final horizon "
                        f"({len(runs)} seeds): median test by rule")
             out.append("\n| rule | median test | IQR |\n|---|---|---|")
-            for rule, pick in rules.items():
+            for rule, pick in RULES.items():
                 tests = [pick(r["finals"])["test_metric"] for r in runs.values()]
                 q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
                 out.append(f"| {rule} | {q50:.3f} | {q25:.3f}-{q75:.3f} |")
