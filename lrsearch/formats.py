@@ -120,7 +120,7 @@ def _train_recipe(train: Any) -> dict[str, Any]:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"best config: train.{where}: {first['msg']} (got {first['input']!r})") from None
-    if not recipe["recompute_bn"]:  # as the best config records it: only when on
+    if recipe["recompute_bn"]:  # as the best config records it: only when off (the default is on)
         del recipe["recompute_bn"]
     return recipe
 

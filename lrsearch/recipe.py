@@ -35,7 +35,7 @@ class Recipe:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
     accumulation_steps: int = 1
-    recompute_bn: bool = False
+    recompute_bn: bool = True
 
     @classmethod
     def of(cls, train: Any, accumulation_steps: int | None = None) -> Recipe:
@@ -45,11 +45,11 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe in the job file's names (what a best config records; ``recompute_bn`` only
-        when on, so that a recipe without it reads as before it existed)."""
+        when off, its default being on)."""
         out = {"max_grad_norm": self.max_grad_norm, "precision": self.precision,
                "gradient_accumulation_steps": self.accumulation_steps}
-        if self.recompute_bn:
-            out["recompute_bn"] = True
+        if not self.recompute_bn:
+            out["recompute_bn"] = False
         return out
 
 
