@@ -325,6 +325,13 @@ class JobConfig(Strict):
             weight_decay=sp.weight_decay,
             layer_decay=sp.layer_decay,
         )
+        if "schedule_free" in space.schedules and self.optimizer.name == OptimizerName.sgd:
+            # the arm trains AdamWScheduleFree: not an SGD job's; dropped unless the job asked for it
+            if sp.schedules and "schedule_free" in sp.schedules:
+                raise ConfigError("space.schedules: 'schedule_free' trains AdamWScheduleFree and needs an "
+                                  "Adam-family optimizer; got optimizer.name: sgd")
+            rest = {k: v for k, v in space.schedules.items() if k != "schedule_free"}
+            space = space.model_copy(update={"schedules": rest})
         s = self.search
         if s.early_stopping == "asha" and s.grace_period < s.max_epochs:
             # no trial is judged at a rung before its warmup / pct_start has ended

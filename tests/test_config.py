@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from lrsearch.cli import app
 from lrsearch.config import load_job
+from lrsearch.errors import ConfigError
 
 runner = CliRunner()
 EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").rglob("*.yaml"))
@@ -153,3 +154,13 @@ def test_find_lr_is_reproducible_within_one_process():
     next(iter(task.train_loader))  # move the loader's shuffling on
     second = find_lr(job, task=task)[1]
     assert first.raw_losses == second.raw_losses and first.bounds() == second.bounds()
+
+
+def test_the_schedule_free_arm_leaves_an_sgd_jobs_default_space_and_is_refused_when_asked_for():
+    import lrsearch
+
+    sgd = {"name": "x", "task": {"kind": "synthetic"}, "optimizer": {"name": "sgd"}}
+    assert "schedule_free" not in lrsearch.load_job(sgd).search_space().schedules
+    assert "schedule_free" in lrsearch.load_job({**sgd, "optimizer": {"name": "adamw"}}).search_space().schedules
+    with pytest.raises(ConfigError, match="'schedule_free' trains AdamWScheduleFree.*got optimizer.name: sgd"):
+        lrsearch.load_job({**sgd, "space": {"schedules": ["linear", "schedule_free"]}}).search_space()
