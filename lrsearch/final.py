@@ -248,7 +248,7 @@ def _read_search(search: SearchResult | str | None, uri: str, experiment: str, t
                    "final_metric": t.final_metric} for t in ranked_completed(search.trials, search.mode)]
         return {"run_id": tracking.get("run_id"), "experiment_id": tracking.get("experiment_id"),
                 "best": search.best.to_dict(), "trials": trials, "mode": search.mode}
-    if isinstance(search, BestConfig) or isinstance(search, Mapping):
+    if isinstance(search, BestConfig | Mapping):
         return given_config(search)
     if search is not None and not isinstance(search, str):
         raise ConfigError(f"search: got {type(search).__name__}; allowed: a SearchResult, a config "
@@ -281,10 +281,14 @@ def given_config(given: BestConfig | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(max_lr, bool) or not isinstance(max_lr, int | float) or not 0 < max_lr < math.inf:
         raise ConfigError(f"search: max_lr={max_lr!r}; allowed: a number > 0")
     params = data.get("params", data.get(name)) or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"search: params={params!r}; allowed: a mapping of the schedule's parameters")
     config = {"max_lr": float(max_lr), "schedule": name, name: dict(params)}
     for key in ("layer_decay", "weight_decay"):
         if data.get(key) is not None:
             config[key] = data[key]
+    if isinstance(data.get("search_config"), Mapping) and data["search_config"].get("schedule") == name:
+        config = {**data["search_config"], **config}  # a BestConfig's trial: its searched weight decay too
     try:
         schedule_params(config, 1000)
     except ValueError as exc:
@@ -429,7 +433,8 @@ def _train_on_worker(source: TaskSource, candidates: list[Candidate], epochs: in
     done: dict[str, dict[str, Any]] = state.setdefault("done", {})
     resumed_from = 0
     for i, cand in enumerate(candidates):
-        if cand.trial_id in done:
+        if cand.trial_id in done:  # a resume: this one finished before the kill (its last epoch)
+            resumed_from = max(resumed_from, done[cand.trial_id]["epochs"])
             continue
         prefix = f"top{i + 1}." if len(candidates) > 1 else ""
         report, start = _train_one(job, task, cand, horizon, out_dir, device, run, prefix)

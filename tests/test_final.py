@@ -292,7 +292,8 @@ def test_a_given_config_trains_without_a_search(local_ray, tmp_path):
     assert final.total_steps == 8 and final.val_metric > 0.5 and final.test_metric is not None
     bad = [({"schedule": "linear"}, "no max_lr"),
            ({"max_lr": -1, "schedule": "linear"}, "max_lr=-1; allowed: a number > 0"),
-           ({"max_lr": 1e-3, "schedule": "wsd", "params": {"decay_type": "fast"}}, "decay_type='fast'")]
+           ({"max_lr": 1e-3, "schedule": "wsd", "params": {"decay_type": "fast"}}, "decay_type='fast'"),
+           ({"max_lr": 1e-3, "schedule": "linear", "params": [0.1]}, r"params=\[0.1\]; allowed: a mapping")]
     for given, fragment in bad:
         with pytest.raises(ConfigError, match=fragment):
             lrsearch.train(job, search=given, track=False)

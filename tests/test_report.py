@@ -223,7 +223,7 @@ def test_plot_lr_curves_writes_a_png(tmp_path, which):
 
 def test_schedules_json_lists_every_schedule_with_its_params():
     data = schedules_json()
-    assert len(data) == 9
+    assert len(data) == len(SCHEDULES) == 11
     assert [s["name"] for s in data] == list(SCHEDULES)
     for entry in data:
         schedule = SCHEDULES[entry["name"]]
