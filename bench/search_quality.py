@@ -241,8 +241,8 @@ def make_job(regime: str, task_name: str, method: str, seed: int, budget: float,
         "search": search,
         "resources": {"cpu": 1, "gpu": 0},
     }
-    if recipe == "none":
-        job["train"] = {"max_grad_norm": None}
+    if recipe == "none":  # nor BatchNorm's recompute (train.recompute_bn), which came later too
+        job["train"] = {"max_grad_norm": None, "recompute_bn": False}
     if method in LRSEARCH_METHODS:
         # as shipped: the sampler, early stopping and rungs are lrsearch's own defaults
         for key in ("algorithm", "early_stopping", "grace_period", "reduction_factor"):

@@ -112,11 +112,12 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     #: batches whose gradients add up to one optimizer step (the schedule counts optimizer steps)
     gradient_accumulation_steps: PositiveInt = 1
-    #: recompute BatchNorm's running statistics at the current weights before every evaluation (a
-    #: plain mean over up to 32 training batches, no gradients; nothing for a model without BN): a
-    #: fine-tune of a few hundred steps at BN momentum 0.01 (EfficientNet) is otherwise evaluated with
-    #: mostly pretraining statistics (BENCHMARKS.md: +20 points of test accuracy on tiny image).
-    #: Always done for adamw_schedulefree (its averaged weights never saw a batch)
+    #: recompute BatchNorm's running statistics at the current weights before every evaluation of the
+    #: built-in loop and the final run (a plain mean over up to 32 training batches, no gradients;
+    #: nothing for a model without BN): a fine-tune of a few hundred steps at BN momentum 0.01
+    #: (EfficientNet) is otherwise evaluated with mostly pretraining statistics (BENCHMARKS.md: +20
+    #: points of test accuracy on tiny image). Always done for adamw_schedulefree (its averaged
+    #: weights never saw a batch)
     recompute_bn: bool = True
 
 

@@ -156,11 +156,27 @@ def test_find_lr_is_reproducible_within_one_process():
     assert first.raw_losses == second.raw_losses and first.bounds() == second.bounds()
 
 
-def test_the_schedule_free_arm_leaves_an_sgd_jobs_default_space_and_is_refused_when_asked_for():
+ARM_SPACE = """family: default
+description: linear or the schedule-free arm
+max_lr_prior: {low: 1.0e-4, high: 1.0e-2, log: true}
+default_schedule: linear
+schedules:
+  linear:
+    warmup_frac: {low: 0.0, high: 0.2}
+  schedule_free:
+    warmup_frac: {low: 0.0, high: 0.1}
+"""
+
+
+def test_the_schedule_free_arm_is_opt_in_left_out_of_an_sgd_jobs_space_and_refused_when_asked_for(tmp_path):
     import lrsearch
 
-    sgd = {"name": "x", "task": {"kind": "synthetic"}, "optimizer": {"name": "sgd"}}
-    assert "schedule_free" not in lrsearch.load_job(sgd).search_space().schedules
-    assert "schedule_free" in lrsearch.load_job({**sgd, "optimizer": {"name": "adamw"}}).search_space().schedules
+    (tmp_path / "arm.yaml").write_text(ARM_SPACE)
+    sgd = {"name": "x", "task": {"kind": "synthetic"}, "optimizer": {"name": "sgd"},
+           "space": {"file": str(tmp_path / "arm.yaml")}}
+    adamw = {**sgd, "optimizer": {"name": "adamw"}}
+    assert "schedule_free" not in lrsearch.load_job({**adamw, "space": {}}).search_space().schedules  # opt-in
+    assert "schedule_free" in lrsearch.load_job(adamw).search_space().schedules
+    assert list(lrsearch.load_job(sgd).search_space().schedules) == ["linear"]
     with pytest.raises(ConfigError, match="'schedule_free' trains AdamWScheduleFree.*got optimizer.name: sgd"):
-        lrsearch.load_job({**sgd, "space": {"schedules": ["linear", "schedule_free"]}}).search_space()
+        lrsearch.load_job({**sgd, "space": {**sgd["space"], "schedules": ["linear", "schedule_free"]}}).search_space()

@@ -317,7 +317,10 @@ def test_schedulefree_trains_and_ships_its_averaged_weights(local_ray, tmp_path)
 
 
 def test_a_search_with_the_schedule_free_arm_starts_it_beside_the_range_tests_point(local_ray, tmp_path):
-    job = _job(tmp_path, "arm", space={"family": "default", "schedules": ["linear", "schedule_free"]},
+    from test_config import ARM_SPACE
+
+    (tmp_path / "arm.yaml").write_text(ARM_SPACE)  # linear and the arm, which a space opts into
+    job = _job(tmp_path, "arm", space={"file": str(tmp_path / "arm.yaml")},
                search={"num_trials": 3, "max_epochs": 2})
     result = lrsearch.search(job, track=False)
     first, second = sorted(result.trials, key=lambda t: t.number)[:2]
