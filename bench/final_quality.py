@@ -12,6 +12,9 @@ search=config)``:
 - ``schedulefree``: ``optimizer.name: adamw_schedulefree`` at the package's defaults (lr 2.5e-3,
   betas (0.9, 0.999), weight decay 0) with a 5 % warmup (its README's advice), constant after;
 - ``lrsearch_sf``: lrsearch with the ``schedule_free`` arm in its space (``bench/spaces/``);
+- ``lrsearch_wsd``: lrsearch on the family space with ``wsd`` in place of ``constant`` (the same
+  flat stable phase, then a cooldown; ``bench/spaces/``; text tasks: the image family's space has
+  no ``constant``);
 - ``family_default``: the family space's default schedule at the geometric middle of its prior;
 - ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
   half-decade apart around each family's usual range; reported by its best test score (an upper
@@ -60,13 +63,15 @@ BUDGET = 18.0
 SCALE = 4  # the final run's data (and optimizer steps) over a trial's
 NUM_TEST = 1500
 TIE = 0.005
-SEARCHES = ("lrsearch", "peer", "random", "lrsearch_sf")
+#: lrsearch on a variant of the family space, ``bench/spaces/{family}_{suffix}.yaml``
+VARIANTS = {"lrsearch_sf": "schedule_free", "lrsearch_wsd": "wsd"}
+SEARCHES = ("lrsearch", "peer", "random", *VARIANTS)
 SINGLE = ("hf_default", "schedulefree", "family_default")
 #: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
 #: validation kept (``lrsearch train --top-k 3``): built from the ``lrsearch`` / ``lrsearch_sf``
 #: record (its top-1 final run is reused; the search is not run again)
 TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf"}
-METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", "lrsearch_sf", *TOP3)
+METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *TOP3)
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
@@ -101,13 +106,13 @@ def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     (``bench/spaces/``)."""
     sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
     sq.FAMILY[task_name] = FAMILY[task_name]
-    base = "lrsearch" if method == "lrsearch_sf" else method
+    base = "lrsearch" if method in VARIANTS else method
     job = sq.make_job("final", task_name, base, seed, BUDGET, {"num_test": NUM_TEST})
     job["name"] = f"fq-{task_name}-{method}-s{seed}"
     if task_name in TRAIN:
         job["train"] = {**job.get("train", {}), **TRAIN[task_name]}
-    if method == "lrsearch_sf":
-        job["space"] = {"file": f"bench/spaces/{FAMILY[task_name]}_schedule_free.yaml"}
+    if method in VARIANTS:
+        job["space"] = {"file": f"bench/spaces/{FAMILY[task_name]}_{VARIANTS[method]}.yaml"}
     return job
 
 
@@ -115,7 +120,7 @@ def final_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     """The job of the final run: the search's, on SCALE x the training data."""
     base = "family_default" if method in ("schedulefree", "grid") else method
     job = search_job(task_name, base, seed)
-    if method == "lrsearch_sf":
+    if method in VARIANTS:
         job["space"] = {"family": FAMILY[task_name]}  # the space plays no part in a final run
     job["task"] = {**job["task"], "num_train": SCALE * TASKS[task_name]["num_train"]}
     job["name"] = f"fq-{task_name}-{method}-s{seed}-final"

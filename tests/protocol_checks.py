@@ -4,6 +4,7 @@ schedule's (``lrsearch.schedules``), ASHA stopped trials, and a killed search re
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -78,8 +79,22 @@ def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) ->
         pass
 
 
-def checkpoints(tune_dir: Path) -> list[Path]:
-    return list(tune_dir.glob("*/checkpoint_*/trial.pt")) if tune_dir.is_dir() else []
+def tune_saved(tune_dir: Path, trial: int, checkpoint: str) -> bool:
+    """Whether Tune's saved experiment state already holds the ``trial``-th trial (from 1) at
+    ``checkpoint`` or later. A checkpoint on disk is not enough to kill on: a trial the saved state
+    does not hold yet is started anew on resume, not resumed (its first MLflow run then stays,
+    marked abandoned), and the test would not test a resume."""
+    for state in tune_dir.glob("experiment_state-*.json") if tune_dir.is_dir() else []:
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+            for _, runtime in trials:
+                last = json.loads(runtime).get("last_result") or {}
+                if (str(last.get("experiment_tag", "")).split("_")[0] == str(trial)
+                        and (last.get("checkpoint_dir_name") or "") >= checkpoint):
+                    return True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written: read it again on the next poll
+    return False
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> str:

@@ -15,10 +15,10 @@ import torch
 from protocol_checks import (
     assert_asha_stopped_some,
     assert_schedules,
-    checkpoints,
     finish,
     kill_when,
     run_script,
+    tune_saved,
 )
 from transformers import (
     AutoModelForSequenceClassification,
@@ -185,8 +185,7 @@ def test_a_killed_trainer_search_resumes(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER).format(tests=str(Path(__file__).parent), job=json.dumps(job)))
     tune_dir = tmp_path / "runs" / "hf-kill" / "tune"
-    kill_when(run_script(script), lambda: any(p.parent.name >= "checkpoint_000002" and "_2_" in p.parts[-3]
-                                              for p in checkpoints(tune_dir)),
+    kill_when(run_script(script), lambda: tune_saved(tune_dir, 2, "checkpoint_000002"),
               "the second trial's third checkpoint")
     text = finish(run_script(script, "--resume"))
     assert "RESULT 3 3" in text, text[-3000:]

@@ -14,10 +14,10 @@ import torch
 from protocol_checks import (
     assert_asha_stopped_some,
     assert_schedules,
-    checkpoints,
     finish,
     kill_when,
     run_script,
+    tune_saved,
 )
 from torch import nn
 from torch.nn import functional as F
@@ -282,8 +282,7 @@ def test_a_killed_lightning_search_resumes_its_trials_from_their_checkpoints(tmp
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER).format(log=str(log), job=repr(job)))
     tune_dir = tmp_path / "runs" / "pl-kill" / "tune"
-    kill_when(run_script(script), lambda: any(p.parent.name >= "checkpoint_000002" and "_3_" in p.parts[-3]
-                                              for p in checkpoints(tune_dir)),
+    kill_when(run_script(script), lambda: tune_saved(tune_dir, 3, "checkpoint_000002"),
               "the third trial's third checkpoint")
     text = finish(run_script(script, "--resume"))
     assert "RESULT 3 3" in text, text[-3000:]

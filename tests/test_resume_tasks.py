@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from protocol_checks import assert_schedules, checkpoints, finish, kill_when
+from protocol_checks import assert_schedules, finish, kill_when, tune_saved
 
 import lrsearch
 
@@ -56,18 +56,20 @@ def test_a_killed_search_of_a_builtin_task_resumes(kind, tmp_path):
         "storage": {"path": str(tmp_path / "runs")},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": name}}))
     tune_dir = tmp_path / "runs" / name / "tune"
-    kill_when(_start(job_file), lambda: any(p.parent.name >= "checkpoint_000001" and "_3_" in p.parts[-3]
-                                            for p in checkpoints(tune_dir)),
+    kill_when(_start(job_file), lambda: tune_saved(tune_dir, 3, "checkpoint_000001"),
               "the third trial's second checkpoint")
     summary = json.loads(finish(_start(job_file, "--resume")).strip().splitlines()[-1])
     assert summary["counts"]["total"] == 3 and summary["counts"]["completed"] == 3, summary["counts"]
+    spooled = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "runs").rglob("mlflow-spool/*/*"))
+    assert summary["paths"]["mlflow_pending"] == "0" and not spooled, (summary["paths"], spooled)
 
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     client = MlflowClient(uri)
     metric = "val_accuracy" if kind == "lora" else "val_loss"
     for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
         if run.data.tags.get("lrsearch.role") == "trial":
-            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, metric)) == [1, 2, 3, 4]
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+            assert steps == [1, 2, 3, 4], (run.info.run_name, run.data.tags.get("lrsearch.state"), steps)
     # the resumed trials' LRs, step by step, are their schedules' (no step lost or repeated)
     result = lrsearch.search(job_file, resume=True, track=False)  # finished: read back, nothing trains
     assert_schedules(uri, result, result.steps_per_epoch, experiment=name)
