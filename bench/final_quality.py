@@ -12,9 +12,11 @@ search=config)``:
 - ``schedulefree``: ``optimizer.name: adamw_schedulefree`` at the package's defaults (lr 2.5e-3,
   betas (0.9, 0.999), weight decay 0) with a 5 % warmup (its README's advice), constant after;
 - ``lrsearch_sf``: lrsearch with the ``schedule_free`` arm in its space (``bench/spaces/``);
-- ``lrsearch_wsd``: lrsearch on the family space with ``wsd`` in place of ``constant`` (the same
-  flat stable phase, then a cooldown; ``bench/spaces/``; text tasks: the image family's space has
-  no ``constant``);
+- ``lrsearch_constant``, ``peer_constant``, ``random_constant``: those searches on the bert space as
+  it shipped until 2026-12-02, with ``constant`` where ``wsd`` is now
+  (``bench/spaces/bert_constant.yaml``; text tasks only). This benchmark is why ``wsd`` replaced
+  ``constant``; those records ran as ``lrsearch``, ``peer`` and ``random`` then (a record holds the
+  space it ran on; a re-keyed one also names its first file: ``rekeyed_from``);
 - ``family_default``: the family space's default schedule at the geometric middle of its prior;
 - ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
   half-decade apart around each family's usual range; reported by its best test score (an upper
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import search_quality as sq  # noqa: E402  (the search jobs and their summaries)
@@ -63,8 +66,10 @@ BUDGET = 18.0
 SCALE = 4  # the final run's data (and optimizer steps) over a trial's
 NUM_TEST = 1500
 TIE = 0.005
-#: lrsearch on a variant of the family space, ``bench/spaces/{family}_{suffix}.yaml``
-VARIANTS = {"lrsearch_sf": "schedule_free", "lrsearch_wsd": "wsd"}
+#: ``{variant: (method, suffix)}``: the method on a variant of the family space,
+#: ``bench/spaces/{family}_{suffix}.yaml`` (the ``_constant`` ones: text tasks only)
+VARIANTS = {"lrsearch_sf": ("lrsearch", "schedule_free"), "lrsearch_constant": ("lrsearch", "constant"),
+            "peer_constant": ("peer", "constant"), "random_constant": ("random", "constant")}
 SEARCHES = ("lrsearch", "peer", "random", *VARIANTS)
 SINGLE = ("hf_default", "schedulefree", "family_default")
 #: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
@@ -106,13 +111,14 @@ def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     (``bench/spaces/``)."""
     sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
     sq.FAMILY[task_name] = FAMILY[task_name]
-    base = "lrsearch" if method in VARIANTS else method
+    base = VARIANTS[method][0] if method in VARIANTS else method
     job = sq.make_job("final", task_name, base, seed, BUDGET, {"num_test": NUM_TEST})
     job["name"] = f"fq-{task_name}-{method}-s{seed}"
     if task_name in TRAIN:
         job["train"] = {**job.get("train", {}), **TRAIN[task_name]}
     if method in VARIANTS:
-        job["space"] = {"file": f"bench/spaces/{FAMILY[task_name]}_{VARIANTS[method]}.yaml"}
+        job["space"] = {**{k: v for k, v in job["space"].items() if k != "family"},
+                        "file": f"bench/spaces/{FAMILY[task_name]}_{VARIANTS[method][1]}.yaml"}
     return job
 
 
@@ -145,13 +151,24 @@ def configs(task_name: str, method: str) -> list[dict[str, Any]]:
             for lr in GRID_LRS[family] for s in GRID_SCHEDULES]
 
 
+def space_of(task_name: str, method: str) -> dict[str, Any] | None:
+    """The content of the space a method's search runs on (a job names its space file, so a
+    record must hold what the file said: a changed space file makes new records)."""
+    if method not in SEARCHES:
+        return None
+    space = search_job(task_name, method, 0)["space"]
+    path = ROOT / space["file"] if "file" in space else sq.SPACES / f"{space['family']}.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
 def record_path(task_name: str, method: str, seed: int) -> Path:
     if method in TOP3:
         base = record_path(task_name, TOP3[method], seed)
         return base.with_name(base.name.replace(f"-{TOP3[method]}-", f"-{method}-"))
     key = json.dumps({"search": search_job(task_name, method, seed) if method in SEARCHES else None,
                       "final": final_job(task_name, method, seed), "configs": configs(task_name, method)
-                      if method not in SEARCHES else None, "scale": SCALE}, sort_keys=True)
+                      if method not in SEARCHES else None, "scale": SCALE,
+                      "space": space_of(task_name, method)}, sort_keys=True)
     return CACHE / f"{task_name}-{method}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
 
 
@@ -172,7 +189,8 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": BUDGET,
-                                  "scale": SCALE, "lrsearch_version": lrsearch.__version__}
+                                  "scale": SCALE, "lrsearch_version": lrsearch.__version__,
+                                  "space": space_of(task_name, method)}
         if method in TOP3:
             return top3(task_name, method, seed, record, storage, started)
         fjob = final_job(task_name, method, seed)
