@@ -107,8 +107,7 @@ GRID_SCHEDULES = ("linear", "cosine")
 
 def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     """The search job of ``method`` (``bench/search_quality.py``'s), on this benchmark's task;
-    ``lrsearch_sf`` is lrsearch as shipped on the family space with the ``schedule_free`` arm added
-    (``bench/spaces/``)."""
+    a variant (``VARIANTS``) is its method's job on ``bench/spaces/{family}_{suffix}.yaml``."""
     sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
     sq.FAMILY[task_name] = FAMILY[task_name]
     base = VARIANTS[method][0] if method in VARIANTS else method

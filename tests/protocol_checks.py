@@ -81,9 +81,9 @@ def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) ->
 
 def tune_saved(tune_dir: Path, trial: int, checkpoint: str) -> bool:
     """Whether Tune's saved experiment state already holds the ``trial``-th trial (from 1) at
-    ``checkpoint`` or later. A checkpoint on disk is not enough to kill on: a trial the saved state
-    does not hold yet is started anew on resume, not resumed (its first MLflow run then stays,
-    marked abandoned), and the test would not test a resume."""
+    ``checkpoint`` or later. A checkpoint on disk is not enough to kill on: Tune resumes a trial from
+    the checkpoint its saved state names, which can lag the disk by a save period, so the test
+    would resume from an earlier point (or anew) than the one it means to test."""
     for state in tune_dir.glob("experiment_state-*.json") if tune_dir.is_dir() else []:
         try:
             trials = json.loads(state.read_text())["trial_data"]
