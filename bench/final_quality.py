@@ -75,7 +75,11 @@ SINGLE = ("hf_default", "schedulefree", "family_default")
 #: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
 #: validation kept (``lrsearch train --top-k 3``): built from the ``lrsearch`` / ``lrsearch_sf``
 #: record (its top-1 final run is reused; the search is not run again)
-TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf"}
+TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf", "lrsearch_lrscale": "lrsearch"}
+#: the horizon bridge: lrsearch's best config trained at the final horizon at these multiples of its
+#: max_lr (the 1x run reused), the best by the final run's validation kept. A longer run's best LR
+#: sits lower (the text grid), so the candidates only go down
+LR_SCALES = {"lrsearch_lrscale": (1.0, 0.5, 0.25)}
 METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *TOP3)
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
@@ -229,6 +233,13 @@ def top3(task_name: str, method: str, seed: int, record: dict[str, Any], storage
     fjob = final_job(task_name, TOP3[method], seed)
     finals = [dict(base["finals"][0], search_rank=1, search_val=done[0]["metric_per_epoch"][-1],
                    search_val_loss=done[0]["val_loss_per_epoch"][-1])]
+    if method in LR_SCALES:
+        best = base["finals"][0]["config"]
+        for scale in LR_SCALES[method][1:]:
+            final = final_run(fjob, {**best, "max_lr": best["max_lr"] * scale},
+                              os.path.join(storage, f"x{scale:g}"))
+            finals.append(dict(final, lr_scale=scale))
+        done = []
     for rank, t in enumerate(done[1:], 2):
         final = final_run(fjob, {"max_lr": t["max_lr"], "schedule": t["schedule"], "params": t["params"]},
                           os.path.join(storage, str(rank)))
@@ -367,10 +378,14 @@ def report() -> str:
             runs = rows.get(method, {})
             if not runs:
                 continue
-            out.append(f"\nChoosing among {method}'s top 3, each trained at the final horizon "
+            what = (f"the best config at {', '.join(f'{x:g}x' for x in LR_SCALES[method])} its max_lr"
+                    if method in LR_SCALES else "top 3")
+            out.append(f"\nChoosing among {method}'s {what}, each trained at the final horizon "
                        f"({len(runs)} seeds): median test by rule")
             out.append("\n| rule | median test | IQR |\n|---|---|---|")
             for rule, pick in RULES.items():
+                if method in LR_SCALES and "val loss" in rule:  # one search trial: no loss to rank by
+                    continue
                 tests = [pick(r["finals"])["test_metric"] for r in runs.values()]
                 q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
                 out.append(f"| {rule} | {q50:.3f} | {q25:.3f}-{q75:.3f} |")
