@@ -24,7 +24,7 @@ Example (a model that exists only in this session)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -124,7 +124,8 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
 
 
 def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | str | None = None, *, epochs: int | None = None,
-          steps: int | None = None, top_k: int = 1, register: str | None = None, resume: bool = False,
+          steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] = (1.0,),
+          register: str | None = None, resume: bool = False,
           task: TaskLike = None, address: str | None = None, track: bool = True,
           tracking_uri: str | None = None, show_progress: bool = False) -> FinalResult:
     """The final run: train the search's best config at your horizon and score it on held-out data.
@@ -142,6 +143,9 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
             ``max_epochs``. steps: or the run's length in optimizer steps.
         top_k: train the ``top_k`` best completed trials' configs at the horizon and keep the best
             by validation.
+        lr_scales: train each of those configs at these multiples of its ``max_lr`` too, and keep the
+            best by validation: a longer run's best LR often sits below the short trials' (e.g.
+            ``(1, 0.5, 0.25)``, 3 runs per config).
         register: register the model in MLflow's Model Registry under this name (a new version,
             tagged with the config and the search's run id).
         resume: continue a killed final run from its last epoch checkpoint (the same MLflow run).
@@ -157,13 +161,14 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
         ``mlflow.pytorch.load_model``), ``registered``, the config and each candidate's figures.
 
     Raises:
-        ConfigError: a horizon or ``top_k`` below 1, both ``epochs`` and ``steps``. TrackingError: no
+        ConfigError: a horizon or ``top_k`` below 1, both ``epochs`` and ``steps``, an
+        ``lr_scales`` entry not > 0. TrackingError: no
         such run or experiment. SearchError: the search has no completed trial, or every config
         diverged at the horizon. All before anything trains, except the last.
     """
     from lrsearch.final import run_final
 
-    return run_final(load_job(job), search=search, epochs=epochs, steps=steps, top_k=top_k,
+    return run_final(load_job(job), search=search, epochs=epochs, steps=steps, top_k=top_k, lr_scales=lr_scales,
                      register=register, resume=resume, task=task, address=address, track=track,
                      tracking_uri=tracking_uri, show_progress=show_progress)
 

@@ -166,6 +166,17 @@ def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
                   + ("; it stopped the search" if budget["exhausted"] else ""), highlight=False)
 
 
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``--lr-scales 1,0.5,0.25`` -> ``(1.0, 0.5, 0.25)``; one line naming the value otherwise."""
+    from lrsearch.errors import ConfigError
+
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--lr-scales: got {text!r}; allowed: comma-separated numbers > 0, the multiples "
+                          "of each config's max_lr to train (e.g. 1,0.5,0.25)") from None
+
+
 @app.command()
 @_clear_errors
 def train(
@@ -173,6 +184,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs to train (default: the search's max_epochs).")] = None,
     steps: Annotated[int | None, typer.Option(help="Or the run's length in optimizer steps.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
+    lr_scales: Annotated[str, typer.Option("--lr-scales", help="Also train each config at these multiples of its max_lr (e.g. 1,0.5,0.25); keep the best by validation.")] = "1",
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
@@ -201,7 +213,8 @@ def train(
         from lrsearch.final import given_config
 
         given_config(source)  # a bad config: one line, before anything is printed
-    check_options(epochs, steps, top_k, register, True)  # bad options: one line, nothing printed first
+    scales = parse_scales(lr_scales)
+    check_options(epochs, steps, top_k, register, True, scales)  # bad options: one line, nothing printed first
     job = lrsearch.load_job(job_file)
     if not json_:
         horizon = f"{steps} steps" if steps else f"{epochs or job.search.max_epochs} epochs"
@@ -209,8 +222,9 @@ def train(
               + ("run " + run_id if run_id else "the latest search in "
                  + repr(experiment or job.tracking.experiment or job.name)))
         out.print(f"[bold]lrsearch train[/] {job.name!r}: {of}"
-                  f"{f' (top {top_k})' if top_k > 1 else ''}, {horizon}", highlight=False)
-    result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k,
+                  f"{f' (top {top_k})' if top_k > 1 else ''}"
+                  f"{f' at {lr_scales} x max_lr' if len(scales) > 1 else ''}, {horizon}", highlight=False)
+    result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k, lr_scales=scales,
                             register=register, resume=resume, address=address, show_progress=not json_)
     if json_:
         print_json(result.summary())
@@ -280,17 +294,22 @@ def submit(
     epochs: Annotated[int | None, typer.Option(help="With --train: epochs to train.")] = None,
     steps: Annotated[int | None, typer.Option(help="With --train: optimizer steps to train.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="With --train: train the K best configs.")] = None,
+    lr_scales: Annotated[str | None, typer.Option("--lr-scales", help="With --train: also at these multiples of max_lr.")] = None,
     register: Annotated[str | None, typer.Option(help="With --train: register the model under this name.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Submit the search (or, with --train, its final run) to a Ray cluster (Ray Jobs API); the same
     job twice is one submission."""
     from lrsearch.errors import ConfigError
+    from lrsearch.final import check_options
     from lrsearch.jobs import submit as submit_job
     from lrsearch.jobs import wait_for_job
 
     extra = ["--resume"] if resume else []
-    train_options = {"--epochs": epochs, "--steps": steps, "--top-k": top_k, "--register": register}
+    if lr_scales is not None:
+        check_options(None, None, 1, None, True, parse_scales(lr_scales))  # before anything is submitted
+    train_options = {"--epochs": epochs, "--steps": steps, "--top-k": top_k, "--lr-scales": lr_scales,
+                     "--register": register}
     if not train_ and any(v is not None for v in train_options.values()):
         given = ", ".join(k for k, v in train_options.items() if v is not None)
         raise ConfigError(f"{given}: only with --train (they set the final run)")

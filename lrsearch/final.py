@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,8 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 @dataclass(frozen=True)
 class Candidate:
-    """One config to train: a completed trial of the search."""
+    """One config to train: a completed trial of the search (``trial_id``), at a multiple of its
+    ``max_lr`` when ``--lr-scales`` asks (``trial_id@0.5x``)."""
 
     trial_id: str
     config: dict[str, Any]
@@ -118,13 +119,14 @@ class FinalResult:
 
 
 def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epochs: int | None = None,
-              steps: int | None = None, top_k: int = 1, register: str | None = None,
+              steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] = (1.0,),
+              register: str | None = None,
               resume: bool = False, task: Task | Callable[[], Task] | None = None,
               address: str | None = None, track: bool = True, tracking_uri: str | None = None,
               show_progress: bool = False) -> FinalResult:
     """Train the search's best config (or its ``top_k`` best) at the horizon; see :func:`lrsearch.train`."""
     started = time.perf_counter()
-    check_options(epochs, steps, top_k, register, track)
+    check_options(epochs, steps, top_k, register, track, lr_scales)
     from lrsearch.tracking import resolve_tracking
 
     uri, experiment = resolve_tracking(tracking_uri or job.tracking.uri, job.tracking.experiment, job.name)
@@ -135,6 +137,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         notes.append(f"--top-k {top_k}: the search completed {len(candidates)} trial"
                      f"{'s' if len(candidates) != 1 else ''}; training {len(candidates)}")
     notes += _recipe_notes(job, found["best"])
+    candidates = scaled(candidates, lr_scales)
 
     out = _final_dir(job)
     state = _load_state(out, resume, found, candidates, epochs, steps, notes)  # reads only
@@ -156,7 +159,8 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         if track:
             from lrsearch.tracking.final import FinalRun
 
-            params = {"search_run_id": found["run_id"], "top_k": len(candidates),
+            params = {"search_run_id": found["run_id"], "top_k": len(candidates) // len(lr_scales),
+                      "lr_scales": ",".join(f"{x:g}" for x in lr_scales),
                       "epochs": horizon["epochs"], "total_steps": horizon["total_steps"],
                       "steps_per_epoch": horizon["steps_per_epoch"],
                       "candidates": ",".join(c.trial_id for c in candidates),
@@ -223,7 +227,7 @@ def _interrupted() -> bool:
 
 
 def check_options(epochs: int | None, steps: int | None, top_k: int, register: str | None,
-                   track: bool) -> None:
+                  track: bool, lr_scales: Sequence[float] = (1.0,)) -> None:
     if epochs is not None and steps is not None:
         raise ConfigError(f"give at most one of --epochs and --steps (got --epochs {epochs} and "
                           f"--steps {steps})")
@@ -235,6 +239,23 @@ def check_options(epochs: int | None, steps: int | None, top_k: int, register: s
                           "'-' or spaces, starting with a letter or digit")
     if register is not None and not track:
         raise ConfigError("--register: needs MLflow tracking (track=True)")
+    scales = list(lr_scales) if isinstance(lr_scales, Sequence) and not isinstance(lr_scales, str) else None
+    if not scales or len(set(scales)) != len(scales) or any(
+            isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < math.inf for x in scales):
+        raise ConfigError(f"--lr-scales: got {lr_scales!r}; allowed: distinct numbers > 0, the multiples of "
+                          "each config's max_lr to train (e.g. 1,0.5,0.25)")
+
+
+def scaled(candidates: list[Candidate], lr_scales: Sequence[float]) -> list[Candidate]:
+    """Each candidate at each multiple of its ``max_lr``, in order (``1``: the config as found).
+
+    A longer run's best LR sits lower than a short trial's (BENCHMARKS.md, the final-run benchmark:
+    on text the grid's best at the final horizon is 1e-4 where the searches hand over 4e-4..7e-4),
+    so ``--lr-scales 1,0.5,0.25`` lets the final run's validation decide how far to carry it down.
+    """
+    return [Candidate(c.trial_id if x == 1 else f"{c.trial_id}@{x:g}x",
+                      {**c.config, "max_lr": c.config["max_lr"] * x}, c.search_value)
+            for c in candidates for x in lr_scales]
 
 
 def _read_search(search: SearchResult | str | None, uri: str, experiment: str, track: bool) -> dict[str, Any]:

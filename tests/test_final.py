@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,28 @@ def test_top_k_keeps_the_best_by_validation_and_registers_it(searched):
     assert isinstance(model, torch.nn.Module)
 
 
+def test_lr_scales_carry_the_best_config_down_and_keep_the_best_by_validation(searched):
+    # the horizon bridge: the best config at 1x, 0.5x and 0.25x its max_lr, each at the horizon
+    job, result = searched["job"], searched["result"]
+    final = lrsearch.train(job, result, steps=16, lr_scales=(1, 0.5, 0.25))
+    best = result.best
+    ids = [c["trial_id"] for c in final.candidates]
+    assert ids == [best.trial_id, f"{best.trial_id}@0.5x", f"{best.trial_id}@0.25x"]
+    pick = max(final.candidates, key=lambda c: c["val_metric"])
+    assert final.trial_id == pick["trial_id"] and final.val_metric == pick["val_metric"]
+    scale = {ids[0]: 1.0, ids[1]: 0.5, ids[2]: 0.25}[final.trial_id]
+    assert final.config == {**best.search_config, "max_lr": best.search_config["max_lr"] * scale}
+
+    # each one trained at its own LR: the same schedule, scaled, step by step
+    client = MlflowClient(searched["uri"])
+    curves = [[m.value for m in sorted(client.get_metric_history(final.run_id, f"top{i}.lr_step"),
+                                       key=lambda m: m.step)] for i in (1, 2, 3)]
+    assert len(curves[0]) == 16
+    assert curves[1] == pytest.approx([0.5 * x for x in curves[0]], rel=1e-9)
+    assert curves[2] == pytest.approx([0.25 * x for x in curves[0]], rel=1e-9)
+    assert client.get_run(final.run_id).data.params["lr_scales"] == "1,0.5,0.25"
+
+
 def _digits_task(with_test: bool) -> Task:
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "python_task"))
     from my_task import build
@@ -152,11 +175,14 @@ def test_bad_input_is_one_clear_error_before_anything_trains(searched, tmp_path)
         ({"steps": -5}, ConfigError, "--steps: got -5; allowed: an integer >= 1"),
         ({"epochs": 2, "steps": 10}, ConfigError, "give at most one of --epochs and --steps"),
         ({"top_k": 0}, ConfigError, "--top-k: got 0; allowed: an integer >= 1"),
+        ({"lr_scales": (1, 0)}, ConfigError, "--lr-scales: got (1, 0); allowed: distinct numbers > 0"),
+        ({"lr_scales": (1, 1)}, ConfigError, "--lr-scales: got (1, 1); allowed: distinct numbers > 0"),
+        ({"lr_scales": ()}, ConfigError, "--lr-scales: got (); allowed"),
         ({"search": "no-such-experiment"}, TrackingError, "no experiment 'no-such-experiment'"),
         ({"search": "0" * 32}, TrackingError, f"--run-id: no run {'0' * 32!r}"),
     ]
     for kwargs, error, fragment in cases:
-        with pytest.raises(error, match=fragment.replace("(", r"\(")):
+        with pytest.raises(error, match=re.escape(fragment)):
             lrsearch.train(job, kwargs.pop("search", result), **kwargs)
     # found where the task is built (the Ray worker): the same one line, not a remote traceback
     greedy = {**job, "train": {"gradient_accumulation_steps": 100}}
@@ -189,6 +215,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(searched):
     bad_config.write_text("max_lr: -1\nschedule: wsd\n")
     for args, fragment in ((["--epochs", "0"], "--epochs: got 0"),
                            (["--experiment", "nope"], "no experiment 'nope'"),
+                           (["--lr-scales", "1,half"], "--lr-scales: got '1,half'; allowed: comma-separated"),
+                           (["--lr-scales", "1,-0.5"], "--lr-scales: got (1.0, -0.5); allowed: distinct"),
                            (["--config", str(bad_config)], "search: max_lr=-1; allowed: a number > 0"),
                            (["--config", "nope.yaml", "--run-id", "x"], "give at most one of")):
         done = subprocess.run([LRSEARCH, "train", str(job_file), *args], capture_output=True, text=True,
