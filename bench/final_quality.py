@@ -70,17 +70,21 @@ TIE = 0.005
 #: ``bench/spaces/{family}_{suffix}.yaml`` (the ``_constant`` ones: text tasks only)
 VARIANTS = {"lrsearch_sf": ("lrsearch", "schedule_free"), "lrsearch_constant": ("lrsearch", "constant"),
             "peer_constant": ("peer", "constant"), "random_constant": ("random", "constant")}
-SEARCHES = ("lrsearch", "peer", "random", *VARIANTS)
+#: ``{method: budget}``: lrsearch's search at a smaller budget, so that its search plus the three
+#: final runs of ``lrsearch_short_lrscale`` cost what the others' search plus one final run does
+SHORT = {"lrsearch_short": 6.0}
+SEARCHES = ("lrsearch", "peer", "random", *VARIANTS, *SHORT)
 SINGLE = ("hf_default", "schedulefree", "family_default")
 #: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
 #: validation kept (``lrsearch train --top-k 3``): built from the ``lrsearch`` / ``lrsearch_sf``
 #: record (its top-1 final run is reused; the search is not run again)
-TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf", "lrsearch_lrscale": "lrsearch"}
+TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf", "lrsearch_lrscale": "lrsearch",
+        "lrsearch_short_lrscale": "lrsearch_short"}
 #: the horizon bridge: lrsearch's best config trained at the final horizon at these multiples of its
 #: max_lr (the 1x run reused), the best by the final run's validation kept. A longer run's best LR
 #: sits lower (the text grid), so the candidates only go down
-LR_SCALES = {"lrsearch_lrscale": (1.0, 0.5, 0.25)}
-METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *TOP3)
+LR_SCALES = {"lrsearch_lrscale": (1.0, 0.5, 0.25), "lrsearch_short_lrscale": (1.0, 0.5, 0.25)}
+METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *SHORT, *TOP3)
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
@@ -114,8 +118,8 @@ def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     a variant (``VARIANTS``) is its method's job on ``bench/spaces/{family}_{suffix}.yaml``."""
     sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
     sq.FAMILY[task_name] = FAMILY[task_name]
-    base = VARIANTS[method][0] if method in VARIANTS else method
-    job = sq.make_job("final", task_name, base, seed, BUDGET, {"num_test": NUM_TEST})
+    base = VARIANTS[method][0] if method in VARIANTS else "lrsearch" if method in SHORT else method
+    job = sq.make_job("final", task_name, base, seed, SHORT.get(method, BUDGET), {"num_test": NUM_TEST})
     job["name"] = f"fq-{task_name}-{method}-s{seed}"
     if task_name in TRAIN:
         job["train"] = {**job.get("train", {}), **TRAIN[task_name]}
@@ -191,7 +195,7 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
     storage = tempfile.mkdtemp(prefix="lrfq-")
     started = time.perf_counter()
     try:
-        record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": BUDGET,
+        record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": SHORT.get(method, BUDGET),
                                   "scale": SCALE, "lrsearch_version": lrsearch.__version__,
                                   "space": space_of(task_name, method)}
         if method in TOP3:
@@ -200,7 +204,7 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
         if method in SEARCHES:
             sjob = search_job(task_name, method, seed)
             result = lrsearch.search({**sjob, "storage": {"path": storage}}, track=False, show_progress=False)
-            summary = sq.summarize(result, sjob, BUDGET, method)
+            summary = sq.summarize(result, sjob, SHORT.get(method, BUDGET), method)
             if any(t["state"] == "errored" for t in summary["trials"]):
                 raise RuntimeError("a trial errored (infrastructure, not the method)")
             record["search"] = summary
