@@ -334,6 +334,20 @@ RULES = {
 }
 
 
+#: the methods every other is compared with, paired by seed: lrsearch as shipped, and its short
+#: search bridged to the horizon (``lrsearch train --lr-scales 1,0.5,0.25``)
+REFERENCES = ("lrsearch", "lrsearch_short_lrscale")
+
+
+def _paired(ref: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]], by: str) -> str:
+    """W/T/L of ``ref`` against ``runs`` on their common seeds, and the median (min..max) difference."""
+    diffs = [test_of(ref[s]) - test_of(runs[s], by) for s in sorted(set(ref) & set(runs))]
+    if not diffs:
+        return "-"
+    wtl = f"{sum(d > TIE for d in diffs)}/{sum(abs(d) <= TIE for d in diffs)}/{sum(d < -TIE for d in diffs)}"
+    return f"{wtl}, {100 * float(np.median(diffs)):+.1f} ({100 * min(diffs):+.1f}..{100 * max(diffs):+.1f})"
+
+
 def report() -> str:
     from scipy.stats import spearmanr
 
@@ -342,15 +356,17 @@ def report() -> str:
            f"Each method's chosen config trained on {SCALE}x the search's data at {SCALE}x a trial's "
            f"optimizer steps, scored once on {NUM_TEST} held-out test examples. Search budget "
            f"{BUDGET:g} trial-epochs; compute = search + final run, in trial-epochs. Median [IQR] over "
-           f"seeds; W/T/L: lrsearch against the method, paired by seed (tie: within {TIE}); the paired column: "
-           f"lrsearch's test minus the method's on the same seed, in accuracy points.\n"]
+           f"seeds. The paired columns compare a reference with each method on their common seeds: W/T/L "
+           f"(tie: within {TIE}), then the reference's test minus the method's, in accuracy points.\n"]
     for task in TASKS:
         rows = {m: data[(task, m)] for m in METHODS if (task, m) in data}
         if not rows:
             continue
         out.append(f"## `{task}`: {TASKS[task]['model']}, {TASKS[task]['dataset']}\n")
-        out.append("| method | seeds | median test | IQR | worst | compute | lrsearch W/T/L | lrsearch - method, paired: median (min..max) | search score -> test (Spearman) |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        out.append("| method | seeds | median test | IQR | worst | compute | "
+                   + " | ".join(f"{ref} - method: W/T/L, median (min..max) pts" for ref in REFERENCES)
+                   + " | search score -> test (Spearman) |")
+        out.append("|---|---|---|---|---|---|" + "---|" * len(REFERENCES) + "---|")
         ours = rows.get("lrsearch", {})
         variants = [(m, "test") for m in rows] + ([("grid", "val")] if "grid" in rows else [])
         variants.sort(key=lambda v: (v[0] == "grid", v[0] in TOP3, METHODS.index(v[0])))
@@ -359,21 +375,15 @@ def report() -> str:
             tests = [test_of(r, by) for r in runs.values()]
             q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
             compute = float(np.median([r["compute"]["total"] for r in runs.values()]))
-            wtl = paired = "-"
-            if method != "lrsearch" and ours:
-                common = sorted(set(ours) & set(runs))
-                diffs = [test_of(ours[s]) - test_of(runs[s], by) for s in common]
-                wtl = (f"{sum(d > TIE for d in diffs)}/{sum(abs(d) <= TIE for d in diffs)}/"
-                       f"{sum(d < -TIE for d in diffs)}") if diffs else "-"
-                if diffs:
-                    paired = f"{100 * float(np.median(diffs)):+.1f} ({100 * min(diffs):+.1f}..{100 * max(diffs):+.1f}) pts"
+            cells = [_paired(rows.get(ref, {}), runs, by) if (method, by) != (ref, "test") else "-"
+                     for ref in REFERENCES]
             rho = "-"
             pairs = [(r["search_value"], test_of(r)) for r in runs.values() if r.get("search_value") is not None]
             if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1:
                 rho = f"{spearmanr(*zip(*pairs, strict=True)).statistic:.2f}"
             name = {"grid": "grid (oracle: best by test)"}.get(method, method) if by == "test" else "grid, best by val"
-            out.append(f"| {name} | {len(runs)} | {q50:.3f} | {q25:.3f}-{q75:.3f} | {min(tests):.3f} | {compute:.0f} | {wtl} "
-                       f"| {paired} | {rho} |")
+            out.append(f"| {name} | {len(runs)} | {q50:.3f} | {q25:.3f}-{q75:.3f} | {min(tests):.3f} | {compute:.0f} | "
+                       f"{' | '.join(cells)} | {rho} |")
         searched = [r for m in SEARCHES for r in rows.get(m, {}).values() if r.get("search_value") is not None]
         if len(searched) >= 3:
             rho = spearmanr([r["search_value"] for r in searched], [test_of(r) for r in searched]).statistic
