@@ -83,13 +83,16 @@ def tune_saved(tune_dir: Path, trial: int, checkpoint: str) -> bool:
     """Whether Tune's saved experiment state already holds the ``trial``-th trial (from 1) at
     ``checkpoint`` or later. A checkpoint on disk is not enough to kill on: Tune resumes a trial from
     the checkpoint its saved state names, which can lag the disk by a save period, so the test
-    would resume from an earlier point (or anew) than the one it means to test."""
+    would resume from an earlier point (or anew) than the one it means to test. The trial must not
+    be saved as ended either: a resume does not rerun a terminated trial, so there is nothing left to
+    test (its last epochs can outrun the kill on a loaded machine)."""
     for state in tune_dir.glob("experiment_state-*.json") if tune_dir.is_dir() else []:
         try:
             trials = json.loads(state.read_text())["trial_data"]
-            for _, runtime in trials:
+            for saved, runtime in trials:
                 last = json.loads(runtime).get("last_result") or {}
                 if (str(last.get("experiment_tag", "")).split("_")[0] == str(trial)
+                        and json.loads(saved).get("status") not in ("TERMINATED", "ERROR")
                         and (last.get("checkpoint_dir_name") or "") >= checkpoint):
                     return True
         except (OSError, ValueError, KeyError, TypeError):

@@ -185,7 +185,7 @@ def test_a_killed_trainer_search_resumes(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER).format(tests=str(Path(__file__).parent), job=json.dumps(job)))
     tune_dir = tmp_path / "runs" / "hf-kill" / "tune"
-    kill_when(run_script(script), lambda: tune_saved(tune_dir, 2, "checkpoint_000002"),
-              "the second trial's third checkpoint")
+    kill_when(run_script(script), lambda: tune_saved(tune_dir, 2, "checkpoint_000001"),
+              "the second trial's second checkpoint")
     text = finish(run_script(script, "--resume"))
     assert "RESULT 3 3" in text, text[-3000:]

@@ -257,7 +257,7 @@ class Slow(L.LightningModule):
         self.log("val_accuracy", (self.net(x).argmax(1) == y).float().mean())
 
     def on_validation_epoch_end(self):
-        time.sleep(0.75)
+        time.sleep(1.5)  # an epoch outlasts Tune's 1 s state save, so the kill finds it mid-trial
 
 class Data(L.LightningDataModule):
     def setup(self, stage):
@@ -282,8 +282,8 @@ def test_a_killed_lightning_search_resumes_its_trials_from_their_checkpoints(tmp
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER).format(log=str(log), job=repr(job)))
     tune_dir = tmp_path / "runs" / "pl-kill" / "tune"
-    kill_when(run_script(script), lambda: tune_saved(tune_dir, 3, "checkpoint_000002"),
-              "the third trial's third checkpoint")
+    kill_when(run_script(script), lambda: tune_saved(tune_dir, 3, "checkpoint_000001"),
+              "the third trial's second checkpoint")
     text = finish(run_script(script, "--resume"))
     assert "RESULT 3 3" in text, text[-3000:]
     starts = [line.split() for line in log.read_text().splitlines()]

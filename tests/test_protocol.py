@@ -188,8 +188,8 @@ def test_a_killed_train_fn_search_resumes_its_trials_from_their_checkpoints(tmp_
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(DRIVER).format(log=str(log), job=json.dumps(job)))
     tune_dir = tmp_path / "runs" / "byo-kill" / "tune"
-    kill_when(run_script(script), lambda: tune_saved(tune_dir, 3, "checkpoint_000002"),
-              "the third trial's third checkpoint")
+    kill_when(run_script(script), lambda: tune_saved(tune_dir, 3, "checkpoint_000001"),
+              "the third trial's second checkpoint")
     text = finish(run_script(script, "--resume"))
     assert "RESULT 3 3" in text, text[-3000:]
     starts = [line.split() for line in log.read_text().splitlines()]
