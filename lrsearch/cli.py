@@ -447,6 +447,7 @@ def demo(
     job_file = Path(job.results_dir()) / "job.yaml"
     if not json_ and job_file.is_file():
         rel = job_file.relative_to(Path.cwd()) if job_file.is_relative_to(Path.cwd()) else job_file
-        out.print(f"next: train the best config at a longer horizon, scored on held-out test texts, the model "
-                  f"logged to MLflow:\n  lrsearch train {shlex.quote(str(rel))} --epochs "
-                  f"{2 * job.search.max_epochs} --register {job.name}", highlight=False)
+        out.print(f"next: train the best config at a longer horizon, at 1x, 0.5x and 0.25x its max_lr (a longer "
+                  f"run often wants a lower LR), the best by validation scored on held-out test texts and logged "
+                  f"to MLflow:\n  lrsearch train {shlex.quote(str(rel))} --epochs {2 * job.search.max_epochs} "
+                  f"--lr-scales 1,0.5,0.25 --register {job.name}", highlight=False)
