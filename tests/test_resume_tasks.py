@@ -34,7 +34,13 @@ def _task(kind: str, tmp: Path) -> dict:
         return {"kind": "text_classification", "model": "minilm-l6", "num_train": 128, "num_val": 32,
                 "num_test": 0, "max_length": 16, "batch_size": 8, "peft": {"r": 4, "alpha": 8}}
     return {"kind": "language_modeling", "model": _tiny_gpt2(tmp), "categories": ["computers", "science"],
-            "num_train": 256, "num_val": 32, "num_test": 0, "max_length": 32, "batch_size": 8}
+            "num_train": 512, "num_val": 32, "num_test": 0, "max_length": 32, "batch_size": 8}
+
+
+# The tiny GPT-2 trains an epoch in well under a second: with 4 epochs the third trial can run from
+# its second checkpoint to its end between two of Tune's state saves, and the kill never comes.
+# Six longer epochs leave it four epochs' time at a resumable checkpoint.
+EPOCHS = {"lora": 4, "causal_lm": 6}
 
 
 def _start(job_file: Path, *args: str) -> subprocess.Popen:
@@ -51,7 +57,7 @@ def test_a_killed_search_of_a_builtin_task_resumes(kind, tmp_path):
         "name": name, "task": _task(kind, tmp_path),
         "range_test": {"enabled": False},
         "space": {"family": "lora" if kind == "lora" else "gpt2"},
-        "search": {"num_trials": 3, "max_epochs": 4, "early_stopping": "none", "checkpoint": "epoch",
+        "search": {"num_trials": 3, "max_epochs": EPOCHS[kind], "early_stopping": "none", "checkpoint": "epoch",
                    "max_concurrent_trials": 1},
         "storage": {"path": str(tmp_path / "runs")},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": name}}))
@@ -69,7 +75,7 @@ def test_a_killed_search_of_a_builtin_task_resumes(kind, tmp_path):
     for run in client.search_runs([client.get_experiment_by_name(name).experiment_id]):
         if run.data.tags.get("lrsearch.role") == "trial":
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
-            assert steps == [1, 2, 3, 4], (run.info.run_name, run.data.tags.get("lrsearch.state"), steps)
+            assert steps == list(range(1, EPOCHS[kind] + 1)), (run.info.run_name, run.data.tags.get("lrsearch.state"), steps)
     # the resumed trials' LRs, step by step, are their schedules' (no step lost or repeated)
     result = lrsearch.search(job_file, resume=True, track=False)  # finished: read back, nothing trains
     assert_schedules(uri, result, result.steps_per_epoch, experiment=name)
