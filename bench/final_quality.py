@@ -185,7 +185,8 @@ def record_path(task_name: str, method: str, seed: int) -> Path:
 
 
 def final_run(job: dict[str, Any], search: Any, storage: str) -> dict[str, Any]:
-    result = lrsearch.train({**job, "storage": {"path": storage}}, search=search, track=False)
+    # one run at 1x: the bridge methods (LR_SCALES) add their 0.5x and 0.25x runs to it
+    result = lrsearch.train({**job, "storage": {"path": storage}}, search=search, lr_scales=(1.0,), track=False)
     return {"test_metric": result.test_metric, "test_loss": result.test_loss, "val_metric": result.val_metric,
             "config": result.config, "total_steps": result.total_steps,
             "steps_per_epoch": result.steps_per_epoch, "seconds": round(result.seconds, 1)}

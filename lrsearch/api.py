@@ -124,7 +124,7 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
 
 
 def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | str | None = None, *, epochs: int | None = None,
-          steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] = (1.0,),
+          steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] | str = "auto",
           register: str | None = None, resume: bool = False,
           task: TaskLike = None, address: str | None = None, track: bool = True,
           tracking_uri: str | None = None, show_progress: bool = False) -> FinalResult:
@@ -143,9 +143,11 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
             ``max_epochs``. steps: or the run's length in optimizer steps.
         top_k: train the ``top_k`` best completed trials' configs at the horizon and keep the best
             by validation.
-        lr_scales: train each of those configs at these multiples of its ``max_lr`` too, and keep the
+        lr_scales: train each of those configs at these multiples of its ``max_lr`` and keep the
             best by validation: a longer run's best LR often sits below the short trials' (e.g.
-            ``(1, 0.5, 0.25)``, 3 runs per config).
+            ``(1, 0.5, 0.25)``, 3 runs per config). ``"auto"`` (the default): ``(1, 0.5, 0.25)``
+            when the run has at least twice the optimizer steps the config was searched at
+            (``best.search_horizon``), ``(1,)`` otherwise; ``(1,)``: the config as found, one run.
         register: register the model in MLflow's Model Registry under this name (a new version,
             tagged with the config and the search's run id).
         resume: continue a killed final run from its last epoch checkpoint (the same MLflow run).

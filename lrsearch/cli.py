@@ -166,15 +166,17 @@ def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
                   + ("; it stopped the search" if budget["exhausted"] else ""), highlight=False)
 
 
-def parse_scales(text: str) -> tuple[float, ...]:
-    """``--lr-scales 1,0.5,0.25`` -> ``(1.0, 0.5, 0.25)``; one line naming the value otherwise."""
+def parse_scales(text: str) -> tuple[float, ...] | str:
+    """``--lr-scales 1,0.5,0.25`` -> ``(1.0, 0.5, 0.25)``, ``auto`` as is; one line naming the value otherwise."""
     from lrsearch.errors import ConfigError
 
+    if text.strip() == "auto":
+        return "auto"
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ConfigError(f"--lr-scales: got {text!r}; allowed: comma-separated numbers > 0, the multiples "
-                          "of each config's max_lr to train (e.g. 1,0.5,0.25)") from None
+        raise ConfigError(f"--lr-scales: got {text!r}; allowed: auto, or comma-separated numbers > 0, the "
+                          "multiples of each config's max_lr to train (e.g. 1,0.5,0.25)") from None
 
 
 @app.command()
@@ -184,7 +186,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs to train (default: the search's max_epochs).")] = None,
     steps: Annotated[int | None, typer.Option(help="Or the run's length in optimizer steps.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
-    lr_scales: Annotated[str, typer.Option("--lr-scales", help="Also train each config at these multiples of its max_lr (e.g. 1,0.5,0.25); keep the best by validation.")] = "1",
+    lr_scales: Annotated[str, typer.Option("--lr-scales", help="Train each config at these multiples of its max_lr (e.g. 1,0.5,0.25) and keep the best by validation; auto: 1,0.5,0.25 when the run is >= 2x the steps the config was searched at, else 1.")] = "auto",
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
@@ -223,7 +225,8 @@ def train(
                  + repr(experiment or job.tracking.experiment or job.name)))
         out.print(f"[bold]lrsearch train[/] {job.name!r}: {of}"
                   f"{f' (top {top_k})' if top_k > 1 else ''}"
-                  f"{f' at {lr_scales} x max_lr' if len(scales) > 1 else ''}, {horizon}", highlight=False)
+                  f"{f' at {lr_scales} x max_lr' if scales != 'auto' and len(scales) > 1 else ''}, {horizon}",
+                  highlight=False)
     result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k, lr_scales=scales,
                             register=register, resume=resume, address=address, show_progress=not json_)
     if json_:
@@ -447,7 +450,7 @@ def demo(
     job_file = Path(job.results_dir()) / "job.yaml"
     if not json_ and job_file.is_file():
         rel = job_file.relative_to(Path.cwd()) if job_file.is_relative_to(Path.cwd()) else job_file
-        out.print(f"next: train the best config at a longer horizon, at 1x, 0.5x and 0.25x its max_lr (a longer "
-                  f"run often wants a lower LR), the best by validation scored on held-out test texts and logged "
-                  f"to MLflow:\n  lrsearch train {shlex.quote(str(rel))} --epochs {2 * job.search.max_epochs} "
-                  f"--lr-scales 1,0.5,0.25 --register {job.name}", highlight=False)
+        out.print(f"next: train the best config at twice the horizon (at 1x, 0.5x and 0.25x its max_lr, since a "
+                  f"longer run often wants a lower LR), the best by validation scored on held-out test texts "
+                  f"and logged to MLflow:\n  lrsearch train {shlex.quote(str(rel))} --epochs "
+                  f"{2 * job.search.max_epochs} --register {job.name}", highlight=False)

@@ -81,6 +81,7 @@ class FinalResult:
         candidates: each config trained (top-k), with its search value and final validation metric.
         epochs, total_steps, steps_per_epoch: the horizon trained.
         search_run_id: the search's MLflow parent run.
+        lr_scales: the multiples of each config's ``max_lr`` trained (``auto`` resolved).
         resumed_from_epoch: the epoch a resumed run continued from (0: a fresh run).
         tracking_uri: the MLflow store the run and model are in.
     """
@@ -100,6 +101,7 @@ class FinalResult:
     total_steps: int
     steps_per_epoch: int
     search_run_id: str | None
+    lr_scales: list[float] = field(default_factory=lambda: [1.0])
     resumed_from_epoch: int = 0
     tracking_uri: str | None = None
     seconds: float = 0.0
@@ -119,7 +121,7 @@ class FinalResult:
 
 
 def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epochs: int | None = None,
-              steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] = (1.0,),
+              steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] | str = "auto",
               register: str | None = None,
               resume: bool = False, task: Task | Callable[[], Task] | None = None,
               address: str | None = None, track: bool = True, tracking_uri: str | None = None,
@@ -137,11 +139,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         notes.append(f"--top-k {top_k}: the search completed {len(candidates)} trial"
                      f"{'s' if len(candidates) != 1 else ''}; training {len(candidates)}")
     notes += _recipe_notes(job, found["best"])
-    candidates = scaled(candidates, lr_scales)
-
     out = _final_dir(job)
-    state = _load_state(out, resume, found, candidates, epochs, steps, notes)  # reads only
-    state["uri"] = redact_uri(uri)  # a login comes from the environment, never a file
     source = TaskSource.of(job, task)
     from lrsearch.tuning.tuner import check_resources, init_ray
 
@@ -153,6 +151,10 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         remote = ray.remote(_train_on_worker).options(num_cpus=job.resources.cpu,
                                                       num_gpus=job.resources.gpu, max_retries=0)
         horizon = _get(remote.remote(source, candidates, epochs, steps, str(out), dry=True))
+        lr_scales = resolve_scales(lr_scales, horizon, found["best"], notes)
+        candidates = scaled(candidates, lr_scales)
+        state = _load_state(out, resume, found, candidates, epochs, steps, notes)  # reads only
+        state["uri"] = redact_uri(uri)  # a login comes from the environment, never a file
         if "done" not in state:  # a fresh run: what an earlier one left goes now, not before the checks
             _clear(out)
         run = None
@@ -186,7 +188,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
             ray.shutdown()
     if run is not None:
         run.finish("FINISHED")
-    result = FinalResult(**outcome, run_id=run.run_id if run else None,
+    result = FinalResult(**outcome, run_id=run.run_id if run else None, lr_scales=list(lr_scales),
                          search_run_id=found["run_id"], notes=notes, tracking_uri=redact_uri(uri) if track else None,
                          paths={"final": str(out), "model": str(out / "model.pt")})
     result.seconds = time.perf_counter() - started
@@ -227,7 +229,7 @@ def _interrupted() -> bool:
 
 
 def check_options(epochs: int | None, steps: int | None, top_k: int, register: str | None,
-                  track: bool, lr_scales: Sequence[float] = (1.0,)) -> None:
+                  track: bool, lr_scales: Sequence[float] | str = "auto") -> None:
     if epochs is not None and steps is not None:
         raise ConfigError(f"give at most one of --epochs and --steps (got --epochs {epochs} and "
                           f"--steps {steps})")
@@ -239,11 +241,42 @@ def check_options(epochs: int | None, steps: int | None, top_k: int, register: s
                           "'-' or spaces, starting with a letter or digit")
     if register is not None and not track:
         raise ConfigError("--register: needs MLflow tracking (track=True)")
+    if lr_scales == "auto":
+        return
     scales = list(lr_scales) if isinstance(lr_scales, Sequence) and not isinstance(lr_scales, str) else None
     if not scales or len(set(scales)) != len(scales) or any(
             isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < math.inf for x in scales):
-        raise ConfigError(f"--lr-scales: got {lr_scales!r}; allowed: distinct numbers > 0, the multiples of "
-                          "each config's max_lr to train (e.g. 1,0.5,0.25)")
+        raise ConfigError(f"--lr-scales: got {lr_scales!r}; allowed: 'auto', or distinct numbers > 0, the "
+                          "multiples of each config's max_lr to train (e.g. 1,0.5,0.25)")
+
+
+#: ``lr_scales="auto"``: a run at least BRIDGE_AT times the steps its config was searched at trains
+#: each config at these multiples of its ``max_lr`` and keeps the best by validation
+AUTO_SCALES = (1.0, 0.5, 0.25)
+BRIDGE_AT = 2.0
+
+
+def resolve_scales(lr_scales: Sequence[float] | str, horizon: dict[str, Any], best: dict[str, Any],
+                   notes: list[str]) -> tuple[float, ...]:
+    """``lr_scales``, with ``"auto"`` resolved against the horizon: :data:`AUTO_SCALES` when the run
+    is at least :data:`BRIDGE_AT` times the steps the config was searched at (its
+    ``search_horizon``), ``(1,)`` otherwise or when that horizon is unknown (a hand-written config).
+
+    A longer run's best LR sits lower than a short trial's: on the final-run benchmark's text task
+    (4x the steps) the 1x config scored 0.794 median test, the best of 1x/0.5x/0.25x by validation
+    0.825 (BENCHMARKS.md, the horizon bridge); on image, where the search already hands over the
+    grid's LR, validation kept 1x on 3 of 5 seeds and the median did not move.
+    """
+    if not isinstance(lr_scales, str):
+        return tuple(float(x) for x in lr_scales)
+    searched = (best.get("search_horizon") or {}).get("total_steps")
+    if not searched or horizon["total_steps"] < BRIDGE_AT * searched:
+        return (1.0,)
+    notes.append(f"lr_scales auto: {horizon['total_steps']} steps is {horizon['total_steps'] / searched:.1f}x "
+                 f"the {searched} the config was searched at, so each config trains at "
+                 f"{', '.join(f'{x:g}x' for x in AUTO_SCALES)} its max_lr and validation keeps the best "
+                 "(--lr-scales 1: one run)")
+    return AUTO_SCALES
 
 
 def scaled(candidates: list[Candidate], lr_scales: Sequence[float]) -> list[Candidate]:
@@ -317,7 +350,8 @@ def given_config(given: BestConfig | Mapping[str, Any]) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"search: {exc}") from None
     best = {"trial_id": "config", "schedule": name, "max_lr": config["max_lr"], "params": dict(params),
-            "search_config": config, "value": None, "train": data.get("train") or {}}
+            "search_config": config, "value": None, "train": data.get("train") or {},
+            "search_horizon": data["search_horizon"] if isinstance(data.get("search_horizon"), Mapping) else None}
     return {"run_id": None, "experiment_id": None, "best": best, "mode": None,
             "trials": [{"trial_id": "config", "state": TrialState.COMPLETED.value, "config": config,
                         "final_metric": None}]}

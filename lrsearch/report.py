@@ -161,7 +161,7 @@ def final_lines(result: Any) -> list[str]:
     if len(result.candidates) > 1:
         shown = ", ".join(f"{x['trial_id']} " + ("diverged" if x["diverged"] else f"{x['val_metric']:.4f}")
                           for x in result.candidates)
-        lines.append(f"top {len(result.candidates)} at this horizon, val_{m}: {shown} (kept the best)")
+        lines.append(f"{len(result.candidates)} configs at this horizon, val_{m}: {shown} (kept the best)")
     test = "no test split (the task has no test_loader)" if result.test_metric is None else \
         f"test_{m} {result.test_metric:.4f} (held out: the search never saw it)"
     lines.append(f"val_{m} {result.val_metric:.4f}, {test}")

@@ -67,11 +67,18 @@ def _accuracy(model: torch.nn.Module, loader) -> float:
 
 
 def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
-    # the job's latest search (the default source), 4 epochs, twice the training data
+    # the job's latest search (the default source), 4 epochs, twice the training data: 4x the
+    # search's 16 steps, so lr_scales="auto" trains the best config at 1x, 0.5x and 0.25x its max_lr
     job = _job(searched["tmp"], "fin", task={"num_train": 1024})
     final = lrsearch.train(job, epochs=4)
     best = searched["result"].best
-    assert final.trial_id == best.trial_id and final.config == best.search_config
+    assert final.lr_scales == [1.0, 0.5, 0.25]
+    assert [c["trial_id"] for c in final.candidates] == [best.trial_id, f"{best.trial_id}@0.5x",
+                                                         f"{best.trial_id}@0.25x"]
+    assert any(n.startswith("lr_scales auto: 64 steps is 4.0x the 16") for n in final.notes), final.notes
+    pick = max(range(3), key=lambda i: final.candidates[i]["val_metric"])
+    assert final.trial_id == final.candidates[pick]["trial_id"]
+    assert final.config == {**best.search_config, "max_lr": best.search_config["max_lr"] * (1, 0.5, 0.25)[pick]}
     assert (final.epochs, final.steps_per_epoch, final.total_steps) == (4, 16, 64)  # the search: 8 a epoch
     assert final.search_run_id == searched["result"].tracking["run_id"]
     assert 0.0 <= final.test_metric <= 1.0 and final.val_metric > 0.5
@@ -83,11 +90,12 @@ def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
     assert run.data.tags["lrsearch.role"] == "final"
     assert run.data.metrics["test_accuracy"] == pytest.approx(final.test_metric)
     assert run.data.params["total_steps"] == "64" and run.data.params["train.max_grad_norm"] == "1.0"
+    assert run.data.params["lr_scales"] == "1,0.5,0.25"
 
     # the schedule was resolved for the 64-step horizon, as the export resolves it for users
     config, total = final.config, 64
     expected = lr_curve(config["schedule"], total, config["max_lr"], **schedule_params(config, total))
-    logged = sorted(client.get_metric_history(final.run_id, "lr_step"), key=lambda m: m.step)
+    logged = sorted(client.get_metric_history(final.run_id, f"top{pick + 1}.lr_step"), key=lambda m: m.step)
     assert [m.step for m in logged] == list(range(total))
     assert [m.value for m in logged] == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
@@ -100,6 +108,7 @@ def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
 def test_top_k_keeps_the_best_by_validation_and_registers_it(searched):
     job, result = searched["job"], searched["result"]
     final = lrsearch.train(job, result, steps=20, top_k=3, register="fin-model")
+    assert final.lr_scales == [1.0]  # "auto": 20 steps is under twice the search's 16, so each config at 1x
     completed = [t.trial_id for t in lrsearch.tuning.results.ranked_completed(result.trials, result.mode)]
     assert [c["trial_id"] for c in final.candidates] == completed[:3]
     assert (final.total_steps, final.epochs) == (20, 3)  # 8 steps an epoch; the last one 4
@@ -175,8 +184,8 @@ def test_bad_input_is_one_clear_error_before_anything_trains(searched, tmp_path)
         ({"steps": -5}, ConfigError, "--steps: got -5; allowed: an integer >= 1"),
         ({"epochs": 2, "steps": 10}, ConfigError, "give at most one of --epochs and --steps"),
         ({"top_k": 0}, ConfigError, "--top-k: got 0; allowed: an integer >= 1"),
-        ({"lr_scales": (1, 0)}, ConfigError, "--lr-scales: got (1, 0); allowed: distinct numbers > 0"),
-        ({"lr_scales": (1, 1)}, ConfigError, "--lr-scales: got (1, 1); allowed: distinct numbers > 0"),
+        ({"lr_scales": (1, 0)}, ConfigError, "--lr-scales: got (1, 0); allowed: 'auto', or distinct numbers > 0"),
+        ({"lr_scales": (1, 1)}, ConfigError, "--lr-scales: got (1, 1); allowed: 'auto', or distinct numbers > 0"),
         ({"lr_scales": ()}, ConfigError, "--lr-scales: got (); allowed"),
         ({"search": "no-such-experiment"}, TrackingError, "no experiment 'no-such-experiment'"),
         ({"search": "0" * 32}, TrackingError, f"--run-id: no run {'0' * 32!r}"),
@@ -215,8 +224,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(searched):
     bad_config.write_text("max_lr: -1\nschedule: wsd\n")
     for args, fragment in ((["--epochs", "0"], "--epochs: got 0"),
                            (["--experiment", "nope"], "no experiment 'nope'"),
-                           (["--lr-scales", "1,half"], "--lr-scales: got '1,half'; allowed: comma-separated"),
-                           (["--lr-scales", "1,-0.5"], "--lr-scales: got (1.0, -0.5); allowed: distinct"),
+                           (["--lr-scales", "1,half"], "--lr-scales: got '1,half'; allowed: auto, or comma-separated"),
+                           (["--lr-scales", "1,-0.5"], "--lr-scales: got (1.0, -0.5); allowed: 'auto', or distinct"),
                            (["--config", str(bad_config)], "search: max_lr=-1; allowed: a number > 0"),
                            (["--config", "nope.yaml", "--run-id", "x"], "give at most one of")):
         done = subprocess.run([LRSEARCH, "train", str(job_file), *args], capture_output=True, text=True,
@@ -232,7 +241,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(searched):
 
 
 def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
-    # epochs of about a second here: the driver is killed once the first epoch's checkpoint exists
+    # epochs of about a second here: the driver is killed once the first epoch's checkpoint exists;
+    # one config at 1x (a 6x horizon would bridge it to three by default)
     job = _job(tmp_path, "killed", task={"num_train": 4096, "hidden": 512, "num_features": 128},
                search={"num_trials": 2, "max_epochs": 1})
     result = lrsearch.search(job)
@@ -241,7 +251,8 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
     out = tmp_path / "runs" / "killed" / "final"
     ckpt = out / f"{result.best.trial_id}.pt"
 
-    proc = subprocess.Popen([LRSEARCH, "train", str(job_file), "--epochs", "6", "--json"], cwd=tmp_path,
+    proc = subprocess.Popen([LRSEARCH, "train", str(job_file), "--epochs", "6", "--lr-scales", "1", "--json"],
+                            cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -260,7 +271,8 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
     run_id = json.loads((out / "state.json").read_text())["run_id"]
     assert 1 <= killed_at < 6
 
-    done = subprocess.run([LRSEARCH, "train", str(job_file), "--epochs", "6", "--resume", "--json"],
+    done = subprocess.run([LRSEARCH, "train", str(job_file), "--epochs", "6", "--lr-scales", "1", "--resume",
+                           "--json"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads(done.stdout)
@@ -274,7 +286,7 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
     assert sorted(steps) == list(range(1, 7))  # every epoch once, none lost, none twice
 
     # the same run uninterrupted ends where the resumed one did (each epoch seeded, state restored)
-    straight = lrsearch.train(job, result, epochs=6, track=False)
+    straight = lrsearch.train(job, result, epochs=6, lr_scales=(1,), track=False)
     assert straight.val_metric == resumed["val_metric"] and straight.test_metric == resumed["test_metric"]
 
 
