@@ -209,7 +209,9 @@ def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, fo
     (``transformers.TrainingArguments`` kwargs) or ``torch`` (a scheduler-building snippet).
 
     Give the config itself (``best``: a search result or its ``.best``), or where MLflow has it:
-    an ``experiment`` name (its latest search) or a ``run_id``.
+    an ``experiment`` name (its latest search) or a ``run_id``: a search's (or one of its trials'),
+    or a final run's (``lrsearch train``), which exports the config that run trained and kept, at
+    the horizon it trained (its ``--lr-scales`` or ``--top-k`` pick included).
 
     Raises:
         ConfigError: not exactly one source, or an unknown format. TrackingError: no such run.
@@ -228,7 +230,7 @@ def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, fo
         from lrsearch.tracking import find_search_run, read_best_config, resolve_tracking
 
         uri, _ = resolve_tracking(tracking_uri, None, "")
-        run = find_search_run(uri, experiment=experiment, run_id=run_id)
+        run = find_search_run(uri, experiment=experiment, run_id=run_id, final_itself=True)
         best = read_best_config(uri, run.info.run_id)
     text, note = render(best.to_dict() if isinstance(best, BestConfig) else best, format)
     return Exported(text, note)

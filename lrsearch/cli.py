@@ -242,7 +242,7 @@ def train(
 @_clear_errors
 def export(
     experiment: Annotated[str | None, typer.Option(help="MLflow experiment: export its latest search.")] = None,
-    run_id: Annotated[str | None, typer.Option(help="A search's parent run id (or one of its trial runs).")] = None,
+    run_id: Annotated[str | None, typer.Option(help="A search's parent run id (or one of its trial runs), or a final run's: the config it trained.")] = None,
     format_: Annotated[str, typer.Option("--format", "-f", help="yaml | json | hf | torch")] = "yaml",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db].")] = None,

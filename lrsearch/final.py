@@ -48,7 +48,14 @@ from lrsearch.trial import (
     trainable_state,
     trial_device,
 )
-from lrsearch.tuning.results import BestConfig, SearchResult, TrialState, ranked_completed
+from lrsearch.tuning.results import (
+    BestConfig,
+    SearchResult,
+    TrialState,
+    ranked_completed,
+    trained_optimizer,
+    write_best_config,
+)
 
 __all__ = ["FinalResult", "run_final"]
 
@@ -84,6 +91,8 @@ class FinalResult:
         lr_scales: the multiples of each config's ``max_lr`` trained (``auto`` resolved).
         resumed_from_epoch: the epoch a resumed run continued from (0: a fresh run).
         tracking_uri: the MLflow store the run and model are in.
+        best_config: the config trained, as a best config chosen at this run's horizon (what
+            ``lrsearch export --run-id RUN_ID`` exports; also ``paths["best_config"]``).
     """
 
     test_metric: float | None
@@ -107,6 +116,7 @@ class FinalResult:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     paths: dict[str, str] = field(default_factory=dict)
+    best_config: BestConfig | None = None
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able summary (what ``lrsearch train --json`` prints)."""
@@ -177,6 +187,10 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
             ref = remote.remote(source, candidates, epochs, steps, str(out), run=run, register=register,
                                 tags={"search_run_id": found["run_id"] or "-", "job": job.name})
             outcome = _get(ref, progress=out / "progress.json" if show_progress else None)
+            best = trained_config(job, outcome)
+            best_file = write_best_config(best, out)
+            if run is not None:
+                run.log_artifact(best_file)
         except BaseException:
             if run is not None:
                 run.finish("KILLED" if _interrupted() else "FAILED")
@@ -190,10 +204,27 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         run.finish("FINISHED")
     result = FinalResult(**outcome, run_id=run.run_id if run else None, lr_scales=list(lr_scales),
                          search_run_id=found["run_id"], notes=notes, tracking_uri=redact_uri(uri) if track else None,
-                         paths={"final": str(out), "model": str(out / "model.pt")})
+                         paths={"final": str(out), "model": str(out / "model.pt"), "best_config": str(best_file)},
+                         best_config=best)
     result.seconds = time.perf_counter() - started
     (out / "result.json").write_text(json.dumps(result.summary(), indent=1, default=str))
     return result
+
+
+def trained_config(job: JobConfig, outcome: dict[str, Any]) -> BestConfig:
+    """The config a final run kept, as a best config found at its horizon: the export of a final run
+    (``lrsearch export --run-id``) gives the ``max_lr`` and schedule the shipped model trained with
+    (a ``--lr-scales`` or ``--top-k`` pick included), and ``lr_scales="auto"`` does not carry it
+    down again at that horizon."""
+    config, total = outcome["config"], outcome["total_steps"]
+    name = config["schedule"]
+    return BestConfig(schedule=name, max_lr=config["max_lr"], params=dict(config.get(name) or {}),
+                      optimizer=trained_optimizer(job.optimizer.model_dump(mode="json"), config),
+                      layer_decay=config.get("layer_decay"), metric=f"val_{outcome['metric']}",
+                      value=outcome["val_metric"], trial_id=outcome["trial_id"],
+                      search_horizon={"epochs": outcome["epochs"], "steps_per_epoch": outcome["steps_per_epoch"],
+                                      "total_steps": total, "schedule_params": schedule_params(config, total)},
+                      search_config=config, train=recipe(job).to_dict())
 
 
 def _get(ref, progress: Path | None = None) -> Any:

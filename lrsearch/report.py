@@ -170,6 +170,11 @@ def final_lines(result: Any) -> list[str]:
     if result.run_id:
         lines.append(f"MLflow run:  {result.run_id}"
                      + (f" (nested under search {result.search_run_id})" if result.search_run_id else ""))
+    if result.run_id:
+        import shlex
+
+        lines.append(f"its config:  lrsearch export --run-id {result.run_id} --tracking-uri "
+                     f"{shlex.quote(result.tracking_uri or '')} --format hf   (or yaml, json, torch)")
     if result.model_uri:
         lines.append(f"model:       {result.model_uri}")
         uri = result.registered["uri"] if result.registered else result.model_uri

@@ -104,6 +104,17 @@ def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
     test_loader = build_task(lrsearch.load_job(job)).test_loader
     assert _accuracy(model, test_loader) == pytest.approx(final.test_metric)
 
+    # the final run's export is the config it kept (0.5x or 0.25x included), found at its horizon;
+    # trained again at that horizon, "auto" leaves it at 1x: it was already chosen there
+    exported = yaml.safe_load(lrsearch.export(run_id=final.run_id, tracking_uri=searched["uri"]).text)
+    assert (exported["schedule"], exported["max_lr"], exported["trial_id"]) == (
+        final.config["schedule"], final.config["max_lr"], final.trial_id)
+    assert exported["search_horizon"]["total_steps"] == 64 and exported["value"] == final.val_metric
+    on_disk = yaml.safe_load(Path(final.paths["best_config"]).read_text())
+    assert (on_disk["max_lr"], on_disk["trial_id"]) == (final.config["max_lr"], final.trial_id)
+    again = lrsearch.train(job, search=exported, epochs=4, track=False)
+    assert again.lr_scales == [1.0] and again.config["max_lr"] == final.config["max_lr"]
+
 
 def test_top_k_keeps_the_best_by_validation_and_registers_it(searched):
     job, result = searched["job"], searched["result"]

@@ -136,6 +136,16 @@ class FinalRun:
                       f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})",
                       highlight=False)
 
+    def log_artifact(self, path: Path) -> None:
+        """A file of the run (its ``best_config.yaml``), retried; a store that stays down loses it."""
+        try:
+            _retry(lambda: _client(self.uri).log_artifact(self.run_id, str(path)))
+        except Exception as exc:
+            from lrsearch.console import err
+
+            err.print(f"[yellow]warning:[/] MLflow at {redact_uri(self.uri)} did not take {path.name} "
+                      f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})", highlight=False)
+
     def log_model(self, model: Any, *, register: str | None, tags: dict[str, str],
                   input_example: Any = None) -> tuple[str, dict | None]:
         """Log ``model`` (MLflow's pytorch flavour, pickled) into this run; register it as

@@ -9,8 +9,11 @@ from lrsearch.errors import TrackingError
 from lrsearch.tracking.store import PARENT_TAG, ROLE_TAG, _client, check_reachable
 
 
-def find_search_run(uri: str, *, experiment: str | None = None, run_id: str | None = None) -> Any:
-    """The parent run to export from: ``run_id`` or the latest search in ``experiment``."""
+def find_search_run(uri: str, *, experiment: str | None = None, run_id: str | None = None,
+                    final_itself: bool = False) -> Any:
+    """The search's parent run: ``run_id``'s (a trial's or a final run's search) or the latest in
+    ``experiment``. With ``final_itself`` (the export) a final run is its own answer: its
+    ``best_config.yaml`` is the config it trained."""
     client = _client(uri)
     check_reachable(uri)
     if run_id:
@@ -18,7 +21,10 @@ def find_search_run(uri: str, *, experiment: str | None = None, run_id: str | No
             run = client.get_run(run_id)
         except Exception:
             raise TrackingError(f"--run-id: no run {run_id!r} at {uri}") from None
-        if run.data.tags.get(ROLE_TAG) in ("trial", "final"):  # a trial's or a final run's search
+        role = run.data.tags.get(ROLE_TAG)
+        if final_itself and role == "final" and "best_config.yaml" in {a.path for a in client.list_artifacts(run_id)}:
+            return run  # what it trained (before 2026-12-03 a final run logged none: its search's)
+        if role in ("trial", "final"):  # a trial's or a final run's search
             run = client.get_run(run.data.tags[PARENT_TAG])
         return run
     exp = client.get_experiment_by_name(experiment)

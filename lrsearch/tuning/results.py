@@ -268,6 +268,16 @@ def ranked_completed(trials: list[TrialRecord], mode: str) -> list[TrialRecord]:
     return sorted(finished, key=lambda t: t.final_metric, reverse=mode == "max")
 
 
+def trained_optimizer(optimizer: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The job's optimizer as a trial config trains it: its searched weight decay, and the
+    ``schedule_free`` arm's AdamWScheduleFree (``lrsearch.optim.for_schedule``)."""
+    if config.get("weight_decay") is not None:
+        optimizer = {**optimizer, "weight_decay": config["weight_decay"]}
+    if config.get("schedule") == "schedule_free":
+        optimizer = {**optimizer, "name": "adamw_schedulefree"}
+    return optimizer
+
+
 def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer: dict[str, Any],
                 epochs: int, steps_per_epoch: int, total_steps: int,
                 train: dict[str, Any] | None = None) -> BestConfig | None:
@@ -276,12 +286,9 @@ def best_config(trials: list[TrialRecord], *, mode: str, metric: str, optimizer:
     if not finished:
         return None
     best = finished[0]
-    if best.weight_decay is not None:
-        optimizer = {**optimizer, "weight_decay": best.weight_decay}
-    if best.schedule == "schedule_free":  # the arm trains AdamWScheduleFree (lrsearch.optim.for_schedule)
-        optimizer = {**optimizer, "name": "adamw_schedulefree"}
     return BestConfig(
-        schedule=best.schedule, max_lr=best.max_lr, params=best.params, optimizer=optimizer,
+        schedule=best.schedule, max_lr=best.max_lr, params=best.params,
+        optimizer=trained_optimizer(optimizer, best.config),
         layer_decay=best.layer_decay, metric=metric, value=best.final_metric, trial_id=best.trial_id,
         search_horizon={"epochs": epochs, "steps_per_epoch": steps_per_epoch,
                         "total_steps": total_steps,
