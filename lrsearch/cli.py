@@ -297,7 +297,7 @@ def submit(
     epochs: Annotated[int | None, typer.Option(help="With --train: epochs to train.")] = None,
     steps: Annotated[int | None, typer.Option(help="With --train: optimizer steps to train.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="With --train: train the K best configs.")] = None,
-    lr_scales: Annotated[str | None, typer.Option("--lr-scales", help="With --train: also at these multiples of max_lr.")] = None,
+    lr_scales: Annotated[str | None, typer.Option("--lr-scales", help="With --train: train at these multiples of max_lr (default auto).")] = None,
     register: Annotated[str | None, typer.Option(help="With --train: register the model under this name.")] = None,
     json_: JsonOpt = False,
 ) -> None:
