@@ -233,4 +233,23 @@ def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, fo
         run = find_search_run(uri, experiment=experiment, run_id=run_id, final_itself=True)
         best = read_best_config(uri, run.info.run_id)
     text, note = render(best.to_dict() if isinstance(best, BestConfig) else best, format)
+    if experiment is not None:
+        note = " ".join(filter(None, [_final_run_note(uri, run, best), note])) or None
     return Exported(text, note)
+
+
+def _final_run_note(uri: str, search_run: Any, best: dict[str, Any]) -> str | None:
+    """When ``lrsearch train`` kept another config than the search's best (an ``--lr-scales`` or
+    ``--top-k`` pick at its horizon), where to export that one."""
+    from lrsearch.tracking import read_best_config
+    from lrsearch.tracking.read import latest_final_run
+
+    final = latest_final_run(uri, search_run)
+    if final is None:
+        return None
+    kept = read_best_config(uri, final.info.run_id)
+    if (kept.get("schedule"), kept.get("max_lr")) == (best.get("schedule"), best.get("max_lr")):
+        return None
+    return (f"this is the search's best; its final run {final.info.run_id} kept {kept['schedule']} "
+            f"max_lr={kept['max_lr']:.3g} at {(kept.get('search_horizon') or {}).get('total_steps')} steps, "
+            f"the config its model trained with: lrsearch export --run-id {final.info.run_id}.")

@@ -112,6 +112,9 @@ def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
     assert exported["search_horizon"]["total_steps"] == 64 and exported["value"] == final.val_metric
     on_disk = yaml.safe_load(Path(final.paths["best_config"]).read_text())
     assert (on_disk["max_lr"], on_disk["trial_id"]) == (final.config["max_lr"], final.trial_id)
+    # the search's export names the final run when that kept another config than the search's best
+    note = lrsearch.export(experiment="fin", tracking_uri=searched["uri"]).note or ""
+    assert (f"--run-id {final.run_id}" in note) == (final.config["max_lr"] != best.max_lr), note
     again = lrsearch.train(job, search=exported, epochs=4, track=False)
     assert again.lr_scales == [1.0] and again.config["max_lr"] == final.config["max_lr"]
 

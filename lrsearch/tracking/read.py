@@ -39,6 +39,20 @@ def find_search_run(uri: str, *, experiment: str | None = None, run_id: str | No
     raise TrackingError(f"--experiment: no finished search with a best config in {experiment!r} at {uri}")
 
 
+def latest_final_run(uri: str, search_run: Any) -> Any | None:
+    """The latest finished final run (``lrsearch train``) of a search that logged the config it
+    kept (``best_config.yaml``), or ``None``."""
+    client = _client(uri)
+    runs = client.search_runs([search_run.info.experiment_id],
+                              filter_string=f"tags.`{ROLE_TAG}` = 'final' and tags.`{PARENT_TAG}` = "
+                                            f"'{search_run.info.run_id}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    for run in runs:
+        if "best_config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}:
+            return run
+    return None
+
+
 def read_best_config(uri: str, run_id: str) -> dict[str, Any]:
     import tempfile
 
