@@ -294,8 +294,8 @@ def resolve_scales(lr_scales: Sequence[float] | str, horizon: dict[str, Any], be
     ``search_horizon``), ``(1,)`` otherwise or when that horizon is unknown (a hand-written config).
 
     A longer run's best LR sits lower than a short trial's: on the final-run benchmark's text task
-    (4x the steps) the 1x config scored 0.794 median test, the best of 1x/0.5x/0.25x by validation
-    0.825 (BENCHMARKS.md, the horizon bridge); on image, where the search already hands over the
+    (4x the steps) the 1x config scored 0.797 median test over 5 seeds, the best of 1x/0.5x/0.25x
+    by validation 0.825 on the same seeds (BENCHMARKS.md, the horizon bridge); on image, where the search already hands over the
     grid's LR, validation kept 1x on 3 of 5 seeds and the median did not move.
     """
     if not isinstance(lr_scales, str):

@@ -130,21 +130,20 @@ class FinalRun:
                                                     params=ps[100 * i:100 * (i + 1)],
                                                     tags=ts if i == 0 else [], synchronous=True))
         except Exception as exc:
-            from lrsearch.console import err
-
-            err.print(f"[yellow]warning:[/] MLflow at {redact_uri(self.uri)} did not take the final run's figures "
-                      f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})",
-                      highlight=False)
+            self._lost("the final run's figures", exc)
 
     def log_artifact(self, path: Path) -> None:
         """A file of the run (its ``best_config.yaml``), retried; a store that stays down loses it."""
         try:
             _retry(lambda: _client(self.uri).log_artifact(self.run_id, str(path)))
         except Exception as exc:
-            from lrsearch.console import err
+            self._lost(path.name, exc)
 
-            err.print(f"[yellow]warning:[/] MLflow at {redact_uri(self.uri)} did not take {path.name} "
-                      f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})", highlight=False)
+    def _lost(self, what: str, exc: Exception) -> None:
+        from lrsearch.console import err
+
+        err.print(f"[yellow]warning:[/] MLflow at {redact_uri(self.uri)} did not take {what} "
+                  f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})", highlight=False)
 
     def log_model(self, model: Any, *, register: str | None, tags: dict[str, str],
                   input_example: Any = None) -> tuple[str, dict | None]:
