@@ -70,9 +70,12 @@ TIE = 0.005
 #: ``bench/spaces/{family}_{suffix}.yaml`` (the ``_constant`` ones: text tasks only)
 VARIANTS = {"lrsearch_sf": ("lrsearch", "schedule_free"), "lrsearch_constant": ("lrsearch", "constant"),
             "peer_constant": ("peer", "constant"), "random_constant": ("random", "constant")}
-#: ``{method: budget}``: lrsearch's search at a smaller budget, so that its search plus the three
-#: final runs of ``lrsearch_short_lrscale`` cost what the others' search plus one final run does
-SHORT = {"lrsearch_short": 6.0}
+#: ``{method: (base method, budget)}``: a search at another budget.
+#: - ``lrsearch_short``: lrsearch's at a smaller one, so that its search plus the three final runs
+#:   of ``lrsearch_short_lrscale`` cost about what the peer's search plus one final run does;
+#: - ``*_matched``: the peer's and random search's at the budget that brings their search plus
+#:   final run to ``lrsearch_short_lrscale``'s total (about 49 trial-epochs): equal compute exactly
+SHORT = {"lrsearch_short": ("lrsearch", 6.0), "peer_matched": ("peer", 21.0), "random_matched": ("random", 33.0)}
 SEARCHES = ("lrsearch", "peer", "random", *VARIANTS, *SHORT)
 SINGLE = ("hf_default", "schedulefree", "family_default")
 #: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
@@ -113,13 +116,17 @@ GRID_SCHEDULES = ("linear", "cosine")
 # --------------------------------------------------------------------------------------------
 
 
+def budget_of(method: str) -> float:
+    return SHORT[method][1] if method in SHORT else BUDGET
+
+
 def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     """The search job of ``method`` (``bench/search_quality.py``'s), on this benchmark's task;
     a variant (``VARIANTS``) is its method's job on ``bench/spaces/{family}_{suffix}.yaml``."""
     sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
     sq.FAMILY[task_name] = FAMILY[task_name]
-    base = VARIANTS[method][0] if method in VARIANTS else "lrsearch" if method in SHORT else method
-    job = sq.make_job("final", task_name, base, seed, SHORT.get(method, BUDGET), {"num_test": NUM_TEST})
+    base = VARIANTS[method][0] if method in VARIANTS else SHORT[method][0] if method in SHORT else method
+    job = sq.make_job("final", task_name, base, seed, budget_of(method), {"num_test": NUM_TEST})
     job["name"] = f"fq-{task_name}-{method}-s{seed}"
     if task_name in TRAIN:
         job["train"] = {**job.get("train", {}), **TRAIN[task_name]}
@@ -196,7 +203,7 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
     storage = tempfile.mkdtemp(prefix="lrfq-")
     started = time.perf_counter()
     try:
-        record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": SHORT.get(method, BUDGET),
+        record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": budget_of(method),
                                   "scale": SCALE, "lrsearch_version": lrsearch.__version__,
                                   "space": space_of(task_name, method)}
         if method in TOP3:
@@ -205,7 +212,7 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
         if method in SEARCHES:
             sjob = search_job(task_name, method, seed)
             result = lrsearch.search({**sjob, "storage": {"path": storage}}, track=False, show_progress=False)
-            summary = sq.summarize(result, sjob, SHORT.get(method, BUDGET), method)
+            summary = sq.summarize(result, sjob, budget_of(method), method)
             if any(t["state"] == "errored" for t in summary["trials"]):
                 raise RuntimeError("a trial errored (infrastructure, not the method)")
             record["search"] = summary
