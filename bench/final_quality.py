@@ -67,27 +67,28 @@ SCALE = 4  # the final run's data (and optimizer steps) over a trial's
 NUM_TEST = 1500
 TIE = 0.005
 #: ``{variant: (method, suffix)}``: the method on a variant of the family space,
-#: ``bench/spaces/{family}_{suffix}.yaml`` (the ``_constant`` ones: text tasks only)
+#: ``bench/spaces/{family}_{suffix}.yaml`` (the ``_constant`` ones: text tasks only; ``_linear``: image only)
 VARIANTS = {"lrsearch_sf": ("lrsearch", "schedule_free"), "lrsearch_constant": ("lrsearch", "constant"),
-            "peer_constant": ("peer", "constant"), "random_constant": ("random", "constant")}
+            "peer_constant": ("peer", "constant"), "random_constant": ("random", "constant"),
+            "lrsearch_short_linear": ("lrsearch", "linear")}
 #: ``{method: (base method, budget)}``: a search at another budget.
 #: - ``lrsearch_short``: lrsearch's at a smaller one, so that its search plus the three final runs
 #:   of ``lrsearch_short_lrscale`` cost about what the peer's search plus one final run does;
 #: - ``*_matched``: the peer's and random search's at the budget that brings their search plus
 #:   final run to ``lrsearch_short_lrscale``'s total (about 49 trial-epochs): equal compute exactly
-SHORT = {"lrsearch_short": ("lrsearch", 6.0), "peer_matched": ("peer", 21.0), "random_matched": ("random", 33.0)}
-SEARCHES = ("lrsearch", "peer", "random", *VARIANTS, *SHORT)
+SHORT = {"lrsearch_short": ("lrsearch", 6.0), "lrsearch_short_linear": ("lrsearch", 6.0), "peer_matched": ("peer", 21.0), "random_matched": ("random", 33.0)}
+SEARCHES = tuple(dict.fromkeys(("lrsearch", "peer", "random", *VARIANTS, *SHORT)))
 SINGLE = ("hf_default", "schedulefree", "family_default")
 #: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
 #: validation kept (``lrsearch train --top-k 3``): built from the ``lrsearch`` / ``lrsearch_sf``
 #: record (its top-1 final run is reused; the search is not run again)
 TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf", "lrsearch_lrscale": "lrsearch",
-        "lrsearch_short_lrscale": "lrsearch_short"}
+        "lrsearch_short_lrscale": "lrsearch_short", "lrsearch_short_linear_lrscale": "lrsearch_short_linear"}
 #: the horizon bridge: lrsearch's best config trained at the final horizon at these multiples of its
 #: max_lr (the 1x run reused), the best by the final run's validation kept. A longer run's best LR
 #: sits lower (the text grid), so the candidates only go down
-LR_SCALES = {"lrsearch_lrscale": (1.0, 0.5, 0.25), "lrsearch_short_lrscale": (1.0, 0.5, 0.25)}
-METHODS = ("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *SHORT, *TOP3)
+LR_SCALES = {m: (1.0, 0.5, 0.25) for m in ("lrsearch_lrscale", "lrsearch_short_lrscale", "lrsearch_short_linear_lrscale")}
+METHODS = tuple(dict.fromkeys(("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *SHORT, *TOP3)))
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
