@@ -301,8 +301,7 @@ def submit(
     register: Annotated[str | None, typer.Option(help="With --train: register the model under this name.")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Submit the search (or, with --train, its final run) to a Ray cluster (Ray Jobs API); the same
-    job twice is one submission."""
+    """Submit the search (or, with --train, its final run) to a Ray cluster; the same job twice is one."""
     from lrsearch.errors import ConfigError
     from lrsearch.final import check_options
     from lrsearch.jobs import submit as submit_job

@@ -277,7 +277,9 @@ def check_options(epochs: int | None, steps: int | None, top_k: int, register: s
     scales = list(lr_scales) if isinstance(lr_scales, Sequence) and not isinstance(lr_scales, str) else None
     if not scales or len(set(scales)) != len(scales) or any(
             isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x < math.inf for x in scales):
-        raise ConfigError(f"--lr-scales: got {lr_scales!r}; allowed: 'auto', or distinct numbers > 0, the "
+        numbers = scales and all(isinstance(x, int | float) and not isinstance(x, bool) for x in scales)
+        got = ",".join(f"{x:g}" for x in scales) if numbers else repr(lr_scales)
+        raise ConfigError(f"--lr-scales: got {got}; allowed: 'auto', or distinct numbers > 0, the "
                           "multiples of each config's max_lr to train (e.g. 1,0.5,0.25)")
 
 
