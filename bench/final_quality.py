@@ -17,6 +17,8 @@ search=config)``:
   (``bench/spaces/bert_constant.yaml``; text tasks only). This benchmark is why ``wsd`` replaced
   ``constant``; those records ran as ``lrsearch``, ``peer`` and ``random`` then (a record holds the
   space it ran on; a re-keyed one also names its first file: ``rekeyed_from``);
+- ``peer_short``, ``peer_short_lrscale``: the peer at lrsearch_short's budget (B = 6), then the same
+  bridge: does the bridge make the win without the range test's bounds?
 - ``family_default``: the family space's default schedule at the geometric middle of its prior;
 - ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
   half-decade apart around each family's usual range; reported by its best test score (an upper
@@ -76,18 +78,23 @@ VARIANTS = {"lrsearch_sf": ("lrsearch", "schedule_free"), "lrsearch_constant": (
 #:   of ``lrsearch_short_lrscale`` cost about what the peer's search plus one final run does;
 #: - ``*_matched``: the peer's and random search's at the budget that brings their search plus
 #:   final run to ``lrsearch_short_lrscale``'s total (about 49 trial-epochs): equal compute exactly
-SHORT = {"lrsearch_short": ("lrsearch", 6.0), "lrsearch_short_linear": ("lrsearch", 6.0), "peer_matched": ("peer", 21.0), "random_matched": ("random", 33.0)}
+#: - ``peer_short``: the peer at lrsearch_short's budget, so that ``peer_short_lrscale`` (it plus the
+#:   bridge) asks whether the bridge alone makes the win, without the range test's bounds
+SHORT = {"lrsearch_short": ("lrsearch", 6.0), "lrsearch_short_linear": ("lrsearch", 6.0),
+         "peer_matched": ("peer", 21.0), "random_matched": ("random", 33.0), "peer_short": ("peer", 6.0)}
 SEARCHES = tuple(dict.fromkeys(("lrsearch", "peer", "random", *VARIANTS, *SHORT)))
 SINGLE = ("hf_default", "schedulefree", "family_default")
 #: lrsearch's search, then its top 3 completed configs trained at the final horizon and the best by
 #: validation kept (``lrsearch train --top-k 3``): built from the ``lrsearch`` / ``lrsearch_sf``
 #: record (its top-1 final run is reused; the search is not run again)
 TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf", "lrsearch_lrscale": "lrsearch",
-        "lrsearch_short_lrscale": "lrsearch_short", "lrsearch_short_linear_lrscale": "lrsearch_short_linear"}
+        "lrsearch_short_lrscale": "lrsearch_short", "lrsearch_short_linear_lrscale": "lrsearch_short_linear",
+        "peer_short_lrscale": "peer_short"}
 #: the horizon bridge: lrsearch's best config trained at the final horizon at these multiples of its
 #: max_lr (the 1x run reused), the best by the final run's validation kept. A longer run's best LR
 #: sits lower (the text grid), so the candidates only go down
-LR_SCALES = {m: (1.0, 0.5, 0.25) for m in ("lrsearch_lrscale", "lrsearch_short_lrscale", "lrsearch_short_linear_lrscale")}
+LR_SCALES = {m: (1.0, 0.5, 0.25) for m in ("lrsearch_lrscale", "lrsearch_short_lrscale", "lrsearch_short_linear_lrscale",
+                                                 "peer_short_lrscale")}
 METHODS = tuple(dict.fromkeys(("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *SHORT, *TOP3)))
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
