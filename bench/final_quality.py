@@ -364,6 +364,32 @@ def _paired(ref: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]], by:
     return f"{wtl}, {100 * float(np.median(diffs)):+.1f} ({100 * min(diffs):+.1f}..{100 * max(diffs):+.1f})"
 
 
+#: the headline: lrsearch as a user runs it at the peers' compute (its short search, then the
+#: bridge), each alternative a user has at about that compute, then the oracle
+HEADLINE = ("lrsearch_short_lrscale", "peer_matched", "random_matched", "peer", "random", "hf_default",
+            "schedulefree", "family_default", "grid")
+
+
+def headline(data: dict[tuple[str, str], dict[int, dict[str, Any]]]) -> list[str]:
+    """One table over the tasks: lrsearch at equal compute against each alternative, paired by seed."""
+    ref = HEADLINE[0]
+    out = ["## At equal compute: lrsearch against what a user would do instead\n",
+           f"| task | method | seeds | median test [IQR] | compute | {ref} - method: W/T/L, median (min..max) pts |",
+           "|---|---|---|---|---|---|"]
+    for task in TASKS:
+        for method, by in [(m, "test") for m in HEADLINE] + [("grid", "val")]:
+            runs = data.get((task, method))
+            if not runs:
+                continue
+            tests = [test_of(r, by) for r in runs.values()]
+            q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
+            compute = float(np.median([r["compute"]["total"] for r in runs.values()]))
+            name = method if method != "grid" else "grid (oracle: best by test)" if by == "test" else "grid, best by val"
+            paired = "-" if method == ref else _paired(data.get((task, ref), {}), runs, by)
+            out.append(f"| {task} | {name} | {len(runs)} | {q50:.3f} [{q25:.3f}-{q75:.3f}] | {compute:.0f} | {paired} |")
+    return out + [""]
+
+
 def report() -> str:
     from scipy.stats import spearmanr
 
@@ -373,7 +399,8 @@ def report() -> str:
            f"optimizer steps, scored once on {NUM_TEST} held-out test examples. Search budget "
            f"{BUDGET:g} trial-epochs; compute = search + final run, in trial-epochs. Median [IQR] over "
            f"seeds. The paired columns compare a reference with each method on their common seeds: W/T/L "
-           f"(tie: within {TIE}), then the reference's test minus the method's, in accuracy points.\n"]
+           f"(tie: within {TIE}), then the reference's test minus the method's, in accuracy points.\n",
+           *headline(data)]
     for task in TASKS:
         rows = {m: data[(task, m)] for m in METHODS if (task, m) in data}
         if not rows:
