@@ -146,7 +146,7 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
         lr_scales: train each of those configs at these multiples of its ``max_lr`` and keep the
             best by validation: a longer run's best LR often sits below the short trials' (e.g.
             ``(1, 0.5, 0.25)``, 3 runs per config). ``"auto"`` (the default): ``(1, 0.5, 0.25)``
-            when the run has at least twice the optimizer steps the config was searched at
+            when the run has at least 4x the optimizer steps the config was searched at
             (``best.search_horizon``), ``(1,)`` otherwise; ``(1,)``: the config as found, one run.
         register: register the model in MLflow's Model Registry under this name (a new version,
             tagged with the config and the search's run id).

@@ -186,7 +186,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Epochs to train (default: the search's max_epochs).")] = None,
     steps: Annotated[int | None, typer.Option(help="Or the run's length in optimizer steps.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
-    lr_scales: Annotated[str, typer.Option("--lr-scales", help="Train each config at these multiples of its max_lr (e.g. 1,0.5,0.25) and keep the best by validation; auto: 1,0.5,0.25 when the run is >= 2x the steps the config was searched at, else 1.")] = "auto",
+    lr_scales: Annotated[str, typer.Option("--lr-scales", help="Train each config at these multiples of its max_lr (e.g. 1,0.5,0.25) and keep the best by validation; auto: 1,0.5,0.25 when the run is >= 4x the steps the config was searched at, else 1.")] = "auto",
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
@@ -449,7 +449,7 @@ def demo(
     job_file = Path(job.results_dir()) / "job.yaml"
     if not json_ and job_file.is_file():
         rel = job_file.relative_to(Path.cwd()) if job_file.is_relative_to(Path.cwd()) else job_file
-        out.print(f"next: train the best config at twice the horizon (at 1x, 0.5x and 0.25x its max_lr, since a "
-                  f"longer run often wants a lower LR), the best by validation scored on held-out test texts "
-                  f"and logged to MLflow:\n  lrsearch train {shlex.quote(str(rel))} --epochs "
+        out.print(f"next: train the best config at twice the horizon, scored on held-out test texts and logged "
+                  f"to MLflow (from 4x the search's steps it also tries 0.5x and 0.25x its max_lr and keeps the "
+                  f"best by validation, since a longer run often wants a lower LR):\n  lrsearch train {shlex.quote(str(rel))} --epochs "
                   f"{2 * job.search.max_epochs} --register {job.name}", highlight=False)

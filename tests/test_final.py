@@ -122,7 +122,7 @@ def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
 def test_top_k_keeps_the_best_by_validation_and_registers_it(searched):
     job, result = searched["job"], searched["result"]
     final = lrsearch.train(job, result, steps=20, top_k=3, register="fin-model")
-    assert final.lr_scales == [1.0]  # "auto": 20 steps is under twice the search's 16, so each config at 1x
+    assert final.lr_scales == [1.0]  # "auto": 20 steps is under 4x the search's 16, so each config at 1x
     completed = [t.trial_id for t in lrsearch.tuning.results.ranked_completed(result.trials, result.mode)]
     assert [c["trial_id"] for c in final.candidates] == completed[:3]
     assert (final.total_steps, final.epochs) == (20, 3)  # 8 steps an epoch; the last one 4
@@ -182,6 +182,7 @@ def test_a_python_task_with_a_test_loader_is_scored_on_it(searched, tmp_path):
     result = lrsearch.search(job)
     final = lrsearch.train(job, result, epochs=2)
     assert final.test_metric is not None
+    assert final.lr_scales == [1.0]  # "auto" at 2x the search's steps: one run (the bridge starts at 4x)
     model = _load(f"sqlite:///{tmp_path}/mlruns.db", final.model_uri, tmp_path / "dl")
     assert _accuracy(model, _digits_task(True).test_loader) == pytest.approx(final.test_metric)
     # the same task without a test split: trained and logged, no test score, and it says so
