@@ -1,8 +1,9 @@
 """Where does the horizon bridge start to pay? ``lr_scales="auto"`` measured between 1x and 4x.
 
 ``lrsearch train`` (``lr_scales="auto"``) trains the config at 1x, 0.5x and 0.25x its ``max_lr``
-and keeps the best by the final run's validation, once the final run has at least ``BRIDGE_AT`` = 2
-times the optimizer steps the config was searched at. ``bench/final_quality.py`` measured the
+and keeps the best by the final run's validation, once the final run has at least ``BRIDGE_AT``
+times the optimizer steps the config was searched at: 2 when this was written, 4 since it measured
+the bridge gaining nothing at 2x. ``bench/final_quality.py`` measured the
 bridge at 4x only (``lrsearch_short_lrscale``). This trains the same configs (the best of each
 ``lrsearch_short`` search in ``bench/results/final_quality/``) at 2x a trial's optimizer steps (2x
 its training data, the same 3 epochs), at each multiple, and scores each once on the same 1500

@@ -299,8 +299,8 @@ def resolve_scales(lr_scales: Sequence[float] | str, horizon: dict[str, Any], be
     (4x the steps) the 1x config scored 0.797 median test over 5 seeds, the best of 1x/0.5x/0.25x
     by validation 0.825 on the same seeds (BENCHMARKS.md, the horizon bridge); on image, where the search already hands over the
     grid's LR, validation kept 1x on 3 of 5 seeds and the median did not move. At 2x the steps it
-    loses (``bench/bridge_horizon.py``: 1x was the best by test on nearly every seed there, and the
-    validation pick cost up to 5 points), so it starts at 4x, the horizon where it was measured to pay.
+    gains nothing for 3x the final run's cost (``bench/bridge_horizon.py``: against 1x text 3/4/2 over
+    9 seeds, image 1/3/1, median +0.0 on both), so it starts at 4x, where it was measured to pay.
     """
     if not isinstance(lr_scales, str):
         return tuple(float(x) for x in lr_scales)
