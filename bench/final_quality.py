@@ -364,6 +364,13 @@ def _paired(ref: dict[int, dict[str, Any]], runs: dict[int, dict[str, Any]], by:
     return f"{wtl}, {100 * float(np.median(diffs)):+.1f} ({100 * min(diffs):+.1f}..{100 * max(diffs):+.1f})"
 
 
+def _row(method: str, by: str, runs: dict[int, dict[str, Any]]) -> tuple[str, list[float], float]:
+    """A table row's name, test scores (the grid's by test or by validation) and median compute."""
+    name = {"grid": "grid (oracle: best by test)"}.get(method, method) if by == "test" else "grid, best by val"
+    compute = float(np.median([r["compute"]["total"] for r in runs.values()]))
+    return name, [test_of(r, by) for r in runs.values()], compute
+
+
 #: the headline: lrsearch as a user runs it at the peers' compute (its short search, then the
 #: bridge), each alternative a user has at about that compute, then the oracle
 HEADLINE = ("lrsearch_short_lrscale", "peer_matched", "random_matched", "peer", "random", "hf_default",
@@ -381,10 +388,8 @@ def headline(data: dict[tuple[str, str], dict[int, dict[str, Any]]]) -> list[str
             runs = data.get((task, method))
             if not runs:
                 continue
-            tests = [test_of(r, by) for r in runs.values()]
+            name, tests, compute = _row(method, by, runs)
             q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
-            compute = float(np.median([r["compute"]["total"] for r in runs.values()]))
-            name = method if method != "grid" else "grid (oracle: best by test)" if by == "test" else "grid, best by val"
             paired = "-" if method == ref else _paired(data.get((task, ref), {}), runs, by)
             out.append(f"| {task} | {name} | {len(runs)} | {q50:.3f} [{q25:.3f}-{q75:.3f}] | {compute:.0f} | {paired} |")
     return out + [""]
@@ -415,16 +420,14 @@ def report() -> str:
         variants.sort(key=lambda v: (v[0] == "grid", v[0] in TOP3, METHODS.index(v[0])))
         for method, by in variants:
             runs = rows[method]
-            tests = [test_of(r, by) for r in runs.values()]
+            name, tests, compute = _row(method, by, runs)
             q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
-            compute = float(np.median([r["compute"]["total"] for r in runs.values()]))
             cells = [_paired(rows.get(ref, {}), runs, by) if (method, by) != (ref, "test") else "-"
                      for ref in REFERENCES]
             rho = "-"
             pairs = [(r["search_value"], test_of(r)) for r in runs.values() if r.get("search_value") is not None]
             if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1:
                 rho = f"{spearmanr(*zip(*pairs, strict=True)).statistic:.2f}"
-            name = {"grid": "grid (oracle: best by test)"}.get(method, method) if by == "test" else "grid, best by val"
             out.append(f"| {name} | {len(runs)} | {q50:.3f} | {q25:.3f}-{q75:.3f} | {min(tests):.3f} | {compute:.0f} | "
                        f"{' | '.join(cells)} | {rho} |")
         searched = [r for m in SEARCHES for r in rows.get(m, {}).values() if r.get("search_value") is not None]
