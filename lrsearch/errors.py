@@ -21,6 +21,12 @@ class TaskError(LRSearchError):
     (for a missing package: the exact install command)."""
 
 
+class MissingExtra(LRSearchError, ImportError):
+    """Raised when a feature needs an optional package that is not installed. The message is one
+    line naming the feature, the package and the ``pip install 'lrsearch[extra]'`` that brings it
+    (see :mod:`lrsearch.extras`)."""
+
+
 class Interrupted(LRSearchError):
     """Raised when the user stopped a command (Ctrl+C); a search's state is kept for ``--resume``."""
 

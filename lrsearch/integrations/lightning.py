@@ -34,16 +34,19 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 
 from lrsearch.errors import ConfigError, TaskError
+from lrsearch.extras import require
 from lrsearch.optim import eval_mode, train_mode
 from lrsearch.protocol import Trial
 from lrsearch.recipe import autocast_for
 from lrsearch.tasks.base import Task, model_loss
 from lrsearch.tuning.results import SearchResult
+
+# Lightning is an extra: without it, importing this module fails with the pip install that brings it
+pl = require("lightning.pytorch", what="lrsearch.integrations.lightning")
 
 __all__ = ["search"]
 

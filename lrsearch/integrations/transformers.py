@@ -39,12 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from lrsearch.errors import ConfigError, SearchError, TaskError
+from lrsearch.extras import require
 from lrsearch.protocol import Trial
 from lrsearch.tasks.base import Task, model_loss
 from lrsearch.tuning.results import SearchResult
+
+# transformers is an extra: without it, importing this module fails with the pip install that brings it
+TrainerCallback = require("transformers", what="lrsearch.integrations.transformers").TrainerCallback
+require("accelerate", what="lrsearch.integrations.transformers")  # the Trainer needs it
 
 __all__ = ["TrainerSearchResult", "from_script", "search"]
 

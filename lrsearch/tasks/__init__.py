@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lrsearch.extras import check_task
 from lrsearch.tasks.base import Task, evaluate, forward, model_loss, move_to_device, reseed
 from lrsearch.tasks.synthetic import synthetic_task
 
@@ -41,6 +42,7 @@ def build_task(job: JobConfig) -> Task:
 
         raise ConfigError("task: missing; this job has no task section to build (allowed: a task "
                           "section, or a search with its own training loop)")
+    check_task(cfg)  # a missing extra: one line naming the pip install that brings it
     options = cfg.model_dump(exclude={"kind"})
     if cfg.kind == "synthetic":
         return synthetic_task(**options)

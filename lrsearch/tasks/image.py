@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
+from lrsearch.extras import require
 from lrsearch.tasks.base import Task
 from lrsearch.tasks.image_model import (
     BUILTIN_MODELS,
@@ -237,9 +238,7 @@ def _load_dataset(dataset: str, num_train: int, num_val: int, num_test: int, see
     if dataset == "fashion_mnist":
         return _fashion_mnist(num_train, num_val, num_test, rng), 10, dataset
     if dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = require("sklearn.datasets", what="task.dataset 'digits'").load_digits()
         images = torch.from_numpy(digits.images.astype(np.float32) / 16.0).unsqueeze(1)
         labels = torch.from_numpy(digits.target.astype(np.int64))
         picks = split_indices(len(images), num_train, num_val, num_test, rng, dataset)
@@ -322,6 +321,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _image_folder(path: Path, num_train: int, num_val: int, num_test: int, rng: np.random.Generator):
+    require("torchvision", what="task.dataset (an image folder)")
     from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor

