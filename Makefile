@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both set everything up first.
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench docs docs-serve clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,5 +16,13 @@ lint: setup
 bench: setup
 	.venv/bin/python bench/range_test_overhead.py
 
+# The documentation site (mkdocs.yml, docs/): built strictly into site/, a broken link or a missing
+# reference fails it; docs-serve rebuilds on every change of docs/, lrsearch/ or BENCHMARKS.md.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve -a 127.0.0.1:8000
+
 clean:
-	rm -rf lrsearch-runs mlruns.db .pytest_cache
+	rm -rf lrsearch-runs mlflow.db mlruns.db mlruns mlartifacts site .pytest_cache
