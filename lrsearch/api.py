@@ -97,6 +97,8 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
     from lrsearch.tuning.runner import run_search
 
     job = load_job(job)
+    if track:
+        _heal(job)
     if train_fn is None and task is None and job.task is not None and job.task.kind == "python":
         # the entrypoint may return a Task, a Trainer, a Lightning module and its data, or a train_fn
         from lrsearch.tasks.user import python_loop
@@ -170,7 +172,10 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
     """
     from lrsearch.final import run_final
 
-    return run_final(load_job(job), search=search, epochs=epochs, steps=steps, top_k=top_k, lr_scales=lr_scales,
+    job = load_job(job)
+    if track:
+        _heal(job, tracking_uri)
+    return run_final(job, search=search, epochs=epochs, steps=steps, top_k=top_k, lr_scales=lr_scales,
                      register=register, resume=resume, task=task, address=address, track=track,
                      tracking_uri=tracking_uri, show_progress=show_progress)
 
@@ -227,15 +232,26 @@ def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, fo
             raise ConfigError("export: this search has no best config (no trial completed its budget)")
         best = best.best
     if best is None:
-        from lrsearch.tracking import find_search_run, read_best_config, resolve_tracking
+        from lrsearch.tracking import find_search_run, heal, read_best_config, resolve_tracking
+        from lrsearch.tracking.read import search_results_dir
 
         uri, _ = resolve_tracking(tracking_uri, None, "")
+        results = search_results_dir(uri, experiment=experiment, run_id=run_id)
+        if results:  # what the store missed of that search while it was down (its best config too)
+            heal(results, uri=uri)
         run = find_search_run(uri, experiment=experiment, run_id=run_id, final_itself=True)
         best = read_best_config(uri, run.info.run_id)
     text, note = render(best.to_dict() if isinstance(best, BestConfig) else best, format)
     if experiment is not None:
         note = " ".join(filter(None, [_final_run_note(uri, run, best), note])) or None
     return Exported(text, note)
+
+
+def _heal(job: JobConfig, tracking_uri: str | None = None) -> None:
+    """Log what MLflow missed of the job's last search and final run while it was down, first."""
+    from lrsearch.tracking import heal, resolve_tracking
+
+    heal(job.results_dir(), uri=resolve_tracking(tracking_uri or job.tracking.uri, None, job.name)[0])
 
 
 def _final_run_note(uri: str, search_run: Any, best: dict[str, Any]) -> str | None:

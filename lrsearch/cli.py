@@ -245,7 +245,7 @@ def export(
     run_id: Annotated[str | None, typer.Option(help="A search's parent run id (or one of its trial runs), or a final run's: the config it trained.")] = None,
     format_: Annotated[str, typer.Option("--format", "-f", help="yaml | json | hf | torch")] = "yaml",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
-    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or sqlite:///mlruns.db].")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or MLflow's sqlite:///mlflow.db].")] = None,
 ) -> None:
     """Export the best config of a search from MLflow in a form a training script uses directly."""
     import lrsearch
@@ -273,11 +273,12 @@ def export(
 def sync(
     results: Annotated[Path, typer.Argument(help="A search's results directory (STORAGE/NAME).", show_default=False)],
 ) -> None:
-    """Log to MLflow what a search could not log while the tracking server was down."""
-    from lrsearch.tracking import load_tracking_info, sync_spool
+    """Log to MLflow what a search could not log while the tracking server was down (every lrsearch
+    command on the job does this first)."""
+    from lrsearch.tracking import heal, load_tracking_info
 
     info = load_tracking_info(str(results))
-    pending = sync_spool(info)
+    pending = heal(results)
     if pending:
         fail(f"{pending} logging operations still pending: {info.uri} is not reachable; run lrsearch sync again later", 1)
     out.print(f"all logged to {info.uri} (parent run {info.parent_run_id})", highlight=False)
@@ -437,8 +438,10 @@ def demo(
     import shutil
 
     from lrsearch.demo import demo_job
+    from lrsearch.extras import check_demo
 
     job = demo_job(quick=quick, storage=str(out_dir))
+    check_demo(job.task)  # what is missing, in one line: the demo's extra and its model wheel
     if not resume and Path(job.results_dir()).exists():
         shutil.rmtree(job.results_dir())  # the demo starts afresh; real searches never delete
     if not json_:

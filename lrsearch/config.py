@@ -270,10 +270,14 @@ class ResourcesConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    """MLflow: tracking URI (default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns.db``) and experiment."""
+    """MLflow: tracking URI (default ``MLFLOW_TRACKING_URI``, else MLflow's own default
+    ``sqlite:///mlflow.db`` in the working directory) and experiment."""
 
     uri: str | None = None
     experiment: str | None = None
+    #: a search that ends while the tracking server is down keeps trying to log what is pending
+    #: for this long (seconds), then says so; the next lrsearch command on the job logs the rest
+    flush_timeout_s: NonNegFloat = 60.0
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")

@@ -32,6 +32,7 @@ import torch
 from lrsearch.config import JobConfig
 from lrsearch.divergence import DivergenceMonitor
 from lrsearch.errors import ConfigError, SearchError
+from lrsearch.extras import check_job
 from lrsearch.optim import eval_mode
 from lrsearch.recipe import Stepper
 from lrsearch.space import schedule_params
@@ -142,6 +143,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     from lrsearch.tracking import resolve_tracking
 
     uri, experiment = resolve_tracking(tracking_uri or job.tracking.uri, job.tracking.experiment, job.name)
+    check_job(job, own_task=task is not None, track=track, tracking_uri=uri)  # a missing extra: one line
     found = _read_search(search, uri, experiment, track)
     candidates = _candidates(found, top_k)
     notes = list(found.get("notes", []))
@@ -182,6 +184,8 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
                                  search_run_id=found["run_id"], job_name=job.name, params=params,
                                  run_id=state.get("run_id"))
             state["run_id"] = run.run_id
+            state.pop("ended", None)  # a resumed run is running again
+            state.pop("ended_logged", None)
         _save_state(out, state)
         try:
             ref = remote.remote(source, candidates, epochs, steps, str(out), run=run, register=register,
@@ -193,7 +197,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
                 run.log_artifact(best_file)
         except BaseException:
             if run is not None:
-                run.finish("KILLED" if _interrupted() else "FAILED")
+                _end_run(run, out, "KILLED" if _interrupted() else "FAILED")
             raise
     finally:
         if started_ray:
@@ -201,7 +205,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
 
             ray.shutdown()
     if run is not None:
-        run.finish("FINISHED")
+        _end_run(run, out, "FINISHED")
     result = FinalResult(**outcome, run_id=run.run_id if run else None, lr_scales=list(lr_scales),
                          search_run_id=found["run_id"], notes=notes, tracking_uri=redact_uri(uri) if track else None,
                          paths={"final": str(out), "model": str(out / "model.pt"), "best_config": str(best_file)},
@@ -430,11 +434,11 @@ def _recipe_notes(job: JobConfig, best: dict[str, Any]) -> list[str]:
 
 
 def _experiment_id(uri: str, experiment: str) -> str:
-    from lrsearch.tracking.store import _client
+    from lrsearch.tracking.store import _client, new_experiment
 
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
-    return exp.experiment_id if exp else client.create_experiment(experiment)
+    return exp.experiment_id if exp else new_experiment(client, uri, experiment)
 
 
 def _final_dir(job: JobConfig) -> Path:
@@ -485,6 +489,17 @@ def _close_killed_run(out: Path) -> None:
                 client.set_terminated(saved["run_id"], "KILLED")
         except Exception:
             return
+
+
+def _end_run(run: Any, out: Path, status: str) -> None:
+    """End the final run's MLflow run; a store that is down gets the end from the next lrsearch
+    command on the job (``lrsearch.tracking.heal`` reads it from ``state.json``)."""
+    if run.finish(status):
+        return
+    file = out / "state.json"
+    state = json.loads(file.read_text()) if file.is_file() else {"run_id": run.run_id}
+    state.update(ended=status, ended_logged=False)  # re-read: the worker wrote what it trained
+    _save_state(out, state)
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:

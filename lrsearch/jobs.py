@@ -175,6 +175,9 @@ def submit(job_file: str | Path, address: str, *, extra_args: list[str] | None =
         argv[1] = "train"
     entrypoint = " ".join([*argv, *(shlex.quote(a) for a in extra_args or [])])
     metadata = {"lrsearch.job": job.name, "lrsearch.experiment": experiment, "lrsearch.command": command}
+    if "://" in job.storage.path or Path(job.storage.path).is_absolute():
+        # the same place on the cluster as here: `jobs status` logs what MLflow missed of it
+        metadata["lrsearch.results"] = job.results_dir()
     # Tags the MLflow parent run; not a secret. The tracking URI is the job's tracking.uri or the
     # cluster's own MLFLOW_TRACKING_URI: the submitter's (often a loopback address) is not forwarded,
     # nor are the submitter's MLflow credentials (the nodes log in with their own).
@@ -273,8 +276,13 @@ def job_status(address: str, job_id: str) -> dict[str, Any]:
         info = client.get_job_info(job_id)
     except Exception as exc:
         raise _translate(exc, address, _token()) from None
-    return {"submission_id": job_id, "status": _status_text(info.status), "message": info.message,
-            "entrypoint": info.entrypoint, "metadata": info.metadata or {},
+    status, metadata = _status_text(info.status), info.metadata or {}
+    if status in ("SUCCEEDED", "FAILED", "STOPPED") and metadata.get("lrsearch.results"):
+        from lrsearch.tracking import heal
+
+        heal(metadata["lrsearch.results"])  # what MLflow missed of the ended search, where it is readable here
+    return {"submission_id": job_id, "status": status, "message": info.message,
+            "entrypoint": info.entrypoint, "metadata": metadata,
             "start_time": info.start_time, "end_time": info.end_time,
             "progress": _progress(client, job_id, info.metadata)}
 

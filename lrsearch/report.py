@@ -131,11 +131,16 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
     if "optuna_study" in paths:
         parts.append(f"study:       optuna-dashboard {paths['optuna_study']}")
     if result.tracking:
+        from lrsearch.tracking.store import is_default_store
+
         uri = escape(result.tracking["uri"])
         pending = paths.get("mlflow_pending", "0")
-        note = "" if pending == "0" else f"  [yellow]{pending} logging operations pending: lrsearch sync {paths['results']}[/]"
+        note = "" if pending == "0" else (f"  [yellow]{pending} logging operations pending: lrsearch sync "
+                                          f"{paths['results']} (the next lrsearch command on this job runs it)[/]")
         parts.append(f"MLflow:      {uri}, run {result.tracking['run_id']}{note}")
-        if not uri.startswith(("http://", "https://")):
+        if is_default_store(result.tracking["uri"]):  # MLflow's default store here: a bare mlflow ui shows it
+            parts.append("             see it: mlflow ui --host 127.0.0.1")
+        elif not uri.startswith(("http://", "https://")):
             parts.append(f"             see it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return parts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +174,9 @@ def test_mlflow_lines():
     assert "MLflow:      sqlite:///mlruns.db, run r1" in local
     assert "3 logging operations pending: lrsearch sync /runs/t" in local
     assert "mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1" in local
+    here = _render(*search_tables(_result(tracking={"uri": f"sqlite:///{Path('mlflow.db').resolve()}",
+                                                    "run_id": "r1"}, paths={"results": "/runs/t"})))
+    assert "see it: mlflow ui --host 127.0.0.1" in here and "--backend-store-uri" not in here
     remote = _render(*search_tables(_result(tracking={"uri": "http://mlflow:5000", "run_id": "r1"},
                                             paths={"results": "/runs/t", "mlflow_pending": "0"})))
     assert "MLflow:      http://mlflow:5000, run r1" in remote

@@ -48,12 +48,7 @@ def _job(tmp_path, uri, name="tracked", **search):
 def tracked_search(local_ray, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
     uri = f"sqlite:///{tmp}/mlruns.db"
-    cwd = os.getcwd()
-    os.chdir(tmp)  # a database store puts artifacts under ./mlruns: keep them out of the checkout
-    try:
-        result = run_search(_job(tmp, uri), show_progress=False)
-    finally:
-        os.chdir(cwd)
+    result = run_search(_job(tmp, uri), show_progress=False)  # artifacts: next to the store, not in ./
     return tmp, uri, result
 
 
@@ -160,10 +155,12 @@ def test_unreachable_server_fails_before_anything_starts(local_ray, tmp_path):
 
 
 def _start_server(port: int, backend: str, artifacts: Path) -> subprocess.Popen:
+    # no job runner (GenAI jobs): one process less to start on a busy machine
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend,
          "--artifacts-destination", str(artifacts), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -183,67 +180,269 @@ def _spooled(root: Path) -> int:
     return sum(1 for _ in spool.rglob("*.json")) if spool.exists() else 0
 
 
-def test_server_outage_mid_search_loses_nothing(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    port = free_port()
-    backend = f"sqlite:///{tmp_path}/server.db"
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(port, backend, tmp_path / "artifacts")
-    job = parse_job({
-        "name": "outage",
-        "task": {"kind": "synthetic", "num_train": 4096, "num_val": 512, "batch_size": 64, "hidden": 256},
-        "range_test": {"num_steps": 30},
-        "search": {"num_trials": 3, "max_epochs": 4, "grace_period": 4, "max_concurrent_trials": 1},
-        "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": uri, "experiment": "outage"},
-    })
-    root = tmp_path / "runs" / "outage"
-    box: dict = {}
-    thread = threading.Thread(target=lambda: box.update(result=run_search(job, show_progress=False)), daemon=True)
-    thread.start()
-    try:
-        client = MlflowClient(uri)
-        deadline = time.time() + 240
-        while time.time() < deadline:  # wait for the first trial's first epoch in MLflow
-            try:
-                exp = client.get_experiment_by_name("outage")
-                runs = client.search_runs([exp.experiment_id]) if exp else []
-                if any("val_accuracy" in r.data.metrics for r in runs):
-                    break
-            except Exception:
-                pass
-            time.sleep(0.3)
-        stop_group(server)  # the tracking server goes away mid-search
-        deadline = time.time() + 120
-        while _spooled(root) == 0 and thread.is_alive() and time.time() < deadline:
+def _end_spooled(root: Path) -> bool:
+    """Whether the search's end (its parent run's terminate operation) waits in the spool."""
+    return any('"terminate"' in f.read_text() for f in (root / "mlflow-spool" / "_search").glob("*.json"))
+
+
+def _wait(until, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not until():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def gated_loop(trial, gate: str) -> None:
+    """A tiny loop; after its first epoch it says so (``GATE.ready``; logged by then) and waits for
+    ``GATE.down`` (the test has stopped the tracking server): the rest is logged while it is down."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = (x @ torch.randn(8, 3, generator=g)).argmax(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = trial.optimizer(model)
+    scheduler = trial.scheduler(optimizer, total_steps=4 * trial.max_epochs)
+    for epoch in range(trial.start_epoch, trial.max_epochs):
+        for i in range(4):
+            loss = F.cross_entropy(model(x[i * 64:(i + 1) * 64]), y[i * 64:(i + 1) * 64])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        with torch.no_grad():
+            accuracy = (model(x).argmax(1) == y).float().mean().item()
+        if trial.report(epoch + 1, accuracy=accuracy):
+            return
+        Path(f"{gate}.ready").touch()
+        deadline = time.time() + 300
+        while not Path(f"{gate}.down").exists() and time.time() < deadline:
             time.sleep(0.2)
-        spooled_during_outage = _spooled(root)
-        assert spooled_during_outage > 0  # logging failed and was kept on disk, training went on
-        time.sleep(2)
-        server = _start_server(port, backend, tmp_path / "artifacts")  # back again
-        thread.join(timeout=400)
-        assert not thread.is_alive()
-        result = box["result"]
-        assert result.counts["total"] == 3 and result.counts["errored"] == 0
-        if _spooled(root):  # the search ended while the server was still down: sync catches up
-            r = runner.invoke(app, ["sync", str(root)])
-            assert r.exit_code == 0, r.output
-        assert _spooled(root) == 0
-        exp = client.get_experiment_by_name("outage")
-        runs = client.search_runs([exp.experiment_id])
-        children = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
-        assert len(children) == 3 and len({r.data.tags["lrsearch.trial_id"] for r in children}) == 3
-        for child in children:
-            history = client.get_metric_history(child.info.run_id, "val_accuracy")
-            assert sorted(m.step for m in history) == [1, 2, 3, 4]  # every epoch, none lost
-            assert len(client.get_metric_history(child.info.run_id, "lr_step")) == 4 * 64
-            assert child.data.tags["lrsearch.state"] == "completed"
-        parent = next(r for r in runs if r.data.tags.get("lrsearch.role") == "search")
-        assert parent.info.status == "FINISHED"
-        assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    finally:
-        stop_group(server)
+
+
+class _Server:
+    """A real ``mlflow server`` on 127.0.0.1 that a test stops and starts again (same port, same store)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port, self.backend, self.artifacts = free_port(), f"sqlite:///{tmp}/server.db", tmp / "artifacts"
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = _start_server(self.port, self.backend, self.artifacts)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+    def start(self) -> None:
+        if self.proc.poll() is not None:
+            self.proc = _start_server(self.port, self.backend, self.artifacts)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module's outage tests (each stops it and starts it again)."""
+    server = _Server(tmp_path_factory.mktemp("server"))
+    yield server
+    server.stop()
+
+
+def _outage_search(tmp: Path, server: _Server, name: str, flush_timeout_s: float):
+    """A search whose tracking server stops after the first epoch is logged; returns the thread
+    running it, the box its result lands in, and its results directory."""
+    from functools import partial
+
+    import lrsearch
+
+    job = {"name": name, "space": {"family": "default", "schedules": ["cosine", "linear"],
+                                   "max_lr": {"low": 1e-3, "high": 0.1}},
+           "search": {"num_trials": 3, "max_epochs": 2, "early_stopping": "none", "max_concurrent_trials": 1},
+           "storage": {"path": str(tmp / "runs")},
+           "tracking": {"uri": server.uri, "experiment": name, "flush_timeout_s": flush_timeout_s}}
+    gate = str(tmp / "gate")
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=lrsearch.search(job, train_fn=partial(gated_loop, gate=gate))),
+                              daemon=True)
+    thread.start()
+    _wait(lambda: Path(f"{gate}.ready").exists() or not thread.is_alive(), "the first epoch")
+    server.stop()  # the tracking server goes away mid-search
+    Path(f"{gate}.down").touch()
+    return thread, box, tmp / "runs" / name
+
+
+def _assert_all_logged(uri: str, name: str, root: Path) -> None:
+    """Every trial's every epoch in MLflow, nothing spooled, and no run left RUNNING."""
+    assert _spooled(root) == 0
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert [r for r in runs if r.info.status == "RUNNING"] == []
+    children = [r for r in runs if r.data.tags.get("lrsearch.role") == "trial"]
+    assert len(children) == 3 and len({r.data.tags["lrsearch.trial_id"] for r in children}) == 3
+    for child in children:
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")) == [1, 2]
+        assert len(client.get_metric_history(child.info.run_id, "lr_step")) == 2 * 4
+        assert child.data.tags["lrsearch.state"] == "completed" and child.info.status == "FINISHED"
+    parent = next(r for r in runs if r.data.tags.get("lrsearch.role") == "search")
+    assert parent.info.status == "FINISHED" and parent.data.tags["lrsearch.state"] == "finished"
+    assert "best_config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_a_search_ending_while_the_server_is_down_logs_everything_once_it_is_back(local_ray, server, tmp_path):
+    server.start()
+    thread, box, root = _outage_search(tmp_path, server, "outage", flush_timeout_s=600)
+    # the trials end, the search ends and waits (tracking.flush_timeout_s) for the server
+    _wait(lambda: _end_spooled(root) or not thread.is_alive(), "the search's end")
+    assert thread.is_alive() and _spooled(root) > 0  # logging failed and was kept on disk
+    time.sleep(2)
+    server.start()  # back again, within flush_timeout_s
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    result = box["result"]
+    assert result.counts["completed"] == 3 and result.paths["mlflow_pending"] == "0"
+    _assert_all_logged(server.uri, "outage", root)  # with no manual step
+    state = json.loads((root / "mlflow.json").read_text())
+    assert state["ended"] == "FINISHED" and state["ended_logged"] is True
+
+
+def test_what_a_search_left_pending_is_logged_by_the_next_command(local_ray, server, tmp_path, capsys):
+    server.start()
+    thread, box, root = _outage_search(tmp_path, server, "later", flush_timeout_s=3)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    result = box["result"]
+    pending = int(result.paths["mlflow_pending"])
+    assert pending > 0 and _spooled(root) == pending  # the search ended, saying what is pending
+    err = capsys.readouterr().err
+    assert "not reachable" in err and f"{pending} logging operations still pending" in err
+    assert f"lrsearch sync {root}" in err  # one line naming the command that replays it
+    server.start()
+    assert MlflowClient(server.uri).get_run(result.tracking["run_id"]).info.status == "RUNNING"
+    # the next command on the job (here the export of its best config) logs it first
+    r = runner.invoke(app, ["export", "--run-id", result.tracking["run_id"], "--tracking-uri", server.uri])
+    assert r.exit_code == 0, r.output
+    assert f"logged {pending} operations" in r.stderr and "max_lr" in r.stdout
+    _assert_all_logged(server.uri, "later", root)
+    # nothing pending now: the next one is quiet
+    r = runner.invoke(app, ["export", "--run-id", result.tracking["run_id"], "--tracking-uri", server.uri])
+    assert r.exit_code == 0 and "note" not in r.stderr
+
+
+def _never_sent(tmp_path: Path) -> tuple[str, Path, str, str]:
+    """A search and its final run that ended while the store was down, their processes gone: the
+    search's last logging spooled, the final run's end never sent. Returns the store, the results
+    directory, the search's and the final run's ids (both RUNNING in the store)."""
+    from lrsearch.tracking.store import _spool_write
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("never-sent", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, tags={"lrsearch.role": "search"}).info.run_id
+    final = client.create_run(exp, tags={"lrsearch.role": "final", "mlflow.parentRunId": parent}).info.run_id
+    root = tmp_path / "runs" / "job"
+    (root / "final").mkdir(parents=True)
+    (root / "mlflow.json").write_text(json.dumps({"uri": uri, "experiment_id": exp, "run_id": parent,
+                                                  "search_id": "s1", "ended": "FINISHED", "ended_logged": False}))
+    _spool_write(str(root / "mlflow-spool"), "_search", {"op": "batch", "params": {"num_trials": 3}})
+    (root / "final" / "state.json").write_text(json.dumps({"run_id": final, "uri": uri, "ended": "FAILED"}))
+    return uri, root, parent, final
+
+
+def _assert_healed(uri: str, root: Path, parent: str, final: str) -> None:
+    client = MlflowClient(uri)
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.params["num_trials"] == "3"
+    assert client.get_run(final).info.status == "FAILED"
+    assert json.loads((root / "mlflow.json").read_text())["ended_logged"] is True
+    assert json.loads((root / "final" / "state.json").read_text())["ended_logged"] is True
+    assert _spooled(root) == 0
+
+
+def test_the_next_command_ends_runs_whose_end_the_store_never_got(tmp_path):
+    import lrsearch
+    from lrsearch.errors import SearchError
+    from lrsearch.tracking import heal
+
+    uri, root, parent, final = _never_sent(tmp_path)
+    job = {"name": "job", "storage": {"path": str(tmp_path / "runs")},
+           "tracking": {"uri": uri, "experiment": "never-sent"}}
+    # the next command (a final run of the job) logs that first: the search is no longer "running"
+    with pytest.raises(SearchError, match="has no completed trial"):
+        lrsearch.train(job)
+    _assert_healed(uri, root, parent, final)
+    assert heal(root) == 0 and heal(tmp_path / "nothing-here") == 0
+    r = runner.invoke(app, ["sync", str(root)])  # by hand: nothing left
+    assert r.exit_code == 0 and "all logged to" in r.stdout and "note" not in r.stderr
+
+
+def test_jobs_status_of_an_ended_job_heals_its_results(tmp_path, monkeypatch):
+    """A submitted search's results on storage this machine reads (an absolute path, as on a shared
+    mount): ``jobs status`` of the ended job logs what the store missed. (Ray's job client is
+    stubbed: the Ray cluster is not what this checks; tests/test_multinode.py runs a real one.)"""
+    from types import SimpleNamespace
+
+    from lrsearch import jobs
+
+    uri, root, parent, final = _never_sent(tmp_path)
+    info = SimpleNamespace(status="SUCCEEDED", message="", entrypoint="lrsearch search job.yaml", start_time=0,
+                           end_time=1, metadata={"lrsearch.job": "job", "lrsearch.results": str(root)})
+    client = SimpleNamespace(get_job_info=lambda job_id: info, get_job_logs=lambda job_id: "")
+    monkeypatch.setattr(jobs, "_client", lambda address: client)
+    assert jobs.job_status("http://127.0.0.1:8265", "lrsearch-job-1")["status"] == "SUCCEEDED"
+    _assert_healed(uri, root, parent, final)
+
+
+def test_the_default_store_is_mlflows_own(tmp_path, monkeypatch, capsys):
+    from lrsearch.tracking import resolve_tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking(None, None, "j") == (f"sqlite:///{tmp_path / 'mlflow.db'}", "j")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking(None, None, "j")[0] == "http://127.0.0.1:5000"  # the environment wins
+    assert resolve_tracking("sqlite:///x.db", "e", "j") == (f"sqlite:///{tmp_path / 'x.db'}", "e")  # the job too
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # an earlier lrsearch's ./mlruns.db is read (with one note) while there is no ./mlflow.db
+    (tmp_path / "mlruns.db").write_bytes(b"")
+    capsys.readouterr()
+    for _ in range(3):
+        assert resolve_tracking(None, None, "j")[0] == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "mv mlruns.db mlflow.db" in err
+    (tmp_path / "mlflow.db").write_bytes(b"")
+    assert resolve_tracking(None, None, "j")[0] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_a_sqlite_stores_artifacts_sit_next_to_it_wherever_the_command_runs(tmp_path, monkeypatch):
+    from lrsearch.tracking.store import new_experiment
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # not where the store is
+    uri = f"sqlite:///{tmp_path}/store.db"
+    client = MlflowClient(uri)
+    exp = client.get_experiment(new_experiment(client, uri, "a b/c"))
+    assert exp.artifact_location.removeprefix("file://") == str(tmp_path / "mlruns" / "a-b-c")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_bare_mlflow_sees_a_search_on_the_defaults(local_ray, tmp_path, monkeypatch):
+    """No tracking URI anywhere: the search's runs are where MLflow itself looks first."""
+    from functools import partial
+
+    import lrsearch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "gate.down").touch()  # no gate here
+    result = lrsearch.search({"name": "bare", "search": {"num_trials": 2, "max_epochs": 1, "early_stopping": "none"}},
+                             train_fn=partial(gated_loop, gate=str(tmp_path / "gate")))
+    assert result.tracking["uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (tmp_path / "mlruns" / "bare" / result.tracking["run_id"] / "artifacts" / "best_config.yaml").is_file()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    code = ("import mlflow; runs = mlflow.search_runs(search_all_experiments=True); "
+            "print(sorted(runs['tags.lrsearch.role']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['search', 'trial', 'trial']"
 
 
 # --------------------------------------------------------------------------------------------

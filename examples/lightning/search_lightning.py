@@ -108,7 +108,7 @@ if __name__ == "__main__":
         "search": {"num_trials": 6 if QUICK else 12, "max_epochs": 3 if QUICK else 4,
                    "grace_period": 1, "max_concurrent_trials": 2},
         "storage": {"path": str(here / "lrsearch-runs")},
-        "tracking": {"uri": f"sqlite:///{here / 'mlruns.db'}"},
+        "tracking": {"uri": f"sqlite:///{here / 'mlflow.db'}"},
     }
     result = lrs_pl.search(job, make_module, make_datamodule, resume="--resume" in sys.argv)
     low, high = result.range_test["bounds"]

@@ -186,12 +186,15 @@ class FinalRun:
             return 0
         return max((m.step for m in history), default=0)
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED") -> bool:
+        """End the run as ``status``; whether the store took it (if not, the caller records the end
+        in the run's ``state.json``, and :func:`lrsearch.tracking.heal` sets it later)."""
         client = _client(self.uri)
         try:
             _retry(lambda: client.set_terminated(self.run_id, status))
+            return True
         except Exception:
-            pass
+            return False
 
 
 def _requirements(model: Any) -> list[str]:

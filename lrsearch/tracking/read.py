@@ -39,6 +39,27 @@ def find_search_run(uri: str, *, experiment: str | None = None, run_id: str | No
     raise TrackingError(f"--experiment: no finished search with a best config in {experiment!r} at {uri}")
 
 
+def search_results_dir(uri: str, *, experiment: str | None = None, run_id: str | None = None) -> str | None:
+    """The results directory (tag ``lrsearch.results``) of the search ``run_id`` names (a trial's or
+    a final run's search), or of ``experiment``'s latest search; ``None`` when the store cannot say."""
+    client = _client(uri)
+    try:
+        if run_id:
+            run = client.get_run(run_id)
+            if run.data.tags.get(ROLE_TAG) in ("trial", "final"):
+                run = client.get_run(run.data.tags[PARENT_TAG])
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'search'",
+                                      order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+            if not runs:
+                return None
+            run = runs[0]
+    except Exception:
+        return None  # no such run, or the store is down: the export says which
+    return run.data.tags.get("lrsearch.results")
+
+
 def latest_final_run(uri: str, search_run: Any) -> Any | None:
     """The latest finished final run (``lrsearch train``) of a search that logged the config it
     kept (``best_config.yaml``), or ``None``."""

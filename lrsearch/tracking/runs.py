@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ from lrsearch.tracking.store import (
     _client,
     _metric,
     _RunLogger,
+    _spool_count,
     _spool_keys,
     check_reachable,
+    new_experiment,
+    reachable,
     redact_uri,
     store_error,
 )
@@ -84,21 +88,31 @@ class TrialLogger(_RunLogger):
 class SearchTracker(_RunLogger):
     """The parent run of a search (driver side)."""
 
-    def __init__(self, info: TrackingInfo) -> None:
+    def __init__(self, info: TrackingInfo, *, flush_timeout_s: float = 0.0) -> None:
         super().__init__(info, PARENT_KEY)
         self._run_id = info.parent_run_id
+        self.flush_timeout_s = flush_timeout_s
 
     def _find_or_create(self) -> str:  # the parent run always exists before this object
         return self.info.parent_run_id
 
     @classmethod
     def start(cls, *, uri: str, experiment: str, job_name: str, results_dir: str,
-              resume: bool, tags: dict[str, str] | None = None) -> SearchTracker:
+              resume: bool, tags: dict[str, str] | None = None, flush_timeout_s: float = 0.0) -> SearchTracker:
         """Check the store, then create the parent run (or re-attach to it on ``--resume``).
 
         A new search (no ``resume``) whose results directory names the parent run of a search
         killed before it saved any trial closes that run as KILLED, so no parent stays RUNNING.
+        ``flush_timeout_s``: how long :meth:`finish` keeps trying to log what the store missed.
         """
+        tracker = cls._start(uri=uri, experiment=experiment, job_name=job_name, results_dir=results_dir,
+                             resume=resume, tags=tags)
+        tracker.flush_timeout_s = flush_timeout_s
+        return tracker
+
+    @classmethod
+    def _start(cls, *, uri: str, experiment: str, job_name: str, results_dir: str,
+               resume: bool, tags: dict[str, str] | None) -> SearchTracker:
         check_reachable(uri)
         client = _client(uri)
         shown = redact_uri(uri)  # what mlflow.json, tags and messages hold: never a credential
@@ -116,6 +130,9 @@ class SearchTracker(_RunLogger):
                 except Exception as exc:
                     raise TrackingError(f"--resume: parent run {info.parent_run_id} not found at {shown}: "
                                         f"{redact_uri(str(exc))}") from None
+                saved.pop("ended", None)  # running again
+                saved.pop("ended_logged", None)
+                state_file.write_text(json.dumps(saved))
                 return cls(info)
         try:
             return cls._create(client, uri, experiment, job_name, results_dir, state_file, tags)
@@ -130,8 +147,8 @@ class SearchTracker(_RunLogger):
         exp = client.get_experiment_by_name(experiment)
         # experimentKind: MLflow's UI opens a training experiment on its runs table (nested runs
         # expandable), not on the GenAI overview
-        experiment_id = exp.experiment_id if exp else client.create_experiment(
-            experiment, tags={"mlflow.experimentKind": "custom_model_development"})
+        experiment_id = exp.experiment_id if exp else new_experiment(
+            client, uri, experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         search_id = uuid.uuid4().hex[:12]
         all_tags = {ROLE_TAG: "search", SEARCH_TAG: search_id, "lrsearch.job": job_name,
                     "lrsearch.version": __version__, "lrsearch.results": results_dir}
@@ -195,15 +212,26 @@ class SearchTracker(_RunLogger):
 
     def interrupted(self) -> int:
         """Mark the parent run stopped by the user (``--resume`` sets it running again)."""
-        self.log({"op": "batch", "tags": {"lrsearch.state": "interrupted (resume with --resume)"}})
-        self.log({"op": "terminate", "status": "KILLED"})
-        return sync_spool(self.info)
+        return self._end("KILLED", "interrupted (resume with --resume)", wait=False)
 
     def finish(self, ok: bool = True) -> int:
-        """Close the parent run and replay every spool; returns the number still pending."""
-        self.log({"op": "batch", "tags": {"lrsearch.state": "finished" if ok else "failed"}})
-        self.log({"op": "terminate", "status": "FINISHED" if ok else "FAILED"})
-        return sync_spool(self.info)
+        """Close the parent run and replay every spool; a store that is down is tried again for up to
+        ``flush_timeout_s``. Returns the number of operations still pending (then logged by
+        :func:`heal`, which the next ``lrsearch`` command on the job runs)."""
+        return self._end("FINISHED" if ok else "FAILED", "finished" if ok else "failed", wait=True)
+
+    def _end(self, status: str, label: str, *, wait: bool) -> int:
+        # the end is recorded next to the results first: whatever the store misses of it (the
+        # terminate operation spooled, or never sent when this process dies), heal() sets it later
+        _save_state(self.info, ended=status, ended_logged=False)
+        self.log({"op": "batch", "tags": {"lrsearch.state": label}})
+        self.log({"op": "terminate", "status": status})
+        pending = sync_spool(self.info)
+        if pending and wait and self.flush_timeout_s > 0:
+            pending = _wait_and_flush(self.info, pending, self.flush_timeout_s)
+        if not pending:
+            _save_state(self.info, ended_logged=True)
+        return pending
 
 
 def _runs_dir(info: TrackingInfo) -> str:
@@ -232,6 +260,50 @@ def _close_dead_parent(client: Any, saved: dict[str, Any], uri: str) -> None:
         return  # deleted, or another store: nothing of ours to close
 
 
+#: seconds between two tries of a store that is down, while a search's end waits for it
+POLL_S = 3.0
+
+
+def _wait_and_flush(info: TrackingInfo, pending: int, timeout_s: float) -> int:
+    """Try the store every few seconds for up to ``timeout_s``; replay the spool once it answers.
+    Ctrl+C stops waiting (what is pending stays for :func:`heal`)."""
+    from lrsearch.console import err
+
+    err.print(f"[yellow]note:[/] MLflow at {info.uri} is not reachable; {pending} logging operations "
+              f"pending: trying again for up to {timeout_s:g} s (tracking.flush_timeout_s; Ctrl+C stops "
+              "waiting)", highlight=False, soft_wrap=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while pending and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(POLL_S, left))
+            if reachable(info.connect_uri()):
+                pending = sync_spool(info)
+    except KeyboardInterrupt:
+        pass
+    if pending:
+        results = info.spool_dir.rsplit("/", 1)[0]
+        err.print(f"[yellow]note:[/] {pending} logging operations still pending: the next lrsearch command on "
+                  f"this job logs them (or: lrsearch sync {results})", highlight=False, soft_wrap=True)
+    return pending
+
+
+def _state_path(info_or_dir: TrackingInfo | str) -> Path | None:
+    """The search's ``mlflow.json`` (``None`` on remote storage)."""
+    results = info_or_dir if isinstance(info_or_dir, str) else info_or_dir.spool_dir.rsplit("/", 1)[0]
+    return None if "://" in results else Path(results) / "mlflow.json"
+
+
+def _save_state(info: TrackingInfo, **fields: Any) -> None:
+    path = _state_path(info)
+    if path is None or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    saved.update(fields)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(saved))
+    os.replace(tmp, path)
+
+
 def sync_spool(info: TrackingInfo) -> int:
     """Replay every spooled operation of a search; returns how many are still pending."""
     pending = 0
@@ -252,3 +324,90 @@ def load_tracking_info(results_dir: str) -> TrackingInfo:
                         f"{results_dir}/{SPOOL}")
 
 
+#: where a final run (``lrsearch train``) keeps its state, under the search's results directory
+FINAL_STATE = "final/state.json"
+_END_LABELS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "interrupted (resume with --resume)"}
+
+
+def heal(results_dir: str | Path, *, uri: str | None = None) -> int:
+    """Log into MLflow what it missed of the search in ``results_dir`` (and of its final run) while
+    it was down: the spooled operations, in order, then the end (FINISHED, FAILED, KILLED) of a run
+    the store still shows RUNNING. The ``lrsearch`` commands on a job run this first.
+
+    Quiet, and without a call to the store, when nothing is pending; one line on stderr when it
+    logs something, or when the store is still down (nothing is lost: the next call logs it).
+
+    Args:
+        results_dir: a search's results directory (``STORAGE/NAME``); one without a search's
+            MLflow state (or on remote storage) has nothing to heal.
+        uri: the job's tracking URI, credentials included (the saved one holds none).
+
+    Returns:
+        How many operations are still pending (0: all logged, or nothing was pending).
+
+    Example:
+        >>> heal("/nonexistent/results")
+        0
+    """
+    from lrsearch.console import err
+
+    results_dir = str(results_dir)
+    state_file = _state_path(results_dir)
+    if state_file is None or not state_file.is_file():
+        return 0
+    info = load_tracking_info(results_dir)
+    if uri and redact_uri(uri) == info.uri:
+        info = TrackingInfo.of(uri, info.experiment_id, info.parent_run_id, info.search_id, info.spool_dir)
+    saved = json.loads(state_file.read_text())
+    end = None if saved.get("ended_logged") else saved.get("ended")
+    final_file = Path(results_dir) / FINAL_STATE
+    final = json.loads(final_file.read_text()) if final_file.is_file() else {}
+    final_end = None if final.get("ended_logged") or not final.get("run_id") else final.get("ended")
+    spooled = _spool_count(info.spool_dir)
+    if not (spooled or end or final_end):
+        return 0
+    if not reachable(info.connect_uri()):
+        pending = spooled + bool(final_end) + bool(end and not spooled)  # a spooled end is one of spooled
+        err.print(f"[yellow]note:[/] {pending} logging operations of the search in {results_dir} pending: "
+                  f"MLflow at {info.uri} is not reachable; the next lrsearch command on this job logs them "
+                  f"(or: lrsearch sync {results_dir})", highlight=False, soft_wrap=True)
+        return pending
+    left = sync_spool(info)
+    n = spooled - left
+    done = [f"logged {n} operation{'s' if n != 1 else ''} MLflow at {info.uri} missed while it was down"] \
+        if n else []
+    client = _client(info.connect_uri())
+    if end and not left:
+        closed = _close(client, info.parent_run_id, end)
+        if closed is not None:
+            _save_state(info, ended_logged=True)
+        if closed:
+            done.append(f"search run {info.parent_run_id} set {end}")
+    if final_end:
+        final_uri = info.connect_uri() if final.get("uri") in (None, info.uri) else final["uri"]
+        closed = _close(_client(final_uri), final["run_id"], final_end)
+        if closed is not None:
+            final["ended_logged"] = True
+            tmp = final_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(final, indent=1))
+            os.replace(tmp, final_file)
+        if closed:
+            done.append(f"final run {final['run_id']} set {final_end}")
+    if left:
+        done.append(f"{left} still pending (lrsearch sync {results_dir})")
+    if done:
+        err.print(f"[yellow]note:[/] {'; '.join(done)}", highlight=False, soft_wrap=True)
+    return left
+
+
+def _close(client: Any, run_id: str, status: str) -> bool | None:
+    """End ``run_id`` as ``status`` if the store still shows it RUNNING (its end was never logged):
+    whether it did; ``None`` when the store did not answer (tried again next time)."""
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_tag(run_id, "lrsearch.state", _END_LABELS.get(status, status.lower()))
+        client.set_terminated(run_id, status)
+        return True
+    except Exception:
+        return None

@@ -81,14 +81,60 @@ class TrackingInfo:
         return self.client_uri or self.uri
 
 
+#: MLflow's own default store (``mlflow ui``, ``mlflow.search_runs()`` with no URI read it)
+DEFAULT_STORE = "mlflow.db"
+#: earlier lrsearch versions' default store: read (with a note) where it exists and ``mlflow.db`` does
+#: not, so that upgrading hides no earlier search
+OLD_STORE = "mlruns.db"
+_noted: set[str] = set()
+
+
+def default_store() -> str:
+    """``sqlite:///mlflow.db`` in the working directory, as an absolute path (Ray workers have
+    another working directory). An earlier lrsearch's ``./mlruns.db`` is used, with a note (once per
+    process), where it exists and ``./mlflow.db`` does not."""
+    old, new = Path(OLD_STORE), Path(DEFAULT_STORE)
+    if old.is_file() and not new.exists():
+        path = str(old.resolve())
+        if path not in _noted:
+            _noted.add(path)
+            from lrsearch.console import err
+
+            err.print(f"[yellow]note:[/] reading ./{OLD_STORE} from an earlier lrsearch; MLflow's default is "
+                      f"./{DEFAULT_STORE}: mv {OLD_STORE} {DEFAULT_STORE} (and mlruns/ stays) so a bare "
+                      "mlflow ui shows it", highlight=False, soft_wrap=True)
+        return f"sqlite:///{path}"
+    return f"sqlite:///{new.resolve()}"
+
+
+def is_default_store(uri: str) -> bool:
+    """Whether ``uri`` is MLflow's default store of the working directory (a bare ``mlflow ui``
+    started here shows it)."""
+    return uri == f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
+
+
 def resolve_tracking(uri: str | None, experiment: str | None, job_name: str) -> tuple[str, str]:
-    """The tracking URI and experiment name a job uses."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db"
+    """The tracking URI and experiment name a job uses: ``uri``, else ``MLFLOW_TRACKING_URI``, else
+    :func:`default_store`."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # relative sqlite paths are relative to the working directory: make that explicit so
         # Ray workers (whose working directory differs) write to the same file
         uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
     return uri, experiment or job_name
+
+
+def new_experiment(client: Any, uri: str, name: str, tags: dict[str, str] | None = None) -> str:
+    """Create the experiment ``name``; returns its id. In a sqlite store its artifacts go to
+    ``mlruns/NAME`` next to the database file: MLflow's own default, ``./mlruns`` of the creating
+    process's working directory, would scatter a store's artifacts over wherever a command ran (a
+    repository checkout included). For the default store that is the same ``./mlruns``."""
+    location = None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0]).resolve()
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or uuid.uuid4().hex[:12]
+        location = str(db.parent / "mlruns" / slug)
+    return client.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def _quiet_http() -> None:
@@ -121,6 +167,16 @@ def check_reachable(uri: str) -> None:
         _retry(lambda: client.search_experiments(max_results=1), tries=2)
     except Exception as exc:
         raise store_error(exc, uri) from None
+
+
+def reachable(uri: str) -> bool:
+    """Whether the store answers one cheap call now (none of lrsearch's retries: for polling a store
+    that is down)."""
+    try:
+        _client(uri).search_experiments(max_results=1)
+        return True
+    except Exception:
+        return False
 
 
 _REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
@@ -184,6 +240,13 @@ def _spool_pending(spool_dir: str, key: str) -> list[tuple[str, dict[str, Any]]]
     return out
 
 
+def _spool_count(spool_dir: str) -> int:
+    """How many operations wait in the spool (local listing only: no call to the store)."""
+    fs, base = filesystem(spool_dir)
+    return sum(sum(1 for name in listing(fs, path, dirs=False) if name.endswith(".json"))
+               for path in listing(fs, base, dirs=True).values())
+
+
 def _spool_keys(spool_dir: str) -> list[str]:
     fs, base = filesystem(spool_dir)
     return sorted(listing(fs, base, dirs=True))
@@ -231,6 +294,11 @@ def _metric(key: str, value: float, step: int) -> dict[str, Any]:
     return {"key": key, "value": float(value), "step": int(step), "timestamp": int(time.time() * 1000)}
 
 
+#: per store: until when (monotonic) it is taken as down after a failed call; shared by the run
+#: loggers of a process, so that closing many runs while the store is down stalls once, not per run
+_DOWN_UNTIL: dict[str, float] = {}
+
+
 class _RunLogger:
     """Logs into one run (found or created lazily); spools what fails; replays in order."""
 
@@ -239,7 +307,6 @@ class _RunLogger:
         self.key = key
         self._client = None
         self._run_id: str | None = None
-        self._down_until = 0.0
 
     @property
     def client(self):
@@ -257,7 +324,7 @@ class _RunLogger:
 
     def log(self, op: dict[str, Any]) -> bool:
         """Log ``op`` now (after anything spooled before it); spool it if that fails."""
-        if time.monotonic() < self._down_until:
+        if time.monotonic() < _DOWN_UNTIL.get(self.info.uri, 0.0):
             # the store failed moments ago: spool at once instead of stalling training on retries
             _spool_write(self.info.spool_dir, self.key, op)
             return False
@@ -266,7 +333,7 @@ class _RunLogger:
             _retry(lambda: _apply(self.client, self.run_id(), op))
             return True
         except Exception:
-            self._down_until = time.monotonic() + 5.0
+            _DOWN_UNTIL[self.info.uri] = time.monotonic() + 5.0
             _spool_write(self.info.spool_dir, self.key, op)
             return False
 

@@ -62,7 +62,7 @@ def start_tracker(job: JobConfig, root: str, resume: bool) -> SearchTracker:
     tracking store fails here, before any training starts."""
     uri, experiment = resolve_tracking(job.tracking.uri, job.tracking.experiment, job.name)
     return SearchTracker.start(uri=uri, experiment=experiment, job_name=job.name, results_dir=root,
-                               resume=resume)
+                               resume=resume, flush_timeout_s=job.tracking.flush_timeout_s)
 
 
 def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, show: bool) -> dict | None:
