@@ -146,8 +146,9 @@ def _quiet_http() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
-    # "Creating initial MLflow database tables..." and alembic's migration chatter
-    for name in ("mlflow", "alembic"):
+    # "Creating initial MLflow database tables..." and alembic's migration chatter. MLflow sets its
+    # root logger to INFO when imported, so quiet the module that says it; a level the user set stays.
+    for name in ("mlflow.store.db.utils", "alembic"):
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.WARNING)
 
