@@ -65,7 +65,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "results" / "final_quality"
 REPORT = ROOT / "bench" / "results" / "final_quality.md"
 BUDGET = 18.0
-SCALE = 4  # the final run's data (and optimizer steps) over a trial's
+SCALE = 4  # the final run's optimizer steps over a trial's (its data: SCALE x a trial's)
+#: the horizons measured: ``{scale: how it is reached}``; a task whose data runs out before the
+#: data alone gets there trains more epochs (``EPOCHS_X``)
+SCALES = (4, 16)
 NUM_TEST = 1500
 TIE = 0.005
 #: ``{variant: (method, suffix)}``: the method on a variant of the family space,
@@ -95,7 +98,17 @@ TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf", "lrsearc
 #: sits lower (the text grid), so the candidates only go down
 LR_SCALES = {m: (1.0, 0.5, 0.25) for m in ("lrsearch_lrscale", "lrsearch_short_lrscale", "lrsearch_short_linear_lrscale",
                                                  "peer_short_lrscale")}
-METHODS = tuple(dict.fromkeys(("lrsearch", "peer", "random", *SINGLE, "grid", *VARIANTS, *SHORT, *TOP3)))
+#: the seed document's table (``../shared``'s LR table): three runs at the family's usual LRs, linear
+#: decay, warmup 10 %, the best by the final run's validation kept
+TABLE3 = {"bert": (2e-5, 3.2e-5, 5e-5), "efficientnet": (1e-4, 2.2e-4, 5e-4)}
+#: Egele et al. 2023 ("Is one epoch all you need?"): ONE_EPOCH_N random configs over the peers' wide
+#: prior, each trained for one epoch (its schedule over that epoch), the top ONE_EPOCH_K by
+#: validation trained at the final horizon, the best of those by the final run's validation kept
+ONE_EPOCH_N, ONE_EPOCH_K = 12, 2
+#: methods whose record holds several final runs, one kept by the final run's validation
+PICK_BY_VAL = ("table3", "one_epoch_topk")
+METHODS = tuple(dict.fromkeys(("lrsearch", "peer", "random", *SINGLE, "table3", "one_epoch_topk", "grid",
+                               *VARIANTS, *SHORT, *TOP3)))
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
@@ -109,12 +122,20 @@ TASKS: dict[str, dict[str, Any]] = {
               "categories": ["people", "computers"], "num_train": 128, "num_val": 192,
               "max_length": 32, "batch_size": 16},
 }
-FAMILY = {"image": "efficientnet", "text": "bert", "text2": "bert"}
+# digits: a task with long final runs (batches of 4: 75 optimizer steps a trial, 1200 at 16x), whose
+# 1797 images run out before 16x the data: its 16x horizon is 4x the data for 4x the epochs
+TASKS["digits"] = {"kind": "image_classification", "model": "efficientnet-lite0", "dataset": "digits",
+                   "image_size": 32, "num_train": 100, "num_val": 192, "batch_size": 4}
+FAMILY = {"image": "efficientnet", "text": "bert", "text2": "bert", "digits": "efficientnet"}
+#: held-out test examples per task (digits: what its 1797 images leave after 4x the training data)
+TEST_SIZE = {"digits": 1000}
+#: ``{task: {scale: epochs multiplier}}`` where the data alone cannot reach the horizon
+EPOCHS_X = {"digits": {16: 4}}
 #: every method's training recipe per task, shipped defaults otherwise. EfficientNet's BatchNorm
 #: (momentum 0.01) still holds mostly ImageNet statistics after the 24-96 steps here, so every
 #: image run recomputes them before each evaluation: schedule-free must (its README), and the
 #: others then get the same (``train.recompute_bn``)
-TRAIN = {"image": {"recompute_bn": True}}
+TRAIN = {"image": {"recompute_bn": True}, "digits": {"recompute_bn": True}}
 GRID_LRS = {"efficientnet": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "bert": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]}
 GRID_SCHEDULES = ("linear", "cosine")
 
@@ -134,8 +155,12 @@ def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     sq.TASKS.setdefault("final", {})[task_name] = TASKS[task_name]
     sq.FAMILY[task_name] = FAMILY[task_name]
     base = VARIANTS[method][0] if method in VARIANTS else SHORT[method][0] if method in SHORT else method
-    job = sq.make_job("final", task_name, base, seed, budget_of(method), {"num_test": NUM_TEST})
+    base = "random" if method == "one_epoch_topk" else base
+    job = sq.make_job("final", task_name, base, seed, budget_of(method),
+                      {"num_test": TEST_SIZE.get(task_name, NUM_TEST)})
     job["name"] = f"fq-{task_name}-{method}-s{seed}"
+    if method == "one_epoch_topk":
+        job["search"].update(num_trials=ONE_EPOCH_N, max_epochs=1)
     if task_name in TRAIN:
         job["train"] = {**job.get("train", {}), **TRAIN[task_name]}
     if method in VARIANTS:
@@ -144,13 +169,22 @@ def search_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
     return job
 
 
-def final_job(task_name: str, method: str, seed: int) -> dict[str, Any]:
-    """The job of the final run: the search's, on SCALE x the training data."""
-    base = "family_default" if method in ("schedulefree", "grid") else method
+def epochs_x(task_name: str, scale: int) -> int:
+    """How many times a trial's epochs the final run trains at ``scale`` (1: the data alone)."""
+    return EPOCHS_X.get(task_name, {}).get(scale, 1)
+
+
+def final_job(task_name: str, method: str, seed: int, scale: int = SCALE) -> dict[str, Any]:
+    """The job of the final run: the search's, on ``scale`` x the training data (or fewer times
+    the data for more epochs: :func:`epochs_x`)."""
+    base = "family_default" if method in ("schedulefree", "grid", "table3") else method
     job = search_job(task_name, base, seed)
     if method in VARIANTS:
         job["space"] = {"family": FAMILY[task_name]}  # the space plays no part in a final run
-    job["task"] = {**job["task"], "num_train": SCALE * TASKS[task_name]["num_train"]}
+    if method == "one_epoch_topk":
+        job["search"]["max_epochs"] = sq.MAX_EPOCHS  # the final run's epochs: a trial's, not one
+    data_x = scale // epochs_x(task_name, scale)
+    job["task"] = {**job["task"], "num_train": data_x * TASKS[task_name]["num_train"]}
     job["name"] = f"fq-{task_name}-{method}-s{seed}-final"
     if method == "schedulefree":
         job["optimizer"] = {"name": "adamw_schedulefree", "weight_decay": 0.0}
@@ -164,6 +198,8 @@ def configs(task_name: str, method: str) -> list[dict[str, Any]]:
         return [{"max_lr": 5e-5, "schedule": "linear", "params": {"warmup_frac": 0.0}}]
     if method == "schedulefree":
         return [{"max_lr": 2.5e-3, "schedule": "constant", "params": {"warmup_frac": 0.05}}]
+    if method == "table3":
+        return [{"max_lr": lr, "schedule": "linear", "params": {"warmup_frac": 0.1}} for lr in TABLE3[family]]
     if method == "family_default":
         point = sq.family_default_point(family)
         name = point["schedule"]
@@ -176,22 +212,28 @@ def configs(task_name: str, method: str) -> list[dict[str, Any]]:
 def space_of(task_name: str, method: str) -> dict[str, Any] | None:
     """The content of the space a method's search runs on (a job names its space file, so a
     record must hold what the file said: a changed space file makes new records)."""
-    if method not in SEARCHES:
+    if method not in SEARCHES and method != "one_epoch_topk":
         return None
     space = search_job(task_name, method, 0)["space"]
     path = ROOT / space["file"] if "file" in space else sq.SPACES / f"{space['family']}.yaml"
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def record_path(task_name: str, method: str, seed: int) -> Path:
+def record_path(task_name: str, method: str, seed: int, scale: int = SCALE) -> Path:
     if method in TOP3:
-        base = record_path(task_name, TOP3[method], seed)
+        base = record_path(task_name, TOP3[method], seed, scale)
         return base.with_name(base.name.replace(f"-{TOP3[method]}-", f"-{method}-"))
-    key = json.dumps({"search": search_job(task_name, method, seed) if method in SEARCHES else None,
-                      "final": final_job(task_name, method, seed), "configs": configs(task_name, method)
-                      if method not in SEARCHES else None, "scale": SCALE,
-                      "space": space_of(task_name, method)}, sort_keys=True)
-    return CACHE / f"{task_name}-{method}-s{seed}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+    searched = method in SEARCHES or method == "one_epoch_topk"
+    key: dict[str, Any] = {"search": search_job(task_name, method, seed) if searched else None,
+                           "final": final_job(task_name, method, seed, scale),
+                           "configs": configs(task_name, method) if not searched else None, "scale": scale,
+                           "space": space_of(task_name, method)}
+    if epochs_x(task_name, scale) > 1:
+        key["epochs_x"] = epochs_x(task_name, scale)
+    if method == "one_epoch_topk":
+        key["top_k"] = ONE_EPOCH_K
+    text = json.dumps(key, sort_keys=True)
+    return CACHE / f"{task_name}-{method}-s{seed}-{hashlib.sha1(text.encode()).hexdigest()[:10]}.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,25 +241,35 @@ def record_path(task_name: str, method: str, seed: int) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def final_run(job: dict[str, Any], search: Any, storage: str) -> dict[str, Any]:
+def final_run(job: dict[str, Any], search: Any, storage: str, epochs: int | None = None) -> dict[str, Any]:
     # one run at 1x: the bridge methods (LR_SCALES) add their 0.5x and 0.25x runs to it
-    result = lrsearch.train({**job, "storage": {"path": storage}}, search=search, lr_scales=(1.0,), track=False)
+    result = lrsearch.train({**job, "storage": {"path": storage}}, search=search, epochs=epochs,
+                            lr_scales=(1.0,), track=False)
     return {"test_metric": result.test_metric, "test_loss": result.test_loss, "val_metric": result.val_metric,
             "config": result.config, "total_steps": result.total_steps,
             "steps_per_epoch": result.steps_per_epoch, "seconds": round(result.seconds, 1)}
 
 
-def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
+def final_epochs(task_name: str, scale: int) -> int | None:
+    """The final run's epochs (``None``: the job's, a trial's ``max_epochs``)."""
+    x = epochs_x(task_name, scale)
+    return sq.MAX_EPOCHS * x if x > 1 else None
+
+
+def run_one(task_name: str, method: str, seed: int, scale: int = SCALE) -> dict[str, Any]:
     storage = tempfile.mkdtemp(prefix="lrfq-")
     started = time.perf_counter()
+    epochs = final_epochs(task_name, scale)
     try:
         record: dict[str, Any] = {"task": task_name, "method": method, "seed": seed, "budget": budget_of(method),
-                                  "scale": SCALE, "lrsearch_version": lrsearch.__version__,
+                                  "scale": scale, "lrsearch_version": lrsearch.__version__,
                                   "space": space_of(task_name, method)}
         if method in TOP3:
-            return top3(task_name, method, seed, record, storage, started)
-        fjob = final_job(task_name, method, seed)
-        if method in SEARCHES:
+            return top3(task_name, method, seed, record, storage, started, scale)
+        fjob = final_job(task_name, method, seed, scale)
+        per_epoch = sq.steps_per_epoch(TASKS[task_name])
+        search_compute = 0.0
+        if method in SEARCHES or method == "one_epoch_topk":
             sjob = search_job(task_name, method, seed)
             result = lrsearch.search({**sjob, "storage": {"path": storage}}, track=False, show_progress=False)
             summary = sq.summarize(result, sjob, budget_of(method), method)
@@ -226,77 +278,92 @@ def run_one(task_name: str, method: str, seed: int) -> dict[str, Any]:
             record["search"] = summary
             record["search_value"] = result.best.value if result.best else None
             per_epoch = result.steps_per_epoch
-            record["finals"] = [final_run(fjob, result, storage)]
             search_compute = summary["compute_total"]
+            if method == "one_epoch_topk":
+                record["finals"] = [dict(final_run(fjob, cfg, os.path.join(storage, str(i)), epochs), search_val=val)
+                                    for i, (cfg, val) in enumerate(top_configs(summary, ONE_EPOCH_K))]
+            else:
+                record["finals"] = [final_run(fjob, result, storage, epochs)]
         else:
-            record["finals"] = [final_run(fjob, cfg, os.path.join(storage, str(i)))
+            record["finals"] = [final_run(fjob, cfg, os.path.join(storage, str(i)), epochs)
                                 for i, cfg in enumerate(configs(task_name, method))]
-            per_epoch = sq.steps_per_epoch(TASKS[task_name])
-            search_compute = 0.0
-        final_epochs = sum(f["total_steps"] for f in record["finals"]) / per_epoch
-        record["compute"] = {"search": search_compute, "final": final_epochs, "total": search_compute + final_epochs}
+        spent = sum(f["total_steps"] for f in record["finals"]) / per_epoch
+        record["compute"] = {"search": search_compute, "final": spent,
+                             "total": search_compute + spent}
         record["seconds"] = round(time.perf_counter() - started, 1)
         return record
     finally:
         shutil.rmtree(storage, ignore_errors=True)
 
 
+def top_configs(summary: dict[str, Any], k: int) -> list[tuple[dict[str, Any], float]]:
+    """The ``k`` completed trials of a search summary with the best last validation score, as
+    configs ``lrsearch.train`` takes, each with that score."""
+    sign = 1 if summary["mode"] == "max" else -1
+    done = sorted((t for t in summary["trials"] if t["state"] == "completed" and t["metric_per_epoch"]),
+                  key=lambda t: sign * t["metric_per_epoch"][-1], reverse=True)[:k]
+    return [({"max_lr": t["max_lr"], "schedule": t["schedule"], "params": t["params"]}, t["metric_per_epoch"][-1])
+            for t in done]
+
+
 def top3(task_name: str, method: str, seed: int, record: dict[str, Any], storage: str,
-         started: float) -> dict[str, Any]:
+         started: float, scale: int = SCALE) -> dict[str, Any]:
     """The top 3 configs of the base method's search at the final horizon, the best kept by validation."""
-    base_path = record_path(task_name, TOP3[method], seed)
+    base_path = record_path(task_name, TOP3[method], seed, scale)
+    epochs = final_epochs(task_name, scale)
     if not base_path.is_file():
         raise RuntimeError(f"needs the {TOP3[method]} record of seed {seed} first")
     base = json.loads(base_path.read_text())
     done = sorted((t for t in base["search"]["trials"] if t["state"] == "completed" and t["metric_per_epoch"]),
                   key=lambda t: t["metric_per_epoch"][-1], reverse=True)[:3]
-    fjob = final_job(task_name, TOP3[method], seed)
+    fjob = final_job(task_name, TOP3[method], seed, scale)
     finals = [dict(base["finals"][0], search_rank=1, search_val=done[0]["metric_per_epoch"][-1],
                    search_val_loss=done[0]["val_loss_per_epoch"][-1])]
     if method in LR_SCALES:
         best = base["finals"][0]["config"]
-        for scale in LR_SCALES[method][1:]:
-            final = final_run(fjob, {**best, "max_lr": best["max_lr"] * scale},
-                              os.path.join(storage, f"x{scale:g}"))
-            finals.append(dict(final, lr_scale=scale))
+        for lr_scale in LR_SCALES[method][1:]:
+            final = final_run(fjob, {**best, "max_lr": best["max_lr"] * lr_scale},
+                              os.path.join(storage, f"x{lr_scale:g}"), epochs)
+            finals.append(dict(final, lr_scale=lr_scale))
         done = []
     for rank, t in enumerate(done[1:], 2):
         final = final_run(fjob, {"max_lr": t["max_lr"], "schedule": t["schedule"], "params": t["params"]},
-                          os.path.join(storage, str(rank)))
+                          os.path.join(storage, str(rank)), epochs)
         finals.append(dict(final, search_rank=rank, search_val=t["metric_per_epoch"][-1],
                            search_val_loss=t["val_loss_per_epoch"][-1]))
     per_epoch = base["search"]["steps_per_epoch"]
-    final_epochs = sum(f["total_steps"] for f in finals) / per_epoch
+    spent = sum(f["total_steps"] for f in finals) / per_epoch
     record.update(search=base["search"], search_value=base["search_value"], finals=finals,
-                  compute={"search": base["compute"]["search"], "final": final_epochs,
-                           "total": base["compute"]["search"] + final_epochs},
+                  compute={"search": base["compute"]["search"], "final": spent,
+                           "total": base["compute"]["search"] + spent},
                   seconds=round(time.perf_counter() - started, 1))
     return record
 
 
-def run_all(tasks: list[str], methods: list[str], seeds: list[int], grid_seeds: int) -> None:
+def run_all(tasks: list[str], methods: list[str], seeds: list[int], grid_seeds: int,
+            scales: tuple[int, ...] = (SCALE,)) -> None:
     import ray
     import torch
 
     torch.set_num_threads(sq.DRIVER_THREADS)
     CACHE.mkdir(parents=True, exist_ok=True)
-    todo = [(t, m, s) for s in seeds for t in tasks for m in methods
-            if not (m == "grid" and s >= grid_seeds) and not record_path(t, m, s).is_file()]
+    todo = [(t, m, s, x) for x in scales for s in seeds for t in tasks for m in methods
+            if not (m == "grid" and s >= grid_seeds) and not record_path(t, m, s, x).is_file()]
     print(f"# {len(todo)} runs to do", file=sys.stderr, flush=True)
     ray_tmp = tempfile.mkdtemp(prefix="lrfq-ray-")
     os.environ["RAY_TMPDIR"] = ray_tmp
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        for i, (task_name, method, seed) in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {task_name} {method} seed {seed} ...", file=sys.stderr, flush=True)
+        for i, (task_name, method, seed, scale) in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] {task_name} {method} seed {seed} at {scale}x ...", file=sys.stderr, flush=True)
             try:
-                record = run_one(task_name, method, seed)
+                record = run_one(task_name, method, seed, scale)
             except Exception as exc:  # one failure must not stop the rest; retried on the next run
                 frame = traceback.extract_tb(exc.__traceback__)[-1]
                 print(f"    failed: {type(exc).__name__}: {str(exc).strip()[:300]} "
                       f"(at {frame.filename}:{frame.lineno})", file=sys.stderr, flush=True)
                 continue
-            path = record_path(task_name, method, seed)
+            path = record_path(task_name, method, seed, scale)
             path.with_suffix(".tmp").write_text(json.dumps(record, separators=(",", ":")) + "\n")
             path.with_suffix(".tmp").replace(path)
             tests = [f["test_metric"] for f in record["finals"]]
@@ -312,19 +379,27 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], grid_seeds: 
 # --------------------------------------------------------------------------------------------
 
 
-def load() -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
+def load(scale: int = SCALE) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
+    """The records at ``scale`` x a trial's steps, by (task, method) and seed."""
     data: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for path in sorted(CACHE.glob("*.json")):
         r = json.loads(path.read_text())
-        if path == record_path(r["task"], r["method"], r["seed"]):  # of this protocol only
+        if r.get("scale", SCALE) != scale or r["method"] not in METHODS or r["task"] not in TASKS:
+            continue
+        if path == record_path(r["task"], r["method"], r["seed"], scale):  # of this protocol only
             data.setdefault((r["task"], r["method"]), {})[r["seed"]] = r
     return data
+
+
+def final_runs(r: dict[str, Any]) -> float:
+    """A record's whole compute (search, range test, every final run) in final runs at its horizon."""
+    return r["compute"]["total"] / (r["scale"] * sq.MAX_EPOCHS)
 
 
 def test_of(r: dict[str, Any], by: str = "test") -> float:
     """A record's test score; the grid's best final run by test (the oracle) or by validation."""
     finals = r["finals"]
-    if by == "val" or r["method"] in TOP3:
+    if by == "val" or r["method"] in TOP3 or r["method"] in PICK_BY_VAL:
         return max(finals, key=lambda f: f["val_metric"])["test_metric"]
     return max(f["test_metric"] for f in finals)
 
@@ -395,6 +470,40 @@ def headline(data: dict[tuple[str, str], dict[int, dict[str, Any]]]) -> list[str
     return out + [""]
 
 
+#: the compute-at-parity table: lrsearch as a user runs it, then each alternative
+PARITY = ("lrsearch_short_lrscale", "lrsearch", "table3", "one_epoch_topk", "peer_matched", "random_matched",
+          "peer", "random", "hf_default", "schedulefree", "family_default", "grid")
+
+
+def parity() -> list[str]:
+    """Per horizon and task: each method's median held-out test and its compute in final runs,
+    paired by seed with lrsearch as a user runs it (its short search, then the bridge)."""
+    ref = PARITY[0]
+    out = ["## At each horizon: held-out test against compute in final runs\n",
+           "Compute counts the search, the range test and every final run, in final runs at that "
+           "horizon (one final run: the config trained once at the horizon). table3 and "
+           "one_epoch_topk keep their best final run by validation.\n",
+           f"| horizon | task | method | seeds | median test [IQR] | final runs | LR handed over (median) "
+           f"| {ref} - method: W/T/L, median (min..max) pts |", "|---|---|---|---|---|---|---|---|"]
+    for scale in SCALES:
+        data = load(scale)
+        for task in TASKS:
+            for method in PARITY:
+                runs = data.get((task, method))
+                if not runs:
+                    continue
+                by = "test" if method != "grid" else "val"
+                name, tests, _ = _row(method, by, runs)
+                q50, q25, q75 = (float(x) for x in np.percentile(tests, [50, 25, 75]))
+                cost = float(np.median([final_runs(r) for r in runs.values()]))
+                lr = float(np.median([max(r["finals"], key=lambda f: f["val_metric"])["config"]["max_lr"]
+                                      for r in runs.values()]))
+                paired = "-" if method == ref else _paired(data.get((task, ref), {}), runs, by)
+                out.append(f"| {scale}x | {task} | {name} | {len(runs)} | {q50:.3f} [{q25:.3f}-{q75:.3f}] | "
+                           f"{cost:.2f} | {lr:.2g} | {paired} |")
+    return out + [""]
+
+
 def report() -> str:
     from scipy.stats import spearmanr
 
@@ -405,7 +514,7 @@ def report() -> str:
            f"{BUDGET:g} trial-epochs; compute = search + final run, in trial-epochs. Median [IQR] over "
            f"seeds. The paired columns compare a reference with each method on their common seeds: W/T/L "
            f"(tie: within {TIE}), then the reference's test minus the method's, in accuracy points.\n",
-           *headline(data)]
+           *parity(), *headline(data)]
     for task in TASKS:
         rows = {m: data[(task, m)] for m in METHODS if (task, m) in data}
         if not rows:
@@ -469,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--grid-seeds", type=int, default=2)
+    p.add_argument("--scales", default=str(SCALE), help=f"horizons, comma list of {SCALES}")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
     tasks, methods = args.tasks.split(","), args.methods.split(",")
@@ -477,7 +587,11 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"{name}: {bad[0]!r}; allowed: {', '.join(allowed)}")
     if not args.report_only:
-        run_all(tasks, methods, list(range(args.first_seed, args.first_seed + args.seeds)), args.grid_seeds)
+        scales = tuple(int(x) for x in args.scales.split(","))
+        if any(x not in SCALES for x in scales):
+            p.error(f"--scales: {args.scales!r}; allowed: a comma list of {', '.join(map(str, SCALES))}")
+        run_all(tasks, methods, list(range(args.first_seed, args.first_seed + args.seeds)), args.grid_seeds,
+                scales)
     text = report()
     REPORT.write_text(text + "\n")
     print(text)
