@@ -189,14 +189,14 @@ def find_lr(job: JobLike, *, task: TaskLike = None, save: bool = True, plot: str
     ``.suggestions()`` and ``.bounds()``.
     """
     from lrsearch.finder import find_lr as _find_lr
-    from lrsearch.finder import save_range_test
+    from lrsearch.finder import local_dir, save_range_test
     from lrsearch.trial import TaskSource
 
     job = load_job(job)
     built = TaskSource.of(job, task).get()
     _, result = _find_lr(job, task=built, progress=progress)
     if save:
-        save_range_test(job, built.name, result, plot)
+        save_range_test(local_dir(job.results_dir(), job.name), job.name, built.name, result, plot)
     return result
 
 

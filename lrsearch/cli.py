@@ -100,13 +100,13 @@ def find_lr_cmd(
 ) -> None:
     """Run the LR range test on the job's task and print the suggestions and max_lr bounds."""
     import lrsearch
-    from lrsearch.finder import range_test_summary
+    from lrsearch.finder import local_dir, range_test_summary
 
     job = lrsearch.load_job(job_file)
     # its length (range_test.num_steps: auto) is known once the task is built: the bar learns it
     with RangeTestProgress(100, enabled=not json_) as bar:
         result = lrsearch.find_lr(job, plot=plot, progress=bar.callback)
-    summary = range_test_summary(job, result, plot)
+    summary = range_test_summary(local_dir(job.results_dir(), job.name), job.name, result, plot)
     if json_:
         print_json(summary)
         return
@@ -198,7 +198,7 @@ def train(
     """Train the search's best config at your horizon; score it on the held-out test split; log the model."""
     import lrsearch
     from lrsearch.errors import ConfigError
-    from lrsearch.final import check_options
+    from lrsearch.final.found import check_options
 
     if sum(x is not None for x in (run_id, experiment, config)) > 1:
         raise ConfigError("give at most one of --run-id ID, --experiment NAME and --config FILE")
@@ -212,7 +212,7 @@ def train(
             raise ConfigError(f"--config: cannot read {str(config)!r}: {str(exc).splitlines()[0]}") from None
         if not isinstance(source, dict):
             raise ConfigError(f"--config: {str(config)!r} holds no mapping; allowed: max_lr, schedule, params")
-        from lrsearch.final import given_config
+        from lrsearch.final.found import given_config
 
         given_config(source)  # a bad config: one line, before anything is printed
     scales = parse_scales(lr_scales)
@@ -304,7 +304,7 @@ def submit(
 ) -> None:
     """Submit the search (or, with --train, its final run) to a Ray cluster; the same job twice is one."""
     from lrsearch.errors import ConfigError
-    from lrsearch.final import check_options
+    from lrsearch.final.found import check_options
     from lrsearch.jobs import submit as submit_job
     from lrsearch.jobs import wait_for_job
 
@@ -356,6 +356,7 @@ def jobs_list(address: AddressOpt, json_: JsonOpt = False) -> None:
     from rich.table import Table
 
     from lrsearch.jobs import list_jobs
+    from lrsearch.report import progress_cells
 
     rows = list_jobs(address)
     if json_:
@@ -365,19 +366,9 @@ def jobs_list(address: AddressOpt, json_: JsonOpt = False) -> None:
     for col in ("submission_id", "job", "status", "trials", "best", "spent", "entrypoint"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["submission_id"]), str(r["job"] or "-"), r["status"], *_progress_cells(r["progress"]),
+        table.add_row(str(r["submission_id"]), str(r["job"] or "-"), r["status"], *progress_cells(r["progress"]),
                       r["entrypoint"])
     out.print(table)
-
-
-def _progress_cells(p: dict | None) -> tuple[str, str, str]:
-    """Trials done of total, the best so far, the budget spent (``-`` before the first trial ends)."""
-    if not p:
-        return "-", "-", "-"
-    best = "-" if p["best"] is None else f"{p['metric']} {p['best']:.4f}"
-    b = p["budget"]
-    spent = f"{b['spent']:g} / {b['limit']:g} {b['kind']}" if b else f"{p['trial_epochs']} trial_epochs"
-    return f"{p['trials_done']}/{p['num_trials']}", best, spent
 
 
 @jobs_app.command("status")

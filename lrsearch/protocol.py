@@ -40,15 +40,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrsearch.config import JobConfig
+from lrsearch.config import JobConfig, SearchConfig
 from lrsearch.divergence import DivergenceMonitor
+from lrsearch.engine import checkpoint_state
 from lrsearch.errors import TaskError
 from lrsearch.optim import build_optimizer, for_schedule, optimizer_over
+from lrsearch.recipe import Recipe
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
 
-__all__ = ["REPLAY_FILE", "Trial", "checkpoint_epochs", "flat_config", "objective_key", "trainable_state",
-           "worst_metric"]
+__all__ = ["REPLAY_FILE", "Trial", "checkpoint_epochs", "flat_config", "objective_key", "worst_metric"]
 
 #: in a checkpoint directory instead of ``trial.pt``: "rebuild this state by retraining N epochs"
 REPLAY_FILE = "replay.json"
@@ -81,6 +82,10 @@ class Trial:
         start_epoch: epochs already done: 0, or where a resumed trial's checkpoint left it.
         metric, mode: the objective (``val_accuracy``, ``max``) that ASHA and the search rank by.
         device: the device Ray granted (``cuda`` when it gave the trial a GPU).
+        recipe: how the job trains (``train``: clipping, precision, gradient accumulation).
+        seed: the search's seed (``search.seed``); an epoch's batch order comes from it and the
+            epoch (:func:`lrsearch.engine.epoch_seed`).
+        max_steps_per_epoch: the optimizer steps an epoch is capped at (``None``: a whole pass).
         job: the search's job.
         monitor: the divergence stop; :meth:`diverging` feeds it per-step losses.
     """
@@ -92,6 +97,9 @@ class Trial:
         self.raw_config = config
         self.config = flat_config(config)
         self.max_epochs = job.search.max_epochs
+        self.recipe = Recipe.of(job.train)
+        self.seed = job.search.seed
+        self.max_steps_per_epoch = job.search.max_steps_per_epoch
         self.device = device or trial_device()
         self.monitor = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
                                          reference="first")
@@ -106,7 +114,7 @@ class Trial:
         self._steps_before = 0  # optimizer steps of the epochs reported so far
         self._fed_losses = False
         self._epoch_started = (time.perf_counter(), time.time())
-        self._checkpoint_at = set(checkpoint_epochs(job))
+        self._checkpoint_at = set(checkpoint_epochs(job.search))
         self._logger = None
         self._state, self.start_epoch, self._replay_to = _load_checkpoint(checkpoint, self.device)
         if tracking is not None:
@@ -271,17 +279,9 @@ class Trial:
 
     def state(self, epoch: int) -> dict[str, Any]:
         """What a checkpoint after ``epoch`` holds (a finished trial's: the weights only)."""
-        state: dict[str, Any] = {"epoch": epoch, "steps": self._steps_before}
-        if self._model is not None:
-            state["model"] = trainable_state(self._model)
-        if epoch < self.max_epochs:  # resume needs these; a finished trial does not
-            if self._optimizer is not None:
-                state["optimizer"] = self._optimizer.state_dict()
-            if self._scheduler is not None:
-                state["scheduler"] = self._scheduler.state_dict()
-            state["monitor"] = self.monitor.state_dict()
-            state["tracked"] = {k: v.state_dict() for k, v in self._tracked.items()}
-        return state
+        return checkpoint_state(epoch, model=self._model, optimizer=self._optimizer, scheduler=self._scheduler,
+                                monitor=self.monitor, tracked=self._tracked, steps=self._steps_before,
+                                finished=epoch >= self.max_epochs)
 
     def _tune_report(self, out: dict[str, Any], checkpoint_epoch: int | None) -> None:
         from ray import tune
@@ -321,7 +321,7 @@ def worst_metric(metric: str, mode: str) -> float:
     return -1e9 if mode == "max" else 1e9
 
 
-def checkpoint_epochs(job: JobConfig) -> list[int]:
+def checkpoint_epochs(s: SearchConfig) -> list[int]:
     """The epochs after which a trial saves a checkpoint, by ``search.checkpoint``.
 
     ``rungs``: where ASHA judges trials (``grace_period`` x ``reduction_factor``^k), or epochs 1, 2,
@@ -329,7 +329,6 @@ def checkpoint_epochs(job: JobConfig) -> list[int]:
     loses at most the epochs since the last one. The last epoch's checkpoint (weights only: the
     trial is done) is written only when ``keep_checkpoints`` keeps something.
     """
-    s = job.search
     last = [s.max_epochs] if s.keep_checkpoints != "none" else []
     if s.checkpoint == "none":
         return last
@@ -341,13 +340,6 @@ def checkpoint_epochs(job: JobConfig) -> list[int]:
         rungs.add(int(epoch))
         epoch *= factor
     return sorted(rungs | set(last))
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What fine-tuning changes: the parameters that require gradients, and the buffers (norm
-    statistics). Frozen weights come back from ``task.build_model()``."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
 def _tune_ids() -> tuple[str, str]:

@@ -26,12 +26,9 @@ from lrsearch.range_test_suggestions import (
     suggest_lr,
 )
 from lrsearch.recipe import Recipe, Stepper, autocast_for
+from lrsearch.tasks.base import forward
 
-# forward and move_to_device live in lrsearch.tasks.base; re-exported here for modules that still
-# import them from this one
-from lrsearch.tasks.base import forward, move_to_device
-
-__all__ = ["SUGGESTION_METHODS", "RangeTestResult", "lr_range_test", "move_to_device", "forward"]
+__all__ = ["SUGGESTION_METHODS", "RangeTestResult", "lr_range_test"]
 
 MODES = ("exp", "linear")
 
@@ -308,7 +305,6 @@ def lr_range_test(
     val_loader: Iterable | None = None,
     accumulation_steps: int = 1,
     device: torch.device | str | None = None,
-    amp: bool = False,
     progress: Callable[[int, int, float, float], None] | None = None,
     max_grad_norm: float | None = None,
     precision: str = "fp32",
@@ -335,8 +331,6 @@ def lr_range_test(
             training batch's.
         accumulation_steps: batches accumulated per optimizer step (>= 1).
         device: where to run; defaults to the model's device.
-        amp: use mixed precision (float16 autocast and a gradient scaler); only on CUDA. The
-            same as ``precision="fp16"``.
         progress: called as ``progress(step, num_steps, lr, smoothed_loss)`` after each step.
         max_grad_norm: clip the gradients' global norm to this before each step (``None``: no
             clipping), as the trials of a search do (its ``train.max_grad_norm``).
@@ -354,12 +348,10 @@ def lr_range_test(
                 smooth=smooth, diverge_factor=diverge_factor, accumulation_steps=accumulation_steps)
     original_device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device) if device is not None else original_device
-    if amp and device.type != "cuda":
-        raise ValueError(f"amp=True is not allowed on device {str(device)!r}; amp needs a CUDA device")
     if max_grad_norm is not None:
         _check("max_grad_norm", _num(max_grad_norm) and max_grad_norm > 0, max_grad_norm,
                "a number > 0 or None")
-    recipe = Recipe(max_grad_norm, "fp16" if amp else precision, accumulation_steps)
+    recipe = Recipe(max_grad_norm, precision, accumulation_steps)
     autocast_for(recipe.precision, device)  # an unknown precision, or fp16 off CUDA, fails here
 
     snapshot = _Snapshot.take(model, optimizer, original_device)
@@ -367,7 +359,7 @@ def lr_range_test(
     lrs = [_lr_at(i, start_lr, end_lr, num_steps, mode) for i in range(num_steps)]
     settings = dict(start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, mode=mode, smooth=smooth,
                     diverge_factor=diverge_factor, accumulation_steps=accumulation_steps,
-                    validation=val_loader is not None, device=str(device), amp=amp,
+                    validation=val_loader is not None, device=str(device),
                     max_grad_norm=max_grad_norm, precision=recipe.precision)
     result = RangeTestResult(lrs=[], losses=[], raw_losses=[], settings=settings)
 

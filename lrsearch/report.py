@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from rich import box
@@ -145,10 +146,16 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
     return parts
 
 
+def dropped_text(report: dict[str, Any]) -> str:
+    """The trials a report left out, by reason: ``2 schedule 'step' not in this space, 1 errored``."""
+    reasons: Counter[str] = Counter()
+    for source in report["sources"]:
+        reasons.update(source["dropped"])
+    return ", ".join(f"{n} {why}" for why, n in reasons.most_common()) or "none"
+
+
 def warm_start_line(report: dict[str, Any]) -> str:
     """``search.warm_start``: the trials reused from which searches, and those dropped, by reason."""
-    from lrsearch.tuning.warm_start import dropped_text
-
     sources = "; ".join(f"{s['reused']} of {s['trials']} from {s['ref']!r} ({s['completed']} completed, "
                         f"{s['pruned'] + s['diverged']} pruned or diverged)" for s in report["sources"])
     dropped = f"; dropped {report['dropped']}: {dropped_text(report)}" if report["dropped"] else ""
@@ -252,3 +259,13 @@ def plot_lr_curves(trials: list[Any], path: str, total_steps: int, top: int = 5)
     finally:
         plt.close(fig)
     return path
+
+
+def progress_cells(p: dict | None) -> tuple[str, str, str]:
+    """Trials done of total, the best so far, the budget spent (``-`` before the first trial ends)."""
+    if not p:
+        return "-", "-", "-"
+    best = "-" if p["best"] is None else f"{p['metric']} {p['best']:.4f}"
+    b = p["budget"]
+    spent = f"{b['spent']:g} / {b['limit']:g} {b['kind']}" if b else f"{p['trial_epochs']} trial_epochs"
+    return f"{p['trials_done']}/{p['num_trials']}", best, spent

@@ -26,13 +26,6 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lrsearch import schedule_factories as factories
 
-# The factor functions live in lrsearch.schedule_math; re-exported here (redundant aliases mark
-# re-exports) so that schedulers pickled when they lived in this module still unpickle.
-from lrsearch.schedule_math import constant_factor as constant_factor
-from lrsearch.schedule_math import cosine_factor as cosine_factor
-from lrsearch.schedule_math import linear_factor as linear_factor
-from lrsearch.schedule_math import stlr_factor as stlr_factor
-
 __all__ = [
     "SCHEDULES",
     "Param",

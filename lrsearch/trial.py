@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import sysconfig
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,18 +25,15 @@ from typing import Any
 
 import torch
 
-from lrsearch.config import JobConfig
-from lrsearch.divergence import DivergenceMonitor
-from lrsearch.optim import build_optimizer, eval_mode, for_schedule, train_mode
-from lrsearch.protocol import REPLAY_FILE as REPLAY_FILE
-from lrsearch.protocol import Trial, worst_metric
-from lrsearch.protocol import checkpoint_epochs as checkpoint_epochs
-from lrsearch.protocol import trainable_state as trainable_state
-from lrsearch.protocol import trial_device as trial_device
-from lrsearch.recipe import Recipe, Stepper
+from lrsearch.config import JobConfig, OptimizerConfig
+from lrsearch.engine import EpochEnd, Horizon, fit
+from lrsearch.errors import ConfigError, TaskError
+from lrsearch.optim import build_optimizer, for_schedule
+from lrsearch.protocol import Trial, objective_key, worst_metric
+from lrsearch.recipe import Stepper
 from lrsearch.schedules import build_scheduler
 from lrsearch.space import schedule_params
-from lrsearch.tasks import Task, build_task, evaluate, reseed
+from lrsearch.tasks import Task, build_task
 from lrsearch.tracking import TrackingInfo
 
 #: tasks this worker process has built or received, by TaskSource.key (one at a time)
@@ -57,8 +56,6 @@ class TaskSource:
             # base_dir too: the same job text in another folder names other files
             return cls(f"{job.base_dir}:{job.model_dump_json()}", job)
         if not isinstance(task, Task) and not callable(task):
-            from lrsearch.errors import ConfigError
-
             raise ConfigError(f"task: got {type(task).__name__}; allowed: an lrsearch.Task, "
                               "a function returning one, or None (build the job's task)")
         _ship_by_value(task)
@@ -84,11 +81,7 @@ def _ship_by_value(task: Task | Callable[[], Task]) -> None:
     a Ray worker cannot import a script that is not on its path (a test file, ``my_experiment.py``
     run from elsewhere). Modules installed in the environment stay by reference.
     """
-    import functools
-    import sys
-    import sysconfig
-
-    from ray import cloudpickle
+    from ray import cloudpickle  # Ray: imported where a task is shipped, not at start-up
 
     funcs = [task] if not isinstance(task, Task) else [task.build_model, task.criterion, task.layer_groups,
                                                         task.evaluate_fn]
@@ -111,8 +104,6 @@ def _build(source: TaskSource) -> Task:
         return build_task(source.job)
     task = source.task if isinstance(source.task, Task) else source.task()
     if not isinstance(task, Task):
-        from lrsearch.errors import TaskError
-
         raise TaskError(f"task: the factory returned {type(task).__name__}, not lrsearch.Task")
     return task
 
@@ -127,77 +118,45 @@ def worst_value(task: Task) -> float:
     return worst_metric(metric_key(task), task.mode)
 
 
-def loader_steps(job: JobConfig, task: Task) -> int:
-    """Optimizer steps in one pass over the train loader: its batches // the recipe's accumulation.
+def loader_steps(task: Task, accumulate: int) -> int:
+    """Optimizer steps in one pass over the train loader: its batches // ``accumulate`` (the
+    recipe's gradient accumulation).
 
     Raises:
         ConfigError: the loader has fewer batches than one optimizer step accumulates.
     """
-    n, accumulate = len(task.train_loader), job.train.gradient_accumulation_steps
+    n = len(task.train_loader)
     if n < accumulate:
-        from lrsearch.errors import ConfigError
-
         raise ConfigError(f"train.gradient_accumulation_steps: got {accumulate}; the train loader has "
                           f"{n} batch{'es' if n != 1 else ''} per epoch, so at most {n} is allowed")
     return n // accumulate
 
 
-def steps_per_epoch(job: JobConfig, task: Task) -> int:
-    """Optimizer steps in one trial epoch (:func:`loader_steps`, capped by ``max_steps_per_epoch``)."""
-    n = loader_steps(job, task)
-    cap = job.search.max_steps_per_epoch
+def steps_per_epoch(task: Task, accumulate: int, cap: int | None = None) -> int:
+    """Optimizer steps in one trial epoch: :func:`loader_steps`, capped at ``cap`` (the search's
+    ``max_steps_per_epoch``)."""
+    n = loader_steps(task, accumulate)
     return min(n, cap) if cap else n
 
 
-def total_steps(job: JobConfig, task: Task) -> int:
-    """Optimizer steps a trial's schedule spans: its full budget of ``max_epochs`` epochs."""
-    return steps_per_epoch(job, task) * job.search.max_epochs
+def trial_horizon(task: Task, accumulate: int, cap: int | None, max_epochs: int) -> Horizon:
+    """A trial's length: ``max_epochs`` epochs of :func:`steps_per_epoch` optimizer steps each."""
+    return Horizon.of_epochs(steps_per_epoch(task, accumulate, cap), max_epochs)
 
 
-def build_trial(job: JobConfig, task: Task, config: dict[str, Any], device: torch.device,
-                total: int | None = None):
-    """Model, optimizer, scheduler and schedule parameters for one trial config, the schedule
-    spanning ``total`` optimizer steps (default: the trial's budget). The schedule's fractions become
-    steps through :func:`lrsearch.space.schedule_params`, the conversion the export gives users."""
-    total = total or total_steps(job, task)
+def build_run(optimizer_config: OptimizerConfig, task: Task, config: dict[str, Any], device: torch.device,
+              total: int):
+    """Model, optimizer, scheduler and schedule parameters for one config (``optimizer_config``: the
+    job's ``optimizer`` section), the schedule spanning ``total`` optimizer steps. The schedule's
+    fractions become steps through :func:`lrsearch.space.schedule_params`, the conversion the export
+    gives users."""
     model = task.build_model().to(device)
-    optimizer = build_optimizer(for_schedule(job.optimizer, config["schedule"]), model, float(config["max_lr"]),
+    optimizer = build_optimizer(for_schedule(optimizer_config, config["schedule"]), model, float(config["max_lr"]),
                                 weight_decay=config.get("weight_decay"), layer_groups=task.layer_groups,
                                 layer_decay=float(config.get("layer_decay", 1.0)))
     params = schedule_params(config, total)
     scheduler = build_scheduler(optimizer, config["schedule"], total, **params)
     return model, optimizer, scheduler, params
-
-
-def _peak_lr(optimizer: torch.optim.Optimizer) -> float:
-    return max(float(g["lr"]) for g in optimizer.param_groups)
-
-
-def train_epoch(stepper: Stepper, scheduler, task: Task, monitor: DivergenceMonitor,
-                max_steps: int) -> tuple[float, int, bool, list[float]]:
-    """One epoch of at most ``max_steps`` optimizer steps, each the recipe's (``stepper``):
-    ``(mean train loss, steps, diverged, LR at every step)``; stops at divergence."""
-    stepper.model.train()
-    train_mode(stepper.optimizer)  # schedule-free: back to its training weights
-    loss_sum, steps, lrs = 0.0, 0, []
-    for batches in stepper.batches(task.train_loader):
-        if steps >= max_steps:
-            break
-        lrs.append(_peak_lr(stepper.optimizer))
-        value = stepper.backward(batches)
-        if monitor.update(value):
-            # no finite loss yet: report a huge one, never a perfect 0
-            return (loss_sum / steps if steps else 1e9), steps, True, lrs
-        stepper.step()
-        scheduler.step()
-        steps += 1
-        loss_sum += value
-    return loss_sum / max(1, steps), steps, False, lrs
-
-
-def recipe(job: JobConfig) -> Recipe:
-    """The job's training recipe (``train``), shared by the range test, the trials and final runs."""
-    return Recipe.of(job.train)
 
 
 @dataclass(frozen=True)
@@ -224,8 +183,6 @@ class UserLoop:
 def user_loop(fn: Callable[[Trial], Any] | None, metric: str | None = None,
               mode: str | None = None) -> UserLoop | None:
     """The search's own loop ``fn`` with its objective (default ``accuracy``, ``max``), checked."""
-    from lrsearch.errors import ConfigError
-    from lrsearch.protocol import objective_key
 
     if fn is None:
         if metric is not None or mode is not None:
@@ -264,40 +221,33 @@ def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo
 
 
 def task_loop(trial: Trial, task: Task) -> None:
-    """The built-in loop on the trial protocol: the task's pretrained model, the job's recipe
-    (clipping, precision, accumulation), an evaluation after every epoch, the divergence stop at
-    every step."""
-    job, device = trial.job, trial.device
+    """The built-in loop on the trial protocol: the task's pretrained model trained by the engine
+    (:func:`lrsearch.engine.fit`: the job's recipe, the divergence stop at every step, an
+    evaluation after every epoch), each epoch reported through the trial."""
+    device = trial.device
     model = task.build_model().to(device)
     optimizer = trial.optimizer(model, layer_groups=task.layer_groups)
-    scheduler = trial.scheduler(optimizer, total_steps(job, task))
-    stepper = Stepper(recipe(job), model, optimizer, task.criterion, device)
+    horizon = trial_horizon(task, trial.recipe.accumulation_steps, trial.max_steps_per_epoch, trial.max_epochs)
+    scheduler = trial.scheduler(optimizer, horizon.total_steps)
+    stepper = Stepper(trial.recipe, model, optimizer, task.criterion, device)
     trial.track(stepper=stepper)
-    per_epoch = steps_per_epoch(job, task)
-    for epoch in range(trial.start_epoch, trial.max_epochs):
-        # each epoch's batch order depends on the seed and the epoch only: not on which trials this
-        # (reused) worker ran before, nor on whether the trial was resumed from a checkpoint
-        reseed(task, job.search.seed * 1_000_003 + epoch)
-        train_loss, _, diverged, _ = train_epoch(stepper, scheduler, task, trial.monitor, per_epoch)
-        if diverged:
-            trial.report(epoch + 1, train_loss=train_loss, diverged=True)
-            return
-        if trial.replaying(epoch + 1):
-            trial.report(epoch + 1)
-            continue
-        # schedule-free: its averaged weights; BatchNorm statistics recomputed where asked
-        eval_mode(optimizer, model, task.train_loader, device=device, recompute_bn=stepper.recipe.recompute_bn)
-        scores = evaluate(model, task, device, autocast=stepper.autocast)
-        if trial.report(epoch + 1, train_loss=train_loss, **scores):
-            return
+    fit(task, stepper, scheduler, trial.monitor, horizon, seed=trial.seed, sink=TrialSink(trial),
+        start_epoch=trial.start_epoch)
 
 
-def load_state(state: dict[str, Any], stepper: Stepper, scheduler, monitor: DivergenceMonitor) -> None:
-    """Put a checkpoint's state back: weights, and (when there) optimizer, schedule, divergence
-    monitor and gradient scaler."""
-    stepper.model.load_state_dict(state["model"], strict=False)  # frozen weights: as built
-    if "optimizer" in state:  # not in a finished trial's last checkpoint
-        stepper.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        monitor.load_state_dict(state["monitor"])
-        stepper.load_state_dict(state.get("stepper") or {})
+@dataclass(frozen=True)
+class TrialSink:
+    """The engine's epochs reported through the trial protocol (to Ray Tune, its MLflow run and
+    its checkpoints)."""
+
+    trial: Trial
+
+    def replaying(self, epoch: int) -> bool:
+        return self.trial.replaying(epoch)
+
+    def end_epoch(self, end: EpochEnd) -> bool:
+        if end.diverged:
+            return self.trial.report(end.epoch, train_loss=end.train_loss, diverged=True)
+        if end.scores is None:  # replayed: reported unevaluated, ignored
+            return self.trial.report(end.epoch)
+        return self.trial.report(end.epoch, train_loss=end.train_loss, **end.scores)

@@ -32,8 +32,8 @@ from mlflow.exceptions import MlflowException
 
 from lrsearch.cluster import mlflow_server_command
 from lrsearch.errors import TrackingError
+from lrsearch.redact import redact_uri
 from lrsearch.tracking import check_reachable
-from lrsearch.tracking.store import redact_uri
 
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = f"admin-{secrets.token_hex(12)}"

@@ -396,7 +396,7 @@ def test_the_schedule_free_arm_trains_schedulefree_adamw_with_the_jobs_settings(
     from lrsearch.errors import ConfigError
     from lrsearch.optim import for_schedule
     from lrsearch.tasks import build_task
-    from lrsearch.trial import build_trial
+    from lrsearch.trial import build_run
     from lrsearch.tuning.results import best_config
 
     cfg = OptimizerConfig(name="adamw", weight_decay=0.05, betas=(0.8, 0.99))
@@ -408,10 +408,10 @@ def test_the_schedule_free_arm_trains_schedulefree_adamw_with_the_jobs_settings(
     job = lrsearch.load_job({"name": "sf", "task": {"kind": "synthetic", "num_train": 64, "num_val": 32}})
     task = build_task(job)
     config = {"max_lr": 1e-3, "schedule": "schedule_free", "schedule_free": {"warmup_frac": 0.1}}
-    _, opt, sched, params = build_trial(job, task, config, torch.device("cpu"), total=20)
+    _, opt, sched, params = build_run(job.optimizer, task, config, torch.device("cpu"), 20)
     assert isinstance(opt, schedulefree.AdamWScheduleFree) and params == {"warmup_frac": 0.1}
-    _, plain, _, _ = build_trial(job, task, {**config, "schedule": "constant", "constant": {}},
-                                 torch.device("cpu"), total=20)
+    _, plain, _, _ = build_run(job.optimizer, task, {**config, "schedule": "constant", "constant": {}},
+                               torch.device("cpu"), 20)
     assert isinstance(plain, torch.optim.AdamW)
     # the best config says what trained it: the export builds the same optimizer
     from lrsearch.tuning.results import TrialRecord, TrialState

@@ -19,13 +19,13 @@ from protocol_checks import assert_asha_stopped_some, assert_schedules
 
 import lrsearch
 from lrsearch.config import OptimizerConfig
+from lrsearch.engine import trainable_state
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.optim import build_optimizer
 from lrsearch.space import load_space
 from lrsearch.task_config import PeftConfig
 from lrsearch.tasks import build_task
 from lrsearch.tasks.text import encoder_layer_groups, text_classification_task
-from lrsearch.trial import trainable_state
 
 LORA_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "lora.yaml"
 PEFT = {"r": 8, "alpha": 16, "dropout": 0.1}
@@ -188,7 +188,7 @@ def test_the_checkpoint_holds_the_adapters_and_head_and_loads_back(task, tmp_pat
     with torch.no_grad():
         want = trained(**inputs).logits
         assert not torch.allclose(fresh(**inputs).logits, want)
-        # what lrsearch.trial.load_state does: the frozen weights come from the build
+        # what lrsearch.engine.load_state does: the frozen weights come from the build
         result = fresh.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True), strict=False)
         assert not result.unexpected_keys and set(result.missing_keys) == frozen
         assert torch.allclose(fresh(**inputs).logits, want, atol=1e-6)

@@ -215,7 +215,7 @@ def test_refuses_an_optimizer_with_a_scheduler(task):
         ({"smooth": 0}, "smooth=0"),
         ({"diverge_factor": 1}, "diverge_factor=1"),
         ({"accumulation_steps": 0}, "accumulation_steps=0"),
-        ({"amp": True, "device": "cpu"}, "amp needs a CUDA device"),
+        ({"precision": "fp16", "device": "cpu"}, "fp16"),
     ],
 )
 def test_bad_arguments(task, kwargs, fragment):

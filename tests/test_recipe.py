@@ -11,12 +11,13 @@ from torch import nn
 
 from lrsearch.config import parse_job
 from lrsearch.divergence import DivergenceMonitor
+from lrsearch.engine import train_epoch
 from lrsearch.errors import ConfigError
 from lrsearch.formats import hf_training_arguments, render
 from lrsearch.recipe import Recipe, Stepper
 from lrsearch.schedules import build_scheduler
 from lrsearch.tasks import synthetic_task
-from lrsearch.trial import loader_steps, recipe, steps_per_epoch, train_epoch
+from lrsearch.trial import loader_steps, steps_per_epoch
 
 CPU = torch.device("cpu")
 
@@ -43,7 +44,7 @@ def _grads(model: nn.Module) -> torch.Tensor:
 
 def test_defaults_are_the_hf_trainers():
     job = parse_job({"name": "r", "task": {"kind": "synthetic"}})
-    assert recipe(job) == Recipe(max_grad_norm=1.0, precision="fp32", accumulation_steps=1)
+    assert Recipe.of(job.train) == Recipe(max_grad_norm=1.0, precision="fp32", accumulation_steps=1)
     assert job.accumulation_steps() == 1
 
 
@@ -71,11 +72,12 @@ def test_bad_train_values_name_the_field(train, fragment):
 def test_accumulation_divides_the_epochs_optimizer_steps():
     task = synthetic_task(num_train=256, num_val=32, batch_size=16)  # 16 batches
     job = parse_job({"name": "r", "task": {"kind": "synthetic"}, "train": {"gradient_accumulation_steps": 3}})
-    assert loader_steps(job, task) == 5 and steps_per_epoch(job, task) == 5
+    accumulate = job.train.gradient_accumulation_steps
+    assert loader_steps(task, accumulate) == 5 and steps_per_epoch(task, accumulate) == 5
     big = parse_job({"name": "r", "task": {"kind": "synthetic"}, "train": {"gradient_accumulation_steps": 17}})
     with pytest.raises(ConfigError, match="train.gradient_accumulation_steps: got 17; the train loader has 16 "
                                           "batches per epoch, so at most 16 is allowed"):
-        loader_steps(big, task)
+        loader_steps(task, big.train.gradient_accumulation_steps)
 
 
 # --------------------------------------------------------------------------------------------

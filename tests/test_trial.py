@@ -16,18 +16,18 @@ from torch import nn
 import lrsearch.trial as train
 from lrsearch.config import parse_job
 from lrsearch.divergence import DivergenceMonitor
+from lrsearch.engine import epoch_seed, train_epoch
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.protocol import Trial
+from lrsearch.protocol import REPLAY_FILE, Trial
 from lrsearch.recipe import Recipe, Stepper
 from lrsearch.schedules import build_scheduler, lr_curve
 from lrsearch.space import schedule_params
 from lrsearch.tasks import Task, reseed, synthetic_task
 from lrsearch.trial import (
     TaskSource,
-    build_trial,
+    build_run,
     steps_per_epoch,
-    total_steps,
-    train_epoch,
+    trial_horizon,
 )
 
 CPU = torch.device("cpu")
@@ -39,6 +39,15 @@ PLAIN = Recipe(max_grad_norm=None)
 def _epoch(model, optimizer, scheduler, task, monitor, max_steps, recipe=PLAIN):
     return train_epoch(Stepper(recipe, model, optimizer, task.criterion, CPU), scheduler, task, monitor,
                        max_steps)
+
+
+def _horizon(job, task):
+    return trial_horizon(task, job.train.gradient_accumulation_steps, job.search.max_steps_per_epoch,
+                         job.search.max_epochs)
+
+
+def total_steps(job, task) -> int:
+    return _horizon(job, task).total_steps
 
 
 def _trial(job, config, checkpoint=None) -> Trial:
@@ -200,7 +209,7 @@ def test_restore_without_checkpoint_starts_at_zero():
 
 
 def test_restore_from_a_replay_marker_retrains_without_loading(tmp_path):
-    (tmp_path / train.REPLAY_FILE).write_text(json.dumps({"epoch": 2}))
+    (tmp_path / REPLAY_FILE).write_text(json.dumps({"epoch": 2}))
     task = _task()
     model = task.build_model()
     before = _state(model)
@@ -218,14 +227,14 @@ def _run_epochs(job, task, config, epochs, *, objects=None):
     """Train ``epochs`` (a range) as run_trial does; returns the objects and each epoch's LRs."""
     if objects is None:
         torch.manual_seed(job.search.seed)
-        model, optimizer, scheduler, _ = build_trial(job, task, config, CPU)
+        model, optimizer, scheduler, _ = build_run(job.optimizer, task, config, CPU, total_steps(job, task))
         monitor = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
                                     reference="first")
         objects = (model, optimizer, scheduler, monitor)
-    per_epoch = steps_per_epoch(job, task)
+    per_epoch = _horizon(job, task).steps_per_epoch
     all_lrs = []
     for epoch in epochs:
-        reseed(task, job.search.seed * 1_000_003 + epoch)
+        reseed(task, epoch_seed(job.search.seed, epoch))
         _, steps, diverged, lrs = _epoch(*objects[:3], task, objects[3], per_epoch)
         assert (steps, diverged) == (per_epoch, False)
         all_lrs.append(lrs)
@@ -383,8 +392,8 @@ def test_a_closure_factory_round_trips_through_cloudpickle(clear_tasks):
 ])
 def test_steps_per_epoch_and_total_steps_honour_the_cap(search, per_epoch, total):
     job, task = _job(**search), _task(num_train=64, batch_size=8)
-    assert steps_per_epoch(job, task) == per_epoch
-    assert total_steps(job, task) == total
+    assert steps_per_epoch(task, 1, job.search.max_steps_per_epoch) == per_epoch
+    assert (_horizon(job, task).steps_per_epoch, _horizon(job, task).total_steps) == (per_epoch, total)
 
 
 @pytest.mark.parametrize("config", [
@@ -393,11 +402,11 @@ def test_steps_per_epoch_and_total_steps_honour_the_cap(search, per_epoch, total
     {"max_lr": 2e-3, "schedule": "cosine_restarts", "cosine_restarts": {"T_0_frac": 0.2, "T_mult": 1}},
     {"max_lr": 5e-4, "schedule": "step", "step": {"step_size_frac": 0.25, "gamma": 0.5}},
 ])
-def test_build_trial_spans_total_steps_with_the_configs_curve(config):
+def test_build_run_spans_total_steps_with_the_configs_curve(config):
     job, task = _job(max_steps_per_epoch=5, max_epochs=2), _task()
     total = total_steps(job, task)
     assert total == 10
-    model, optimizer, scheduler, params = build_trial(job, task, config, CPU)
+    model, optimizer, scheduler, params = build_run(job.optimizer, task, config, CPU, total_steps(job, task))
 
     assert params == schedule_params(config, total)
     assert {p for g in optimizer.param_groups for p in g["params"]} == set(model.parameters())
@@ -417,7 +426,7 @@ def test_build_trial_spans_total_steps_with_the_configs_curve(config):
 def test_one_cycle_trial_schedule_ends_exactly_at_total_steps():
     job, task = _job(max_steps_per_epoch=5, max_epochs=2), _task()
     config = {"max_lr": 3e-3, "schedule": "one_cycle"}
-    _, optimizer, scheduler, _ = build_trial(job, task, config, CPU)
+    _, optimizer, scheduler, _ = build_run(job.optimizer, task, config, CPU, total_steps(job, task))
     for _ in range(10):
         optimizer.step()
         scheduler.step()
@@ -434,14 +443,14 @@ def test_one_cycle_trial_schedule_ends_exactly_at_total_steps():
     ({"max_epochs": 3, "checkpoint": "none", "keep_checkpoints": "none"}, []),
 ])
 def test_checkpoint_epochs_follow_the_policy(search, epochs):
-    from lrsearch.trial import checkpoint_epochs
+    from lrsearch.protocol import checkpoint_epochs
 
     job = parse_job({"name": "t", "task": {"kind": "synthetic"}, "search": search})
-    assert checkpoint_epochs(job) == epochs
+    assert checkpoint_epochs(job.search) == epochs
 
 
 def test_a_checkpoint_holds_the_trainable_part_only():
-    from lrsearch.trial import trainable_state
+    from lrsearch.engine import trainable_state
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     model[0].requires_grad_(False)  # a frozen backbone layer

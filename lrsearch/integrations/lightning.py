@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrsearch import engine
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.extras import require
 from lrsearch.optim import eval_mode, train_mode
@@ -122,20 +123,19 @@ def train_trial(module_factory: Callable[[], pl.LightningModule],
     if remaining < 1:
         return
     module, datamodule = _build(module_factory, datamodule_factory, TaskError)
-    job = trial.job
+    recipe = trial.recipe
     try:
-        autocast_for(job.train.precision, trial.device)  # fp16 off CUDA fails as the built-in loop's
+        autocast_for(recipe.precision, trial.device)  # fp16 off CUDA fails as the built-in loop's
     except ValueError as exc:
         raise TaskError(str(exc)) from exc
     # an instance attribute: Lightning calls (and checks) module.configure_optimizers
     module.configure_optimizers = functools.partial(configure_optimizers, trial, module)
-    cap = job.search.max_steps_per_epoch
-    accumulate = job.train.gradient_accumulation_steps
+    cap, accumulate = trial.max_steps_per_epoch, recipe.accumulation_steps
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # "GPU available: ..." per trial
     trainer = pl.Trainer(
         accelerator="gpu" if trial.device.type == "cuda" else "cpu", devices=1,
         max_epochs=remaining, limit_train_batches=cap * accumulate if cap else None,
-        precision=PRECISION[job.train.precision], gradient_clip_val=job.train.max_grad_norm,
+        precision=PRECISION[recipe.precision], gradient_clip_val=recipe.max_grad_norm,
         gradient_clip_algorithm="norm", accumulate_grad_batches=accumulate,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=[Reporter(trial)])
@@ -165,7 +165,7 @@ def configure_optimizers(trial: Trial, module: pl.LightningModule) -> dict[str, 
 def epoch_seed(trial: Trial, epoch: int) -> int:
     """The seed of an epoch (from 0): its batch order depends on the search's seed and the epoch
     only, not on what the worker ran before, nor on whether the trial was resumed."""
-    return trial.job.search.seed * 1_000_003 + epoch
+    return engine.epoch_seed(trial.seed, epoch)
 
 
 class Reporter(pl.Callback):

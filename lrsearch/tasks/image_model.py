@@ -14,12 +14,11 @@ import torch
 from torch import nn
 
 from lrsearch.errors import TaskError
-from lrsearch.extras import require
+from lrsearch.extras import EFFICIENTNET_LITE0, require
 
 __all__ = ["BUILTIN_MODELS", "EFFICIENTNET_LITE0", "input_stats", "load_classifier",
            "resolve_weights"]
 
-EFFICIENTNET_LITE0 = "efficientnet-lite0"
 BUILTIN_MODELS = (EFFICIENTNET_LITE0,)
 _WHAT = f"task.model {EFFICIENTNET_LITE0!r}"
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1].

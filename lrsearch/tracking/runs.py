@@ -11,6 +11,7 @@ from typing import Any
 
 from lrsearch import __version__
 from lrsearch.errors import TrackingError
+from lrsearch.redact import redact_uri
 from lrsearch.storage import filesystem, listing
 from lrsearch.tracking.store import (
     PARENT_KEY,
@@ -28,7 +29,6 @@ from lrsearch.tracking.store import (
     check_reachable,
     new_experiment,
     reachable,
-    redact_uri,
     store_error,
 )
 

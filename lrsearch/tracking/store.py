@@ -5,7 +5,7 @@ Credentials: MLflow's own client reads them from the environment (``MLFLOW_TRACK
 ``MLFLOW_TRACKING_PASSWORD`` for a server running MLflow's basic-auth app, or ``MLFLOW_TRACKING_TOKEN``);
 every node of a cluster has them in its own environment. lrsearch never copies them anywhere. A
 tracking URI that carries them (``http://user:password@host``) is used as given to connect, and shown
-or written only through :func:`redact_uri`.
+or written only through :func:`lrsearch.redact.redact_uri`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lrsearch.errors import TrackingError
+from lrsearch.redact import redact_uri
 from lrsearch.storage import filesystem, listing
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -34,34 +35,11 @@ PARENT_KEY = "_search"
 AUTH_HELP = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the tracking "
              "server (or MLFLOW_TRACKING_TOKEN to its token)")
 _CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-_USERINFO = re.compile(r"(?P<scheme>\b[a-z][a-z0-9+.-]*://)(?P<user>[^/\s@:]*)(?::[^/\s]*)?@", re.I)
-
-
-def redact_uri(text: str) -> str:
-    """``text`` (a URI, or a message holding URIs) without the credentials of ``scheme://user:pw@host``.
-
-    The password always goes; so does an HTTP URI's whole user part (it may be a token). A database
-    URI keeps its user (``postgresql://mlflow@db/mlflow``: the password then comes from ``PGPASSWORD``).
-    What is left still connects when the credentials are in the environment.
-
-    Example:
-        >>> redact_uri("http://alice:s3cret@mlflow:5000")
-        'http://mlflow:5000'
-    """
-
-    def strip(match: re.Match) -> str:
-        if match["scheme"].lower().startswith("http") or not match["user"]:
-            return match["scheme"]
-        return f"{match['scheme']}{match['user']}@"
-
-    return _USERINFO.sub(strip, text)
-
-
 @dataclass(frozen=True)
 class TrackingInfo:
     """Everything a worker needs to log into a search's MLflow runs (pickles; no client inside).
 
-    ``uri`` is the store as shown and written to files (:func:`redact_uri`); ``client_uri`` the one
+    ``uri`` is the store as shown and written to files (:func:`lrsearch.redact.redact_uri`); ``client_uri`` the one
     the client connects to, the same unless it carries credentials (held in memory only).
     """
 

@@ -7,8 +7,8 @@ import json
 import re
 from typing import Any
 
+from lrsearch.protocol import REPLAY_FILE
 from lrsearch.storage import filesystem, listing
-from lrsearch.trial import REPLAY_FILE
 
 
 def checkpoint_dirs(fs: Any, trial_dir: str) -> dict[int, str]:

@@ -5,25 +5,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lrsearch.config import JobConfig, in_ray_job
+from lrsearch.engine import Horizon
 from lrsearch.errors import ConfigError, Interrupted
 from lrsearch.extras import check_job
-from lrsearch.protocol import Trial, worst_metric
+from lrsearch.protocol import Trial, checkpoint_epochs, worst_metric
+from lrsearch.recipe import Recipe
+from lrsearch.report import dropped_text
 from lrsearch.space import SpaceSampler
 from lrsearch.tasks import Task
 from lrsearch.tracking import resolve_tracking
 from lrsearch.trial import (
     TaskSource,
-    checkpoint_epochs,
     metric_key,
-    recipe,
     run_trial,
-    steps_per_epoch,
-    total_steps,
+    trial_horizon,
     user_loop,
 )
 from lrsearch.tuning import results as res
@@ -70,7 +69,7 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         if job.search.warm_start and not resume_tune else []
     started_ray = init_ray(address, verbose)
     try:
-        check_resources(job, joined=not started_ray)  # before anything else starts
+        check_resources(job.resources, joined=not started_ray)  # before anything else starts
         tracker = start_tracker(job, root, resume) if track else None
         source = TaskSource.of(job, task)
         # with the user's loop, the task (if any) is the range test's only
@@ -93,7 +92,7 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
                 ws.write_report(warm_report, out)
             if not warm_trials:
                 notes.append(warn("search.warm_start: no trial of the earlier searches fits this one "
-                                  f"(dropped: {ws.dropped_text(warm_report)})", show_progress))
+                                  f"(dropped: {dropped_text(warm_report)})", show_progress))
         if tracker is not None and not resume_tune:
             log_setup(tracker, job, built.name if built else loop.name, metric, out, range_test, space)
             if warm_report:
@@ -101,13 +100,13 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         ledger = Ledger.for_search(job.search, gpu=job.resources.gpu, metric=metric, mode=mode)
         progress = LiveProgress(ledger, show_progress and not verbose, tracker=tracker, print_line=in_ray_job())
         if resume_tune:
-            fill_replaced_checkpoints(f"{root}/{TUNE_DIR}", checkpoint_epochs(job))
+            fill_replaced_checkpoints(f"{root}/{TUNE_DIR}", checkpoint_epochs(job.search))
         from ray import tune
 
         trainable = tune.with_parameters(run_trial, source=source, tracking=tracker.info if tracker else None,
                                          loop=loop)
         tuner, searcher = build_tuner(
-            job, trainable, sampler=SpaceSampler(space), first_points=first_points(job, space, range_test),
+            job.search, job.resources, job.name, trainable, sampler=SpaceSampler(space), first_points=first_points(job, space, range_test),
             metric=metric, mode=mode, root=root, study_path=str(out / "optuna.db") if out else None,
             resume=resume_tune, callbacks=[progress], verbose=verbose, ledger=ledger, warm_trials=warm_trials)
         with CtrlC() as ctrl_c:
@@ -124,8 +123,8 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         raise Interrupted(f"search {job.name!r} stopped with {len(grid) - len(progress.running)} of "
                           f"{job.search.num_trials} trials finished; its state and checkpoints are kept in {root}")
 
-    horizon = _horizon(job, built if loop is None else None, grid, metric, mode)
-    result = _collect(job, horizon, grid, searcher, out, range_test, notes, root)
+    horizon = _horizon(job, built if loop is None else None, grid)
+    result = _collect(job, horizon, (metric, mode), grid, searcher, out, range_test, notes, root)
     result.warm_start = warm_report
     result.progress = ledger.snapshot(finished=True)
     if tracker is not None:
@@ -141,31 +140,23 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
     return result
 
 
-@dataclass(frozen=True)
-class Horizon:
-    """What a search's trials ranked by and trained: the objective, and optimizer steps."""
-
-    metric: str
-    mode: str
-    steps_per_epoch: int
-    total_steps: int
-
-
-def _horizon(job: JobConfig, task: Task | None, grid, metric: str, mode: str) -> Horizon:
-    """The built-in loop's steps come from the task; a user's loop says them to its scheduler,
-    and its trials report them (``total_steps``)."""
+def _horizon(job: JobConfig, task: Task | None, grid) -> Horizon:
+    """The trials' length: the built-in loop's comes from the task; a user's loop says it to its
+    scheduler, and its trials report it (``total_steps``)."""
     if task is not None:
-        return Horizon(metric, mode, steps_per_epoch(job, task), total_steps(job, task))
+        return trial_horizon(task, job.train.gradient_accumulation_steps, job.search.max_steps_per_epoch,
+                             job.search.max_epochs)
     told = [int((r.metrics or {}).get("total_steps") or 0) for r in grid]
     total = max(told, default=0) or job.search.max_epochs
-    return Horizon(metric, mode, max(1, total // job.search.max_epochs), total)
+    return Horizon(max(1, total // job.search.max_epochs), total)
 
 
-def _collect(job: JobConfig, horizon: Horizon, grid, searcher, out: Path | None, range_test: dict | None,
+def _collect(job: JobConfig, horizon: Horizon, objective: tuple[str, str], grid, searcher, out: Path | None,
+             range_test: dict | None,
              notes: list[str], root: str) -> res.SearchResult:
     """Typed results from Ray Tune's grid; checkpoints pruned; the table, best config and study
     written once."""
-    per_epoch, s, metric, mode = horizon.steps_per_epoch, job.search, horizon.metric, horizon.mode
+    per_epoch, s, (metric, mode) = horizon.steps_per_epoch, job.search, objective
     total = horizon.total_steps
     study = searcher.study if searcher is not None else _saved_study(job, out)
     results = list(grid)
@@ -174,7 +165,7 @@ def _collect(job: JobConfig, horizon: Horizon, grid, searcher, out: Path | None,
     trials = res.trial_records(results, metric=metric, max_epochs=s.max_epochs, total_steps=total)
     best = res.best_config(trials, mode=mode, metric=metric, optimizer=job.optimizer.model_dump(mode="json"),
                            epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total,
-                           train=recipe(job).to_dict())
+                           train=Recipe.of(job.train).to_dict())
     result = res.SearchResult(best=best, trials=trials, metric=metric, mode=mode, range_test=range_test,
                               steps_per_epoch=per_epoch, importances=importances(study) if study else {},
                               notes=notes, paths={"results": root, "ray_results": f"{root}/{TUNE_DIR}"})

@@ -73,18 +73,19 @@ def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, 
     if resume and saved is not None and saved.is_file():
         return json.loads(saved.read_text())
     from lrsearch.console import RangeTestProgress
-    from lrsearch.finder import find_lr, range_test_steps, save_range_test
+    from lrsearch.finder import find_lr, local_dir, save_range_test
 
-    with RangeTestProgress(range_test_steps(job, task), enabled=show) as bar:
+    # its length (range_test.num_steps: auto) is known once find_lr starts: the bar learns it
+    with RangeTestProgress(100, enabled=show) as bar:
         _, result = find_lr(job, task=task, progress=bar.callback)
-    return save_range_test(job, task.name, result)["range_test"]
+    return save_range_test(local_dir(job.results_dir(), job.name), job.name, task.name, result)["range_test"]
 
 
 def first_points(job: JobConfig, space: SearchSpace, range_test: dict | None) -> list[dict[str, Any]]:
     """The trials run before the searcher's own: the job's ``search.start_points``, then the range
     test's consensus suggestion (their geometric mean / 3, clipped into the space) with the space's
     default schedule, and with the ``schedule_free`` arm where the space has one."""
-    points = [_flat(p) for p in job.search.start_points]
+    points = [_optuna_names(p) for p in job.search.start_points]
     if range_test:
         s = [v for v in range_test["suggestions"].values() if v]
         low, high = space.max_lr_prior.low, space.max_lr_prior.high
@@ -97,7 +98,7 @@ def first_points(job: JobConfig, space: SearchSpace, range_test: dict | None) ->
     return points
 
 
-def _flat(point: dict[str, Any]) -> dict[str, Any]:
+def _optuna_names(point: dict[str, Any]) -> dict[str, Any]:
     """``{max_lr, schedule, warmup_frac}`` -> Optuna's names ``{max_lr, schedule, linear/warmup_frac}``."""
     top = {"max_lr", "schedule", "weight_decay", "layer_decay"}
     name = point["schedule"]

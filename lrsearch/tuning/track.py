@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 
 from lrsearch.config import JobConfig
+from lrsearch.redact import redact_uri
 from lrsearch.tracking import SearchTracker
-from lrsearch.tracking.store import redact_uri
 from lrsearch.tuning.results import SearchResult, TrialState
 
 

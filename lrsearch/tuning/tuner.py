@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import JobConfig
+from lrsearch.config import ResourcesConfig, SearchConfig
 from lrsearch.errors import SearchError
 from lrsearch.tuning.budget import BudgetedSearch, BudgetScheduler, Ledger
 from lrsearch.tuning.checkpoints import keep_latest_checkpoint
@@ -52,7 +52,7 @@ def _fits(node: dict[str, float], need: dict[str, float]) -> bool:
     return all(node.get(k, 0.0) >= v for k, v in need.items() if v)
 
 
-def check_resources(job: JobConfig, *, joined: bool) -> None:
+def check_resources(r: ResourcesConfig, *, joined: bool) -> None:
     """Fail before anything starts when no node of the Ray cluster can hold one trial (Ray Tune
     would leave the search pending forever), or wait ``resources.wait_for_node_s`` for one
     (default: 600 s on a cluster the search ``joined``, where an autoscaler may add the node).
@@ -63,7 +63,6 @@ def check_resources(job: JobConfig, *, joined: bool) -> None:
     """
     import ray
 
-    r = job.resources
     need = {"CPU": r.cpu, "GPU": r.gpu}
     wait = r.wait_for_node_s if r.wait_for_node_s is not None else (600.0 if joined else 0.0)
     deadline, said = time.monotonic() + wait, False
@@ -105,10 +104,9 @@ def tune_state_exists(root: str) -> bool:
     return tune.Tuner.can_restore(tune_path)
 
 
-def _scheduler(job: JobConfig) -> Any:
+def _scheduler(s: SearchConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    s = job.search
     if s.early_stopping == "none":
         return FIFOScheduler()
     # Tune hands its metric to a scheduler without one of its own; one ranking by another metric
@@ -118,23 +116,22 @@ def _scheduler(job: JobConfig) -> Any:
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor, **own)
 
 
-def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: list[dict],
+def build_tuner(s: SearchConfig, resources: ResourcesConfig, name: str, trainable: Any, *, sampler: Any, first_points: list[dict],
                 metric: str, mode: str, root: str, study_path: str | None, resume: bool,
                 callbacks: list[Any], verbose: bool, ledger: Ledger,
                 warm_trials: list[Any] = ()) -> tuple[Any, PrunedAwareOptunaSearch | None]:
-    """The ``Tuner`` for a job, and its searcher (``None`` when restored: Tune restores it).
+    """The ``Tuner`` for a job's search (``s``; ``resources`` per trial; ``name``: the study's), and its searcher (``None`` when restored: Tune restores it).
     The ``ledger`` holds the job's budget and decides which trials start and train on.
     ``warm_trials`` seed a fresh search's study (``search.warm_start``); a restored one has them."""
     from ray import tune
 
-    s = job.search
     if not verbose:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     # a job's start_points may lie outside the space (a default config to compare with): intended
     warnings.filterwarnings("ignore", message=r"Fixed parameter .* is out of range")
-    trainable = tune.with_resources(trainable, {"cpu": job.resources.cpu, "gpu": job.resources.gpu})
+    trainable = tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
     tune_path = f"{root}/{TUNE_DIR}"
     if resume:
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
@@ -150,10 +147,10 @@ def build_tuner(job: JobConfig, trainable: Any, *, sampler: Any, first_points: l
     searcher = PrunedAwareOptunaSearch(
         space=sampler, metric=metric, mode=mode, points_to_evaluate=first_points or None,
         sampler=make_sampler(s.algorithm, seed=s.seed, num_trials=s.num_trials),
-        storage=study_storage(study_path), study_name=job.name, max_t=s.max_epochs, num_trials=s.num_trials,
+        storage=study_storage(study_path), study_name=name, max_t=s.max_epochs, num_trials=s.num_trials,
         warm_trials=warm_trials,
     )
-    scheduler = _scheduler(job)
+    scheduler = _scheduler(s)
     if getattr(scheduler, "metric", None):  # ranks by its own metric; the searcher keeps the objective
         metric, mode = None, None
     tuner = tune.Tuner(

@@ -29,7 +29,7 @@ from typing import Any
 from lrsearch.errors import ConfigError
 from lrsearch.space import SearchSpace, SpaceSampler
 
-__all__ = ["PastSearch", "dropped_text", "read_past_searches", "saved_report", "seed_trials", "write_report"]
+__all__ = ["PastSearch", "read_past_searches", "saved_report", "seed_trials", "write_report"]
 
 REPORT_FILE = "warm_start.json"
 
@@ -217,14 +217,6 @@ def _inside(dist: Any, value: Any) -> Any:
     if isinstance(value, str) or not dist.low <= value <= dist.high:
         return None
     return value
-
-
-def dropped_text(report: dict[str, Any]) -> str:
-    """The trials a report left out, by reason: ``2 schedule 'step' not in this space, 1 errored``."""
-    reasons: Counter[str] = Counter()
-    for source in report["sources"]:
-        reasons.update(source["dropped"])
-    return ", ".join(f"{n} {why}" for why, n in reasons.most_common()) or "none"
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:

@@ -1,0 +1,219 @@
+"""The final run's Ray task: every candidate trained at the horizon by the engine, the best by
+validation kept, scored once on the held-out test split, logged."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrsearch.divergence import DivergenceMonitor
+from lrsearch.engine import (
+    EpochEnd,
+    Horizon,
+    Training,
+    checkpoint_state,
+    fit,
+    load_state,
+    trainable_state,
+)
+from lrsearch.errors import SearchError
+from lrsearch.final.found import Candidate
+from lrsearch.final.state import CandidateReport, save_state
+from lrsearch.protocol import trial_device
+from lrsearch.recipe import Stepper, autocast_for
+from lrsearch.tasks import Task, evaluate
+from lrsearch.trial import TaskSource, build_run, loader_steps, metric_key, worst_value
+
+__all__ = ["FinalSink", "Plan", "horizon_of", "train_on_worker"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the Ray task trains: how (``training``), which configs, for how long (``epochs`` or
+    ``steps``; neither: ``default_epochs``)."""
+
+    training: Training
+    candidates: tuple[Candidate, ...]
+    epochs: int | None
+    steps: int | None
+    default_epochs: int
+
+
+def horizon_of(task: Task, plan: Plan) -> Horizon:
+    """The horizon in optimizer steps: ``steps``, or ``epochs`` (default: the search's
+    ``max_epochs``) whole passes over the train loader."""
+    per_epoch = loader_steps(task, plan.training.recipe.accumulation_steps)
+    total = plan.steps if plan.steps is not None else per_epoch * (plan.epochs or plan.default_epochs)
+    return Horizon(per_epoch, total)
+
+
+def train_on_worker(source: TaskSource, plan: Plan, out: str, *, run=None, register: str | None = None,
+                    tags: dict[str, str] | None = None, dry: bool = False) -> dict[str, Any]:
+    """Train every candidate at the horizon, keep the best by validation, test it, log it.
+
+    With ``dry`` only the horizon and the task's name (the task is built here, where it trains, so
+    a bad ``--steps`` or accumulation fails before the MLflow run opens)."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    task = source.get()
+    horizon = horizon_of(task, plan)
+    if dry:
+        return {"horizon": horizon, "task": task.name}
+    device, out_dir = trial_device(), Path(out)
+    state = json.loads((out_dir / "state.json").read_text())
+    done: dict[str, dict[str, Any]] = state.setdefault("done", {})
+    resumed_from = 0
+    for i, cand in enumerate(plan.candidates):
+        if cand.trial_id in done:  # a resume: this one finished before the kill (its last epoch)
+            resumed_from = max(resumed_from, done[cand.trial_id]["epochs"])
+            continue
+        prefix = f"top{i + 1}." if len(plan.candidates) > 1 else ""
+        report, start = train_one(plan.training, task, cand, horizon, out_dir, device, run, prefix)
+        resumed_from = max(resumed_from, start)
+        done[cand.trial_id] = report.to_dict()
+        save_state(out_dir, state)
+    reports = {c.trial_id: CandidateReport.of(done[c.trial_id]) for c in plan.candidates}
+    chosen = _choose(plan.candidates, reports, task, horizon, run)
+    test, model_uri, registered = _test_and_log(plan, task, chosen, reports[chosen.trial_id], horizon, out_dir,
+                                                device, run, register, tags)
+    report = reports[chosen.trial_id]
+    return {"test_metric": None if test is None else test[task.metric],
+            "test_loss": None if test is None else test["loss"], "val_metric": report.val_metric,
+            "metric": task.metric, "mode": task.mode, "model_uri": model_uri, "registered": registered,
+            "trial_id": chosen.trial_id, "config": chosen.config,
+            "candidates": [{"trial_id": c.trial_id, "search_value": c.search_value, **reports[c.trial_id].to_dict()}
+                           for c in plan.candidates],
+            "epochs": horizon.epochs, "total_steps": horizon.total_steps,
+            "steps_per_epoch": horizon.steps_per_epoch, "resumed_from_epoch": resumed_from}
+
+
+def _choose(candidates: tuple[Candidate, ...], reports: dict[str, CandidateReport], task: Task, horizon: Horizon,
+            run) -> Candidate:
+    """The candidate with the best final validation score among those that did not diverge."""
+    finished = [c for c in candidates if not reports[c.trial_id].diverged]
+    if not finished:
+        if run is not None:
+            run.log(tags={"lrsearch.state": "diverged"})
+        raise SearchError(f"the final run diverged for every config trained ({len(candidates)}): NaN or "
+                          f"exploding loss at the {horizon.total_steps}-step horizon; try --top-k "
+                          "with more configs, or a shorter horizon")
+    return (max if task.mode == "max" else min)(finished, key=lambda c: reports[c.trial_id].val_metric)
+
+
+def _test_and_log(plan: Plan, task: Task, chosen: Candidate, report: CandidateReport, horizon: Horizon,
+                  out_dir: Path, device: torch.device, run, register: str | None,
+                  tags: dict[str, str] | None) -> tuple[dict[str, float] | None, str | None, dict | None]:
+    """The chosen weights scored once on the test split, saved as ``model.pt`` (the others'
+    deleted), and logged with their scores to the MLflow run (a registry version with ``register``)."""
+    model, _, _, _ = build_run(plan.training.optimizer, task, chosen.config, device, horizon.total_steps)
+    model.load_state_dict(torch.load(out_dir / f"{chosen.trial_id}.final.pt", map_location=device,
+                                     weights_only=False), strict=False)
+    test = None
+    if task.test_loader is not None:
+        autocast = autocast_for(plan.training.recipe.precision, device)
+        test = evaluate(model, task, device, loader=task.test_loader, autocast=autocast)
+    torch.save(model.state_dict(), out_dir / "model.pt")
+    for cand in plan.candidates:  # the others' weights are not needed any more
+        if cand.trial_id != chosen.trial_id:
+            (out_dir / f"{cand.trial_id}.final.pt").unlink(missing_ok=True)
+    if run is None:
+        return test, None, None
+    # one config: its epochs logged these already; top-k: the chosen one's, unprefixed
+    key = metric_key(task)
+    final = {key: report.val_metric, "val_loss": report.val_loss} if len(plan.candidates) > 1 else {}
+    if test is not None:
+        final.update({f"test_{task.metric}": test[task.metric], "test_loss": test["loss"]})
+    schedule = chosen.config["schedule"]
+    run.log(metrics=final, step=horizon.epochs,
+            params={"trial_id": chosen.trial_id, "max_lr": chosen.config["max_lr"], "schedule": schedule,
+                    **{f"{schedule}.{k}": v for k, v in (chosen.config.get(schedule) or {}).items()}},
+            tags={"lrsearch.state": "finished"})
+    version_tags = {**(tags or {}), "trial_id": chosen.trial_id, "run_id": run.run_id,
+                    "config": json.dumps(chosen.config, sort_keys=True, default=str),
+                    f"val_{task.metric}": f"{report.val_metric:.6g}"}
+    if test is not None:
+        version_tags[f"test_{task.metric}"] = f"{test[task.metric]:.6g}"
+    model_uri, registered = run.log_model(model.cpu().eval(), register=register, tags=version_tags,
+                                          input_example=_input_example(task))
+    return test, model_uri, registered
+
+
+def _input_example(task: Task) -> Any:
+    """Two validation inputs as a numpy array, for a model that takes one tensor (``None`` for
+    models taking a mapping, such as Hugging Face ones: no example, no signature)."""
+    inputs = next(iter(task.val_loader))[0]
+    return inputs[:2].float().cpu().numpy() if isinstance(inputs, torch.Tensor) else None
+
+
+def train_one(training: Training, task: Task, cand: Candidate, horizon: Horizon, out: Path,
+              device: torch.device, run, prefix: str) -> tuple[CandidateReport, int]:
+    """One config over the whole horizon (:func:`lrsearch.engine.fit`), a checkpoint after each
+    epoch. Returns its report and the epoch it started from."""
+    torch.manual_seed(training.seed)
+    model, optimizer, scheduler, _ = build_run(training.optimizer, task, cand.config, device, horizon.total_steps)
+    stepper = Stepper(training.recipe, model, optimizer, task.criterion, device)
+    monitor = training.monitor()
+    ckpt, start = out / f"{cand.trial_id}.pt", 0
+    if ckpt.is_file():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        load_state(saved, stepper, scheduler, monitor)
+        start = saved["epoch"]
+    logged = run.logged_epochs(f"{prefix}{metric_key(task)}") if run is not None and start else 0
+    sink = FinalSink(task, cand, horizon, out, run, prefix, logged, stepper, scheduler, monitor)
+    last = fit(task, stepper, scheduler, monitor, horizon, seed=training.seed, sink=sink, start_epoch=start)
+    metrics = sink.metrics
+    if not metrics and ckpt.is_file():  # resumed after its last epoch was saved
+        metrics = torch.load(ckpt, map_location="cpu", weights_only=False).get("metrics", {})
+    diverged = last is not None and last.diverged
+    if not diverged:
+        torch.save(trainable_state(model), out / f"{cand.trial_id}.final.pt")
+    ckpt.unlink(missing_ok=True)
+    report = CandidateReport(val_metric=metrics.get(task.metric, worst_value(task)),
+                             val_loss=metrics.get("loss", 1e9), diverged=diverged, epochs=horizon.epochs)
+    return report, start
+
+
+class FinalSink:
+    """The engine's epochs of one final-run candidate: logged to its MLflow run (``prefix``: which
+    candidate), shown in ``progress.json``, checkpointed for ``--resume``."""
+
+    def __init__(self, task: Task, cand: Candidate, horizon: Horizon, out: Path, run, prefix: str,
+                 logged: int, stepper: Stepper, scheduler, monitor: DivergenceMonitor) -> None:
+        self.task, self.cand, self.horizon, self.out, self.run, self.prefix = task, cand, horizon, out, run, prefix
+        self.logged, self.stepper, self.scheduler, self.monitor = logged, stepper, scheduler, monitor
+        self.metrics: dict[str, float] = {}
+
+    def replaying(self, epoch: int) -> bool:
+        return False
+
+    def end_epoch(self, end: EpochEnd) -> bool:
+        prefix, key = self.prefix, metric_key(self.task)
+        log = self.run is not None and end.epoch > self.logged  # killed after logging it, before its checkpoint
+        if log:
+            self.run.log(series=(f"{prefix}lr_step", end.lrs, (end.epoch - 1) * self.horizon.steps_per_epoch))
+        if end.diverged:
+            self.metrics = {"val_loss": 1e9, self.task.metric: worst_value(self.task)}
+            if log:
+                self.run.log(metrics={f"{prefix}train_loss": end.train_loss, f"{prefix}diverged": 1.0},
+                             step=end.epoch)
+            return True
+        self.metrics = metrics = end.scores or {}
+        if log:
+            self.run.log(metrics={f"{prefix}{key}": metrics[self.task.metric], f"{prefix}val_loss": metrics["loss"],
+                                  f"{prefix}train_loss": end.train_loss,
+                                  f"{prefix}lr": max(g["lr"] for g in self.stepper.optimizer.param_groups)},
+                         step=end.epoch)
+        (self.out / "progress.json").write_text(
+            f"final run: trial {self.cand.trial_id}{f' ({prefix[:-1]})' if prefix else ''}, epoch {end.epoch}/"
+            f"{self.horizon.epochs}: train loss {end.train_loss:.4f}, {key} {metrics[self.task.metric]:.4f}")
+        state = checkpoint_state(end.epoch, model=self.stepper.model, optimizer=self.stepper.optimizer,
+                                 scheduler=self.scheduler, monitor=self.monitor, tracked={"stepper": self.stepper},
+                                 metrics=metrics)
+        ckpt = self.out / f"{self.cand.trial_id}.pt"
+        torch.save(state, ckpt.with_suffix(".pt.tmp"))
+        os.replace(ckpt.with_suffix(".pt.tmp"), ckpt)
+        return False
