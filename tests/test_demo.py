@@ -20,6 +20,8 @@ def test_demo_range_test_fits_the_trials_horizon(quick):
     assert s.grace_period * steps_per_epoch >= 48
     # the bounds never go below the sweep's first LR: no trial gets a max_lr its horizon cannot use
     assert rt.start_lr >= 1e-4
-    # the sweep sees at most as many batches as one trial
+    # the sweep sees at most as many batches as one trial, in the trials' own batches: a larger
+    # batch holds a higher LR (accumulating 2 gave bounds up to 2.5e-3, where a trial collapsed)
     assert rt.num_steps * (rt.accumulation_steps or 1) <= s.max_epochs * steps_per_epoch
+    assert (rt.accumulation_steps or job.train.gradient_accumulation_steps) == 1
 
