@@ -13,12 +13,9 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lrsearch.errors import MissingExtra
-
-if TYPE_CHECKING:
-    from lrsearch.config import JobConfig
 
 __all__ = ["MINILM_INSTALL", "PACKAGES", "MissingExtra", "check_demo", "check_job", "check_task",
            "check_tracking_uri", "install_hint", "missing", "require"]
@@ -149,21 +146,22 @@ def check_tracking_uri(uri: str) -> None:
         _check("psycopg", f"tracking.uri {scheme}://")
 
 
-def check_job(job: JobConfig, *, own_task: bool = False, track: bool = True,
-              tracking_uri: str | None = None) -> None:
-    """Check, before anything starts, that the packages the job's task and tracking store need are
-    installed here (looked up, not imported).
+def check_job(task: Any, tracking_uri: str | None, *, own_task: bool = False, track: bool = True) -> None:
+    """Check, before anything starts, that the packages a job's ``task`` section and tracking store
+    need are installed here (looked up, not imported).
 
     Args:
+        task: the job's ``task`` section (``None``: none).
+        tracking_uri: the store the run logs to (the job's ``tracking.uri``; ``None``:
+            ``MLFLOW_TRACKING_URI``, else none).
         own_task: the caller brings its own task (``task=``): the job's ``task`` section is not built.
-        track: whether the run logs to MLflow; tracking_uri: the store it logs to (default: the
-            job's ``tracking.uri``, else ``MLFLOW_TRACKING_URI``).
+        track: whether the run logs to MLflow.
 
     Raises:
         MissingExtra: one line naming the first missing package and the ``pip install`` for it.
     """
     if not own_task:
-        check_task(job.task)
-    uri = tracking_uri or job.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        check_task(task)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if track and uri:
         check_tracking_uri(uri)

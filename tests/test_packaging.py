@@ -139,14 +139,14 @@ def test_job_check_names_the_first_missing_package(monkeypatch):
 
     image = load_job({"name": "img", "task": {"kind": "image_classification"}})
     text = load_job({"name": "txt", "task": {"kind": "text_classification", "peft": {}}})
-    check_job(image)
-    check_job(text)
+    check_job(image.task, None)
+    check_job(text.task, None)
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(MissingExtra, match=r"^task.model 'efficientnet-lite0' needs efficientnet-lite-pytorch: "
                                            r"pip install 'lrsearch\[vision\]'$"):
-        check_job(image)
-    check_job(image, own_task=True)  # the caller brings its task: the job's section is not built
+        check_job(image.task, None)
+    check_job(image.task, None, own_task=True)  # the caller brings its task: the job's section is not built
     with pytest.raises(MissingExtra, match=r"^task.peft needs peft: pip install 'lrsearch\[peft\]'$"):
         check_task(text.task)
     monkeypatch.setitem(sys.modules, "transformers", None)

@@ -115,7 +115,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     from lrsearch.tracking import resolve_tracking  # MLflow: imported once the options are good
 
     uri, experiment = resolve_tracking(tracking_uri or job.tracking.uri, job.tracking.experiment, job.name)
-    check_job(job, own_task=task is not None, track=track, tracking_uri=uri)  # a missing extra: one line
+    check_job(job.task, uri, own_task=task is not None, track=track)  # a missing extra: one line
     found = read_found(search, uri, experiment, track)
     chosen, recipe = candidates(found, top_k), Recipe.of(job.train)
     notes = _notes(top_k, chosen, recipe, found.best)

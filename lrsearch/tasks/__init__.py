@@ -8,8 +8,11 @@ worker: the config pickles, the loaders need not).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lrsearch.errors import ConfigError
 from lrsearch.extras import check_task
 from lrsearch.tasks.base import Task, evaluate, forward, model_loss, move_to_device, reseed
 from lrsearch.tasks.synthetic import synthetic_task
@@ -21,12 +24,10 @@ __all__ = ["Task", "build_task", "evaluate", "forward", "model_loss", "move_to_d
            "synthetic_task"]
 
 
-def _maybe_path(job: JobConfig, value: str) -> str:
-    # A value that names an existing file or directory relative to the job file is a path;
-    # anything else (a built-in alias, a hub id) is passed through unchanged.
-    candidate = job.resolve(value)
-    from pathlib import Path
-
+def _maybe_path(resolve: Callable[[str], str], value: str) -> str:
+    # A value that names an existing file or directory relative to the job file (``resolve``: the
+    # job's) is a path; anything else (a built-in alias, a hub id) is passed through unchanged.
+    candidate = resolve(value)
     return candidate if Path(candidate).exists() else value
 
 
@@ -38,8 +39,6 @@ def build_task(job: JobConfig) -> Task:
     """
     cfg = job.task
     if cfg is None:
-        from lrsearch.errors import ConfigError
-
         raise ConfigError("task: missing; this job has no task section to build (allowed: a task "
                           "section, or a search with its own training loop)")
     check_task(cfg)  # a missing extra: one line naming the pip install that brings it
@@ -49,17 +48,17 @@ def build_task(job: JobConfig) -> Task:
     if cfg.kind == "text_classification":
         from lrsearch.tasks.text import text_classification_task
 
-        options.update(model=_maybe_path(job, cfg.model), dataset=_maybe_path(job, cfg.dataset))
+        options.update(model=_maybe_path(job.resolve, cfg.model), dataset=_maybe_path(job.resolve, cfg.dataset))
         return text_classification_task(**options)
     if cfg.kind == "language_modeling":
         from lrsearch.tasks.lm import language_modeling_task
 
-        options.update(model=_maybe_path(job, cfg.model), dataset=_maybe_path(job, cfg.dataset))
+        options.update(model=_maybe_path(job.resolve, cfg.model), dataset=_maybe_path(job.resolve, cfg.dataset))
         return language_modeling_task(**options)
     if cfg.kind == "image_classification":
         from lrsearch.tasks.image import image_classification_task
 
-        options.update(model=cfg.model, dataset=_maybe_path(job, cfg.dataset))
+        options.update(model=cfg.model, dataset=_maybe_path(job.resolve, cfg.dataset))
         if cfg.weights is not None:
             options["weights"] = job.resolve(cfg.weights)
         return image_classification_task(**options)

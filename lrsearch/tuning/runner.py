@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import JobConfig, in_ray_job
+from lrsearch.config import JobConfig, SearchConfig, in_ray_job
 from lrsearch.engine import Horizon
 from lrsearch.errors import ConfigError, Interrupted
 from lrsearch.extras import check_job
@@ -54,7 +54,7 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
     if loop is None and task is None and job.task is None:
         raise ConfigError("task: missing; a job needs a task section, unless the search gets its "
                           "own training loop (train_fn=, or an integration) or task=")
-    check_job(job, own_task=task is not None, track=track)  # a missing extra: one line, before anything
+    check_job(job.task, job.tracking.uri, own_task=task is not None, track=track)  # a missing extra: one line, before anything
     if num_trials is not None:
         job = job.model_copy(update={"search": job.search.model_copy(update={"num_trials": num_trials})})
     root = job.results_dir()
@@ -63,14 +63,14 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         # directory (ray-project/ray#52343): run from the results directory instead.
         Path(root).mkdir(parents=True, exist_ok=True)
         os.chdir(root)
-    out, resume_tune, notes = prepare_dir(job, root, resume, show_progress)
+    out, resume_tune, notes = prepare_dir(job.name, root, resume, show_progress)
     # the earlier searches are read before anything starts: a bad search.warm_start fails here
     past = ws.read_past_searches(job.search.warm_start, resolve_tracking(job.tracking.uri, None, job.name)[0]) \
         if job.search.warm_start and not resume_tune else []
     started_ray = init_ray(address, verbose)
     try:
         check_resources(job.resources, joined=not started_ray)  # before anything else starts
-        tracker = start_tracker(job, root, resume) if track else None
+        tracker = start_tracker(job.tracking, job.name, root, resume) if track else None
         source = TaskSource.of(job, task)
         # with the user's loop, the task (if any) is the range test's only
         built = source.get() if loop is None or task is not None or job.task is not None else None
@@ -105,8 +105,9 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
 
         trainable = tune.with_parameters(run_trial, source=source, tracking=tracker.info if tracker else None,
                                          loop=loop)
+        points = first_points(job.search.start_points, space, range_test)
         tuner, searcher = build_tuner(
-            job.search, job.resources, job.name, trainable, sampler=SpaceSampler(space), first_points=first_points(job, space, range_test),
+            job.search, job.resources, job.name, trainable, sampler=SpaceSampler(space), first_points=points,
             metric=metric, mode=mode, root=root, study_path=str(out / "optuna.db") if out else None,
             resume=resume_tune, callbacks=[progress], verbose=verbose, ledger=ledger, warm_trials=warm_trials)
         with CtrlC() as ctrl_c:
@@ -123,8 +124,11 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         raise Interrupted(f"search {job.name!r} stopped with {len(grid) - len(progress.running)} of "
                           f"{job.search.num_trials} trials finished; its state and checkpoints are kept in {root}")
 
-    horizon = _horizon(job, built if loop is None else None, grid)
-    result = _collect(job, horizon, (metric, mode), grid, searcher, out, range_test, notes, root)
+    horizon = _horizon(job.search, job.train.gradient_accumulation_steps, built if loop is None else None, grid)
+    study = searcher.study if searcher is not None else _saved_study(job.name, out)
+    result = _collect(job.search, horizon, (metric, mode), grid, study, out, range_test, notes, root,
+                      optimizer=job.optimizer.model_dump(mode="json"), recipe=Recipe.of(job.train),
+                      resumed=searcher is None)
     result.warm_start = warm_report
     result.progress = ledger.snapshot(finished=True)
     if tracker is not None:
@@ -140,32 +144,30 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
     return result
 
 
-def _horizon(job: JobConfig, task: Task | None, grid) -> Horizon:
-    """The trials' length: the built-in loop's comes from the task; a user's loop says it to its
-    scheduler, and its trials report it (``total_steps``)."""
+def _horizon(s: SearchConfig, accumulate: int, task: Task | None, grid) -> Horizon:
+    """The trials' length: the built-in loop's comes from the task (``accumulate``: batches per
+    optimizer step); a user's loop says it to its scheduler, and its trials report it (``total_steps``)."""
     if task is not None:
-        return trial_horizon(task, job.train.gradient_accumulation_steps, job.search.max_steps_per_epoch,
-                             job.search.max_epochs)
+        return trial_horizon(task, accumulate, s.max_steps_per_epoch, s.max_epochs)
     told = [int((r.metrics or {}).get("total_steps") or 0) for r in grid]
-    total = max(told, default=0) or job.search.max_epochs
-    return Horizon(max(1, total // job.search.max_epochs), total)
+    total = max(told, default=0) or s.max_epochs
+    return Horizon(max(1, total // s.max_epochs), total)
 
 
-def _collect(job: JobConfig, horizon: Horizon, objective: tuple[str, str], grid, searcher, out: Path | None,
-             range_test: dict | None,
-             notes: list[str], root: str) -> res.SearchResult:
-    """Typed results from Ray Tune's grid; checkpoints pruned; the table, best config and study
-    written once."""
-    per_epoch, s, (metric, mode) = horizon.steps_per_epoch, job.search, objective
-    total = horizon.total_steps
-    study = searcher.study if searcher is not None else _saved_study(job, out)
+def _collect(s: SearchConfig, horizon: Horizon, objective: tuple[str, str], grid, study, out: Path | None,
+             range_test: dict | None, notes: list[str], root: str, *, optimizer: dict[str, Any], recipe: Recipe,
+             resumed: bool) -> res.SearchResult:
+    """Typed results from Ray Tune's grid (``study``: the search's Optuna study); checkpoints
+    pruned; the table, best config and study written once. ``optimizer`` and ``recipe``: what the
+    trials trained with, recorded in the best config."""
+    per_epoch, (metric, mode), total = horizon.steps_per_epoch, objective, horizon.total_steps
     results = list(grid)
-    if searcher is None and study is not None:  # resumed: Tune's restored state may lack some trials
+    if resumed and study is not None:  # resumed: Tune's restored state may lack some trials
         results += _unknown_to_tune(study, results, f"{root}/{TUNE_DIR}")
     trials = res.trial_records(results, metric=metric, max_epochs=s.max_epochs, total_steps=total)
-    best = res.best_config(trials, mode=mode, metric=metric, optimizer=job.optimizer.model_dump(mode="json"),
+    best = res.best_config(trials, mode=mode, metric=metric, optimizer=optimizer,
                            epochs=s.max_epochs, steps_per_epoch=per_epoch, total_steps=total,
-                           train=Recipe.of(job.train).to_dict())
+                           train=recipe.to_dict())
     result = res.SearchResult(best=best, trials=trials, metric=metric, mode=mode, range_test=range_test,
                               steps_per_epoch=per_epoch, importances=importances(study) if study else {},
                               notes=notes, paths={"results": root, "ray_results": f"{root}/{TUNE_DIR}"})
@@ -202,13 +204,13 @@ def _unknown_to_tune(study, results: list, tune_path: str) -> list:
     return found
 
 
-def _saved_study(job: JobConfig, out: Path | None):
-    """The study of a resumed search, from its Optuna storage next to the results."""
+def _saved_study(name: str, out: Path | None):
+    """The study of the resumed search ``name``, from its Optuna storage next to the results."""
     if out is None or not (out / "optuna.db").is_file():
         return None
     import optuna
 
-    return optuna.load_study(study_name=job.name, storage=study_storage(str(out / "optuna.db")))
+    return optuna.load_study(study_name=name, storage=study_storage(str(out / "optuna.db")))
 
 
 def _write_files(result: res.SearchResult, out: Path, study) -> None:

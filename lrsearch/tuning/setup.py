@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import JobConfig
+from lrsearch.config import JobConfig, TrackingConfig
 from lrsearch.errors import SearchError
 from lrsearch.space import SearchSpace, SpaceSampler
 from lrsearch.tasks import Task
@@ -19,8 +19,8 @@ from lrsearch.tracking import SearchTracker, resolve_tracking
 from lrsearch.tuning.tuner import tune_state_exists
 
 
-def prepare_dir(job: JobConfig, root: str, resume: bool, show: bool) -> tuple[Path | None, bool, list[str]]:
-    """Check what ``root`` holds against ``resume``.
+def prepare_dir(name: str, root: str, resume: bool, show: bool) -> tuple[Path | None, bool, list[str]]:
+    """Check what ``root`` (the results of the search ``name``) holds against ``resume``.
 
     Returns:
         The local results directory (``None`` on remote storage), whether Ray Tune's state is
@@ -32,12 +32,12 @@ def prepare_dir(job: JobConfig, root: str, resume: bool, show: bool) -> tuple[Pa
     out = Path(root) if "://" not in root else None
     exists = tune_state_exists(root)
     if exists and not resume:
-        raise SearchError(f"a search named {job.name!r} already has results in {root}; "
+        raise SearchError(f"a search named {name!r} already has results in {root}; "
                           f"continue it with --resume, or change 'name' / delete that directory")
     notes = []
     if resume and not exists:
         kept = [n for n in ("range_test.json", "mlflow.json") if out is not None and (out / n).is_file()]
-        notes.append(f"--resume: no trial of {job.name!r} had been saved in {root}; starting the trials "
+        notes.append(f"--resume: no trial of {name!r} had been saved in {root}; starting the trials "
                      f"from the beginning" + (f" (continuing its {' and '.join(kept)})" if kept else ""))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -57,12 +57,12 @@ def warn(note: str, show: bool) -> str:
     return note
 
 
-def start_tracker(job: JobConfig, root: str, resume: bool) -> SearchTracker:
-    """The search's MLflow parent run: created, or continued on ``resume``. An unreachable
-    tracking store fails here, before any training starts."""
-    uri, experiment = resolve_tracking(job.tracking.uri, job.tracking.experiment, job.name)
-    return SearchTracker.start(uri=uri, experiment=experiment, job_name=job.name, results_dir=root,
-                               resume=resume, flush_timeout_s=job.tracking.flush_timeout_s)
+def start_tracker(tracking: TrackingConfig, name: str, root: str, resume: bool) -> SearchTracker:
+    """The MLflow parent run of the search ``name`` (``tracking``: the job's section): created, or
+    continued on ``resume``. An unreachable tracking store fails here, before any training starts."""
+    uri, experiment = resolve_tracking(tracking.uri, tracking.experiment, name)
+    return SearchTracker.start(uri=uri, experiment=experiment, job_name=name, results_dir=root,
+                               resume=resume, flush_timeout_s=tracking.flush_timeout_s)
 
 
 def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, show: bool) -> dict | None:
@@ -81,11 +81,12 @@ def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, 
     return save_range_test(local_dir(job.results_dir(), job.name), job.name, task.name, result)["range_test"]
 
 
-def first_points(job: JobConfig, space: SearchSpace, range_test: dict | None) -> list[dict[str, Any]]:
-    """The trials run before the searcher's own: the job's ``search.start_points``, then the range
+def first_points(start_points: list[dict[str, Any]], space: SearchSpace,
+                 range_test: dict | None) -> list[dict[str, Any]]:
+    """The trials run before the searcher's own: ``start_points`` (the job's ``search.start_points``), then the range
     test's consensus suggestion (their geometric mean / 3, clipped into the space) with the space's
     default schedule, and with the ``schedule_free`` arm where the space has one."""
-    points = [_optuna_names(p) for p in job.search.start_points]
+    points = [_optuna_names(p) for p in start_points]
     if range_test:
         s = [v for v in range_test["suggestions"].values() if v]
         low, high = space.max_lr_prior.low, space.max_lr_prior.high
