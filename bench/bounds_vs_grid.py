@@ -21,10 +21,12 @@ import numpy as np
 import torch
 
 import lrsearch
-from lrsearch.config import JobConfig, parse_job
-from lrsearch.optim import build_optimizer
-from lrsearch.range_test import SUGGESTION_METHODS, RangeTestResult, forward
-from lrsearch.schedules import build_scheduler
+from lrsearch.job.config import JobConfig
+from lrsearch.job.parse import parse_job
+from lrsearch.optim.batches import forward
+from lrsearch.optim.optimizers import build_optimizer
+from lrsearch.optim.schedules import build_scheduler
+from lrsearch.range_test import SUGGESTION_METHODS, RangeTestResult
 from lrsearch.tasks import Task, build_task, evaluate
 
 SEED = 0

@@ -23,8 +23,8 @@ import tempfile
 import torch
 
 import lrsearch
-from lrsearch.optim import build_optimizer
-from lrsearch.schedules import build_scheduler
+from lrsearch.optim.optimizers import build_optimizer
+from lrsearch.optim.schedules import build_scheduler
 
 TASKS = {
     "MiniLM-L6 (fortunes)": {"kind": "text_classification", "model": "minilm-l6", "dataset": "fortunes",
@@ -40,7 +40,8 @@ POLICIES = ("rungs", "epoch", "none")
 def before_bytes(task_cfg: dict) -> int:
     """One epoch's checkpoint as the old trial loop wrote it: model + optimizer + scheduler."""
     job = lrsearch.load_job({"name": "b", "task": task_cfg})
-    from lrsearch.tasks import build_task, forward
+    from lrsearch.optim.batches import forward
+    from lrsearch.tasks import build_task
 
     task = build_task(job)
     model = task.build_model()

@@ -1,5 +1,5 @@
 """200 trials of a trivial task on a 3-node Ray cluster on 127.0.0.1 (token authentication on):
-a head with no CPUs for trials and two 1-CPU workers, as `lrsearch.cluster` starts them.
+a head with no CPUs for trials and two 1-CPU workers, as `lrsearch.infra.cluster` starts them.
 
 Reports the search's wall time, per-trial overhead and where the trials ran. Run it on an
 otherwise idle machine; it starts and stops its own cluster.
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lrsearch.cluster import head_command, worker_command
+from lrsearch.infra.cluster import head_command, worker_command
 
 BIN = Path(sys.executable).parent
 

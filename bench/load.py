@@ -1,5 +1,5 @@
 """Many searches at once on one Ray cluster on 127.0.0.1 (token authentication on): a head with no
-CPUs for trials and two 1-CPU workers, as `lrsearch.cluster` starts them.
+CPUs for trials and two 1-CPU workers, as `lrsearch.infra.cluster` starts them.
 
 First one search alone, then six `lrsearch submit` at the same moment: four searches, one of them
 twice (attaches to the first), and one whose trials ask for more CPUs than any node has (refused
@@ -36,7 +36,7 @@ import yaml
 from cluster_scale import alive_nodes, free_port  # bench/: the cluster helpers of the scale bench
 from mlflow import MlflowClient
 
-from lrsearch.cluster import head_command, worker_command
+from lrsearch.infra.cluster import head_command, worker_command
 
 BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).parent / "results" / "load"

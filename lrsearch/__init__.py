@@ -6,7 +6,7 @@
     lrsearch.export(res, format="hf")
     final = lrsearch.train("job.yaml", res, epochs=9)   # the model you ship, scored on held-out test data
 
-See :mod:`lrsearch.api` for the functions, :mod:`lrsearch.schedules` and :mod:`lrsearch.range_test`
+See :mod:`lrsearch.api` for the functions, :mod:`lrsearch.optim.schedules` and :mod:`lrsearch.range_test`
 for the schedule and range-test libraries. Names are imported on first use, so that the CLI's
 ``--help`` does not wait for torch.
 """
@@ -22,14 +22,14 @@ _EXPORTS = {
     "search": "lrsearch.api", "find_lr": "lrsearch.api", "load_job": "lrsearch.api",
     "export": "lrsearch.api", "Exported": "lrsearch.api", "train": "lrsearch.api",
     "FinalResult": "lrsearch.final",
-    "JobConfig": "lrsearch.config",
+    "JobConfig": "lrsearch.job.config",
     "ConfigError": "lrsearch.errors", "Interrupted": "lrsearch.errors",
     "LRSearchError": "lrsearch.errors", "SearchError": "lrsearch.errors", "TaskError": "lrsearch.errors",
     "RangeTestResult": "lrsearch.range_test", "lr_range_test": "lrsearch.range_test",
-    "SCHEDULES": "lrsearch.schedules", "build_scheduler": "lrsearch.schedules",
-    "Task": "lrsearch.tasks", "Trial": "lrsearch.protocol",
-    "BestConfig": "lrsearch.tuning.results", "SearchResult": "lrsearch.tuning.results",
-    "TrialRecord": "lrsearch.tuning.results", "TrialState": "lrsearch.tuning.results",
+    "SCHEDULES": "lrsearch.optim.schedules", "build_scheduler": "lrsearch.optim.schedules",
+    "Task": "lrsearch.tasks", "Trial": "lrsearch.engine.protocol",
+    "BestConfig": "lrsearch.output.results", "SearchResult": "lrsearch.output.results",
+    "TrialRecord": "lrsearch.output.results", "TrialState": "lrsearch.output.results",
 }
 __all__ = [
     "SCHEDULES", "BestConfig", "ConfigError", "Exported", "FinalResult", "Interrupted", "JobConfig", "LRSearchError",
@@ -53,11 +53,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from lrsearch.api import Exported, export, find_lr, load_job, search, train
-    from lrsearch.config import JobConfig
+    from lrsearch.engine.protocol import Trial
     from lrsearch.errors import ConfigError, Interrupted, LRSearchError, SearchError, TaskError
     from lrsearch.final import FinalResult
-    from lrsearch.protocol import Trial
+    from lrsearch.job.config import JobConfig
+    from lrsearch.optim.schedules import SCHEDULES, build_scheduler
+    from lrsearch.output.results import BestConfig, SearchResult, TrialRecord, TrialState
     from lrsearch.range_test import RangeTestResult, lr_range_test
-    from lrsearch.schedules import SCHEDULES, build_scheduler
     from lrsearch.tasks import Task
-    from lrsearch.tuning.results import BestConfig, SearchResult, TrialRecord, TrialState

@@ -28,34 +28,24 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lrsearch.config import JobConfig, parse_job
-from lrsearch.config import load_job as _load_job_file
+from lrsearch.engine.protocol import Trial
+from lrsearch.engine.trial import TaskSource
 from lrsearch.errors import ConfigError
-from lrsearch.final import FinalResult
-from lrsearch.protocol import Trial
+from lrsearch.final import FinalResult, run_final
+from lrsearch.infra.tracking import find_search_run, heal, read_best_config, resolve_tracking
+from lrsearch.infra.tracking.read import latest_final_run, search_results_dir
+from lrsearch.job.parse import JobLike, load_job
+from lrsearch.output.formats import render
+from lrsearch.output.results import BestConfig, SearchResult
 from lrsearch.range_test import RangeTestResult
+from lrsearch.range_test.finder import find_lr as _find_lr
+from lrsearch.range_test.finder import local_dir, save_range_test
 from lrsearch.tasks import Task
-from lrsearch.tuning.results import BestConfig, SearchResult
+from lrsearch.tasks.user import python_loop
 
 __all__ = ["Exported", "export", "find_lr", "load_job", "search", "train"]
 
-JobLike = JobConfig | str | Path | dict[str, Any]
 TaskLike = Task | Callable[[], Task] | None
-
-
-def load_job(job: JobLike) -> JobConfig:
-    """A validated job from a :class:`JobConfig`, a YAML file's path, or a dict.
-
-    Raises:
-        ConfigError: one line per bad value, naming the field, the value and what is allowed.
-    """
-    if isinstance(job, JobConfig):
-        return job
-    if isinstance(job, str | Path):
-        return _load_job_file(job)
-    if isinstance(job, dict):
-        return parse_job(job, source="job", base_dir=str(Path.cwd()))
-    raise ConfigError(f"job: got {type(job).__name__}; allowed: a JobConfig, a YAML file's path or a dict")
 
 
 def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task: TaskLike = None,
@@ -94,30 +84,30 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
         (and ``resume`` is False), or the Ray cluster cannot be reached. TrackingError: the
         MLflow store cannot be reached. Interrupted: Ctrl+C (the state is kept for ``resume``).
     """
-    from lrsearch.tuning.runner import run_search
+    from lrsearch.tuning.runner import run_search  # Ray, Tune and Optuna: imported on use
 
     job = load_job(job)
-    if track:
-        _heal(job)
     if train_fn is None and task is None and job.task is not None and job.task.kind == "python":
         # the entrypoint may return a Task, a Trainer, a Lightning module and its data, or a train_fn
-        from lrsearch.tasks.user import python_loop
 
         kind, got = python_loop(job)
         options = {"num_trials": num_trials, "address": address, "resume": resume, "track": track,
                    "show_progress": show_progress, "verbose": verbose}
         loose = job.model_copy(update={"task": None})  # the loop's, not a Task the workers build
         if kind == "trainer":
-            from lrsearch.integrations import transformers as hf
+            from lrsearch.integrations import (
+                transformers as hf,  # transformers: imported only for a Trainer
+            )
 
             return hf.search(loose, got, metric=metric, mode=mode, **options)
         if kind == "lightning":
-            from lrsearch.integrations import lightning as pl
+            from lrsearch.integrations import (
+                lightning as pl,  # Lightning: imported only for a Lightning module
+            )
 
             return pl.search(loose, *got, metric=metric, mode=mode, **options)
         if kind == "train_fn":
             return run_search(loose, train_fn=got, metric=metric, mode=mode, **options)
-        from lrsearch.trial import TaskSource
 
         TaskSource.prime(job, got)  # built once on the driver; the workers build their own
     return run_search(job, task=task, train_fn=train_fn, metric=metric, mode=mode,
@@ -170,11 +160,8 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
         such run or experiment. SearchError: the search has no completed trial, or every config
         diverged at the horizon. All before anything trains, except the last.
     """
-    from lrsearch.final import run_final
 
     job = load_job(job)
-    if track:
-        _heal(job, tracking_uri)
     return run_final(job, search=search, epochs=epochs, steps=steps, top_k=top_k, lr_scales=lr_scales,
                      register=register, resume=resume, task=task, address=address, track=track,
                      tracking_uri=tracking_uri, show_progress=show_progress)
@@ -188,9 +175,6 @@ def find_lr(job: JobLike, *, task: TaskLike = None, save: bool = True, plot: str
     ``range_test.json`` are written next to the job's results. Returns the result, with
     ``.suggestions()`` and ``.bounds()``.
     """
-    from lrsearch.finder import find_lr as _find_lr
-    from lrsearch.finder import local_dir, save_range_test
-    from lrsearch.trial import TaskSource
 
     job = load_job(job)
     built = TaskSource.of(job, task).get()
@@ -221,7 +205,6 @@ def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, fo
     Raises:
         ConfigError: not exactly one source, or an unknown format. TrackingError: no such run.
     """
-    from lrsearch.formats import render
 
     sources = sum(x is not None for x in (best, experiment, run_id))
     if sources != 1:
@@ -232,9 +215,6 @@ def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, fo
             raise ConfigError("export: this search has no best config (no trial completed its budget)")
         best = best.best
     if best is None:
-        from lrsearch.tracking import find_search_run, heal, read_best_config, resolve_tracking
-        from lrsearch.tracking.read import search_results_dir
-
         uri, _ = resolve_tracking(tracking_uri, None, "")
         results = search_results_dir(uri, experiment=experiment, run_id=run_id)
         if results:  # what the store missed of that search while it was down (its best config too)
@@ -247,18 +227,9 @@ def export(best: SearchResult | BestConfig | dict[str, Any] | None = None, *, fo
     return Exported(text, note)
 
 
-def _heal(job: JobConfig, tracking_uri: str | None = None) -> None:
-    """Log what MLflow missed of the job's last search and final run while it was down, first."""
-    from lrsearch.tracking import heal, resolve_tracking
-
-    heal(job.results_dir(), uri=resolve_tracking(tracking_uri or job.tracking.uri, None, job.name)[0])
-
-
 def _final_run_note(uri: str, search_run: Any, best: dict[str, Any]) -> str | None:
     """When ``lrsearch train`` kept another config than the search's best (an ``--lr-scales`` or
     ``--top-k`` pick at its horizon), where to export that one."""
-    from lrsearch.tracking import read_best_config
-    from lrsearch.tracking.read import latest_final_run
 
     final = latest_final_run(uri, search_run)
     if final is None:

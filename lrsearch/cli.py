@@ -13,8 +13,12 @@ from typing import Annotated
 
 import typer
 
+import lrsearch
 from lrsearch import __version__
-from lrsearch.console import RangeTestProgress, fail, out, print_json
+from lrsearch.console import RangeTestProgress, err, fail, out, print_json
+from lrsearch.errors import ConfigError, Interrupted, LRSearchError
+from lrsearch.infra.tracking import heal, load_tracking_info
+from lrsearch.job.extras import check_demo
 
 app = typer.Typer(
     name="lrsearch",
@@ -34,7 +38,6 @@ def _clear_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from lrsearch.errors import Interrupted, LRSearchError
 
         try:
             return fn(*args, **kwargs)
@@ -72,17 +75,19 @@ def schedules(
     json_: JsonOpt = False,
 ) -> None:
     """List the LR schedules with their parameters and defaults; optionally plot them."""
-    from lrsearch.report import plot_schedules, schedules_table
+    from lrsearch.output.report import (  # torch: on use, for a fast --help
+        plot_schedules,
+        schedules_table,
+    )
 
     if plot is not None:
         try:
             plot_schedules(str(plot), total_steps=total_steps, max_lr=max_lr)
         except ValueError as exc:  # the schedules library's message names the bad option
-            from lrsearch.errors import ConfigError
 
             raise ConfigError(str(exc)) from None
     if json_:
-        from lrsearch.report import schedules_json
+        from lrsearch.output.report import schedules_json  # torch: on use, for a fast --help
 
         print_json({"schedules": schedules_json(), "plot": str(plot) if plot else None})
         return
@@ -99,8 +104,10 @@ def find_lr_cmd(
     json_: JsonOpt = False,
 ) -> None:
     """Run the LR range test on the job's task and print the suggestions and max_lr bounds."""
-    import lrsearch
-    from lrsearch.finder import local_dir, range_test_summary
+    from lrsearch.range_test.finder import (  # torch: on use, for a fast --help
+        local_dir,
+        range_test_summary,
+    )
 
     job = lrsearch.load_job(job_file)
     # its length (range_test.num_steps: auto) is known once the task is built: the bar learns it
@@ -114,7 +121,7 @@ def find_lr_cmd(
 
 
 def _print_range_test(summary: dict) -> None:
-    from lrsearch.report import range_test_table
+    from lrsearch.output.report import range_test_table  # torch: on use, for a fast --help
 
     out.print(range_test_table(summary["range_test"], title=f"LR range test: {summary['task']}"))
     if summary["range_test"].get("warning"):
@@ -133,7 +140,6 @@ def search(
     json_: JsonOpt = False,
 ) -> None:
     """Search the LR strategy: range test -> Optuna TPE + ASHA on Ray Tune -> best config."""
-    import lrsearch
 
     job = lrsearch.load_job(job_file)
     again = f"lrsearch search {shlex.quote(str(job_file))} --resume" + (f" --address {address}" if address else "")
@@ -141,9 +147,7 @@ def search(
 
 
 def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
-    import lrsearch
-    from lrsearch.errors import Interrupted
-    from lrsearch.report import search_tables
+    from lrsearch.output.report import search_tables  # torch: on use, for a fast --help
 
     if not json_:
         s = job.search
@@ -168,7 +172,6 @@ def _run_search(job, again: str, *, json_: bool, **kwargs) -> None:
 
 def parse_scales(text: str) -> tuple[float, ...] | str:
     """``--lr-scales 1,0.5,0.25`` -> ``(1.0, 0.5, 0.25)``, ``auto`` as is; one line naming the value otherwise."""
-    from lrsearch.errors import ConfigError
 
     if text.strip() == "auto":
         return "auto"
@@ -196,9 +199,7 @@ def train(
     json_: JsonOpt = False,
 ) -> None:
     """Train the search's best config at your horizon; score it on the held-out test split; log the model."""
-    import lrsearch
-    from lrsearch.errors import ConfigError
-    from lrsearch.final.found import check_options
+    from lrsearch.final.found import check_options  # torch: on use, for a fast --help
 
     if sum(x is not None for x in (run_id, experiment, config)) > 1:
         raise ConfigError("give at most one of --run-id ID, --experiment NAME and --config FILE")
@@ -212,7 +213,7 @@ def train(
             raise ConfigError(f"--config: cannot read {str(config)!r}: {str(exc).splitlines()[0]}") from None
         if not isinstance(source, dict):
             raise ConfigError(f"--config: {str(config)!r} holds no mapping; allowed: max_lr, schedule, params")
-        from lrsearch.final.found import given_config
+        from lrsearch.final.found import given_config  # torch: on use, for a fast --help
 
         given_config(source)  # a bad config: one line, before anything is printed
     scales = parse_scales(lr_scales)
@@ -232,7 +233,7 @@ def train(
     if json_:
         print_json(result.summary())
         return
-    from lrsearch.report import final_lines
+    from lrsearch.output.report import final_lines  # torch: on use, for a fast --help
 
     for line in final_lines(result):
         out.print(line, highlight=False)
@@ -248,8 +249,6 @@ def export(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or MLflow's sqlite:///mlflow.db].")] = None,
 ) -> None:
     """Export the best config of a search from MLflow in a form a training script uses directly."""
-    import lrsearch
-    from lrsearch.errors import ConfigError
 
     if (experiment is None) == (run_id is None):
         raise ConfigError("give exactly one of --experiment NAME or --run-id ID")
@@ -263,7 +262,6 @@ def export(
 
         sys.stdout.write(text)
     if note:
-        from lrsearch.console import err
 
         err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
 
@@ -275,7 +273,6 @@ def sync(
 ) -> None:
     """Log to MLflow what a search could not log while the tracking server was down (every lrsearch
     command on the job does this first)."""
-    from lrsearch.tracking import heal, load_tracking_info
 
     info = load_tracking_info(str(results))
     pending = heal(results)
@@ -303,10 +300,9 @@ def submit(
     json_: JsonOpt = False,
 ) -> None:
     """Submit the search (or, with --train, its final run) to a Ray cluster; the same job twice is one."""
-    from lrsearch.errors import ConfigError
-    from lrsearch.final.found import check_options
-    from lrsearch.jobs import submit as submit_job
-    from lrsearch.jobs import wait_for_job
+    from lrsearch.final.found import check_options  # torch: on use, for a fast --help
+    from lrsearch.infra.jobs import submit as submit_job  # torch: on use, for a fast --help
+    from lrsearch.infra.jobs import wait_for_job  # torch: on use, for a fast --help
 
     extra = ["--resume"] if resume else []
     if lr_scales is not None:
@@ -355,8 +351,8 @@ def jobs_list(address: AddressOpt, json_: JsonOpt = False) -> None:
     """The cluster's jobs; for each search: trials done, the best so far, the budget spent."""
     from rich.table import Table
 
-    from lrsearch.jobs import list_jobs
-    from lrsearch.report import progress_cells
+    from lrsearch.infra.jobs import list_jobs  # torch: on use, for a fast --help
+    from lrsearch.output.report import progress_cells  # torch: on use, for a fast --help
 
     rows = list_jobs(address)
     if json_:
@@ -377,7 +373,7 @@ def jobs_status(job_id: Annotated[str, typer.Argument(show_default=False)], addr
                 json_: JsonOpt = False) -> None:
     """One job's status; for a search: trials done, the best so far, the budget spent and left, the
     forecast end."""
-    from lrsearch.jobs import job_status, progress_text
+    from lrsearch.infra.jobs import job_status, progress_text  # torch: on use, for a fast --help
 
     info = job_status(address, job_id)
     if json_:
@@ -395,7 +391,7 @@ def jobs_logs(job_id: Annotated[str, typer.Argument(show_default=False)], addres
     """A job's logs."""
     import sys
 
-    from lrsearch.jobs import job_logs, wait_for_job
+    from lrsearch.infra.jobs import job_logs, wait_for_job  # torch: on use, for a fast --help
 
     if follow:
         wait_for_job(address, job_id, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -407,7 +403,7 @@ def jobs_logs(job_id: Annotated[str, typer.Argument(show_default=False)], addres
 @_clear_errors
 def jobs_stop(job_id: Annotated[str, typer.Argument(show_default=False)], address: AddressOpt) -> None:
     """Stop a running job."""
-    from lrsearch.jobs import stop_job
+    from lrsearch.infra.jobs import stop_job  # torch: on use, for a fast --help
 
     stopped = stop_job(address, job_id)
     out.print(f"{job_id}: {'stop requested' if stopped else 'was not running'}", highlight=False)
@@ -428,8 +424,7 @@ def demo(
     """
     import shutil
 
-    from lrsearch.demo import demo_job
-    from lrsearch.extras import check_demo
+    from lrsearch.demo import demo_job  # torch: on use, for a fast --help
 
     job = demo_job(quick=quick, storage=str(out_dir))
     check_demo(job.task)  # what is missing, in one line: the demo's extra and its model wheel

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lrsearch.config import JobConfig, parse_job
+from lrsearch.job.config import JobConfig
+from lrsearch.job.parse import parse_job
 
 
 def demo_job(*, quick: bool = False, storage: str = "lrsearch-runs") -> JobConfig:

@@ -24,7 +24,7 @@ class TaskError(LRSearchError):
 class MissingExtra(LRSearchError, ImportError):
     """Raised when a feature needs an optional package that is not installed. The message is one
     line naming the feature, the package and the ``pip install 'lrsearch[extra]'`` that brings it
-    (see :mod:`lrsearch.extras`)."""
+    (see :mod:`lrsearch.job.extras`)."""
 
 
 class Interrupted(LRSearchError):

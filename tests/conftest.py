@@ -75,9 +75,9 @@ def alive_nodes(env: dict[str, str], gcs: str) -> int:
 @contextmanager
 def loopback_cluster(tmp: Path, workers: tuple[str, ...] = ("worker-a", "worker-b")) -> Iterator[dict]:
     """A token-auth Ray cluster on 127.0.0.1: a head with no CPUs and 1-CPU workers, started with
-    the commands ``lrsearch.cluster`` gives users. Its own ports, dashboard agent port and temp
+    the commands ``lrsearch.infra.cluster`` gives users. Its own ports, dashboard agent port and temp
     directory: two such clusters on one machine (or one left by a crashed run) do not meet."""
-    from lrsearch.cluster import head_command, worker_command
+    from lrsearch.infra.cluster import head_command, worker_command
 
     token = secrets.token_hex(24)
     port, dash = free_port(), free_port()

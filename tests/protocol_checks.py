@@ -1,6 +1,6 @@
 """Checks every training loop on the trial protocol must pass (the built-in one, a train_fn, the
 HF Trainer, Lightning): each trial's LR at every optimizer step, as logged to MLflow, is the
-schedule's (``lrsearch.schedules``), ASHA stopped trials, and a killed search resumes."""
+schedule's (``lrsearch.optim.schedules``), ASHA stopped trials, and a killed search resumes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from lrsearch.schedules import lr_curve
-from lrsearch.tuning.results import TrialState
+from lrsearch.optim.schedules import lr_curve
+from lrsearch.output.results import TrialState
 
 
 def logged_lrs(uri: str, result, experiment: str | None = None) -> dict[str, list[float]]:

@@ -33,8 +33,8 @@ def _job(tmp_path, name: str, **search) -> dict:
 def test_public_names_stay_functions_whatever_is_imported():
     # a submodule named like a function would replace it on the package once imported
     import lrsearch.api  # noqa: F401
-    import lrsearch.finder  # noqa: F401
-    import lrsearch.formats  # noqa: F401
+    import lrsearch.output.formats  # noqa: F401
+    import lrsearch.range_test.finder  # noqa: F401
     import lrsearch.tuning  # noqa: F401
 
     for name in ("search", "find_lr", "load_job", "export"):

@@ -1,5 +1,5 @@
 """Authenticated MLflow, end to end: a real ``mlflow server --app-name basic-auth`` on 127.0.0.1
-(started once for the module, exactly as :func:`lrsearch.cluster.mlflow_server_command` builds it,
+(started once for the module, exactly as :func:`lrsearch.infra.cluster.mlflow_server_command` builds it,
 with a temporary sqlite backend and auth database), a normal user created by the admin through
 MLflow's own ``AuthServiceClient``, and ``lrsearch search`` / ``export`` run as a user runs them.
 
@@ -30,10 +30,10 @@ from conftest import free_port, stop_group
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from lrsearch.cluster import mlflow_server_command
 from lrsearch.errors import TrackingError
+from lrsearch.infra.cluster import mlflow_server_command
+from lrsearch.infra.tracking import check_reachable
 from lrsearch.redact import redact_uri
-from lrsearch.tracking import check_reachable
 
 BIN = Path(sys.executable).parent
 ADMIN_PASSWORD = f"admin-{secrets.token_hex(12)}"
@@ -261,7 +261,7 @@ def test_submit_sends_no_mlflow_credentials(tmp_path, monkeypatch):
     shipped job file) holds no MLflow credential, though the submitter has one in its environment
     and in its job's tracking URI. The job client is a recorder here: a real cluster is
     tests/test_multinode.py's."""
-    import lrsearch.jobs as jobs
+    import lrsearch.infra.jobs as jobs
 
     sent = {}
 

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
-from lrsearch.config import parse_job
-from lrsearch.jobs import last_progress, progress_text
+from lrsearch.infra.jobs import last_progress, progress_text
+from lrsearch.job.parse import parse_job
 from lrsearch.tuning import run_search
 from lrsearch.tuning.budget import FINISHED, START, WAIT, Ledger
 

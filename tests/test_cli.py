@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
-from lrsearch.schedules import SCHEDULES
+from lrsearch.optim.schedules import SCHEDULES
 
 runner = CliRunner()
 

@@ -2,7 +2,7 @@
 
 No Docker engine or Kubernetes runs here, so these tests check what can be checked without one: every
 file parses; the commands in docker/compose.yaml and cluster/gpu-cluster.yaml are exactly the ones
-:mod:`lrsearch.cluster` builds (the multi-node test runs the same ones without Docker), and Ray's and
+:mod:`lrsearch.infra.cluster` builds (the multi-node test runs the same ones without Docker), and Ray's and
 MLflow's own command-line parsers accept them; the launcher file passes Ray's ``ray-schema.json`` and
 Ray's config validation; the KubeRay manifests have the fields KubeRay documents; the image pins the
 versions of ``pyproject.toml`` and installs what ``scripts/setup.sh`` installs; no secret sits in a file;
@@ -25,8 +25,13 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from lrsearch.cluster import head_command, mlflow_server_command, search_entrypoint, worker_command
-from lrsearch.config import parse_job
+from lrsearch.infra.cluster import (
+    head_command,
+    mlflow_server_command,
+    search_entrypoint,
+    worker_command,
+)
+from lrsearch.job.parse import parse_job
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -156,7 +161,7 @@ def mlflow_server_cli():
 
 
 # --------------------------------------------------------------------------------------------
-# lrsearch.cluster
+# lrsearch.infra.cluster
 # --------------------------------------------------------------------------------------------
 
 

@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
-from lrsearch.config import load_job
 from lrsearch.errors import ConfigError
+from lrsearch.job.parse import load_job
 
 runner = CliRunner()
 EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").rglob("*.yaml"))
@@ -143,8 +143,8 @@ def test_find_lr_on_the_python_task_example(tmp_path, monkeypatch):
 
 def test_find_lr_is_reproducible_within_one_process():
     # what ran before (another range test on the same task, advancing its loader) must not matter
-    from lrsearch.config import parse_job
-    from lrsearch.finder import find_lr
+    from lrsearch.job.parse import parse_job
+    from lrsearch.range_test.finder import find_lr
     from lrsearch.tasks import build_task
 
     job = parse_job({"name": "again", "task": {"kind": "synthetic", "num_train": 256, "num_val": 64},

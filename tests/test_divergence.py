@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from lrsearch.divergence import DivergenceMonitor
+from lrsearch.optim.divergence import DivergenceMonitor
 
 
 @pytest.mark.parametrize("reference", ["min", "first"])

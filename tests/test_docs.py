@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from lrsearch.config import JobConfig
+from lrsearch.job.config import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the virtual environment's executables (mkdocs)
@@ -91,7 +91,7 @@ def test_the_job_file_reference_lists_every_field_of_the_code(served, tmp_path):
     assert "The job file" in page
     assert "num_trials" in page and "flush_timeout_s" in page
     missing = sorted(name for name in _fields(JobConfig, set()) if f"{name} " not in page)
-    assert not missing, f"fields of lrsearch/config.py missing from the job file reference: {missing}"
+    assert not missing, f"fields of lrsearch/job/config.py missing from the job file reference: {missing}"
     # descriptions come from the code's #: comments, defaults from the models
     assert "a search that ends while the tracking server is down" in page
     assert "sqlite:///mlflow.db" in page
@@ -102,7 +102,7 @@ def test_the_api_reference_shows_the_docstrings(served, tmp_path):
     page = _rendered_text(f"{served}/api/", tmp_path / "chrome")
     for name in ("lrsearch.search", "lrsearch.train", "lrsearch.export", "lrsearch.Trial", "lrsearch.Task",
                  "lrsearch.integrations.transformers.search", "lrsearch.integrations.lightning.search",
-                 "lrsearch.schedules", "build_scheduler", "lrsearch.range_test", "lr_range_test"):
+                 "lrsearch.optim.schedules", "build_scheduler", "lrsearch.range_test", "lr_range_test"):
         assert name in page, name
     assert "Run a job's search: range test -> Optuna (TPE or random) + ASHA on Ray Tune -> best config" in page
     assert "Search the learning-rate strategy of the Trainer" in page

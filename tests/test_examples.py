@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import lrsearch
-from lrsearch.config import parse_job
+from lrsearch.job.parse import parse_job
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SMALL = {

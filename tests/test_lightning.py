@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lrsearch
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.finder import find_lr
 from lrsearch.integrations import lightning as lrs_pl
-from lrsearch.tuning.results import TrialState
+from lrsearch.output.results import TrialState
+from lrsearch.range_test.finder import find_lr
 
 STEPS = 8  # optimizer steps per epoch: 512 examples in batches of 64
 

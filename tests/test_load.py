@@ -3,7 +3,7 @@ the same moment (the same job twice, one asking for more CPUs than any node has)
 the trials on two 1-CPU workers, one worker killed while they run.
 
 The cluster is test_multinode's (head with 0 CPUs + two 1-CPU workers, started with the commands
-of ``lrsearch.cluster``), for this module only, with two flags that keep it apart from other
+of ``lrsearch.infra.cluster``), for this module only, with two flags that keep it apart from other
 Rays on the machine: the head's dashboard agent on a free port (Ray's default, 52365, may be held
 by another Ray, and the Jobs API then answers "no available agent" for good) and its own
 ``--temp-dir`` (a submitted job's driver gets the cluster "auto" finds there, in

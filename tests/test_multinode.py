@@ -2,7 +2,7 @@
 commands, and a worker node killed mid-search.
 
 The head (no CPUs for trials, dashboard + Jobs API on 127.0.0.1) and two worker nodes are started
-with exactly the commands of ``lrsearch.cluster`` (the same ones docker/compose.yaml runs), and
+with exactly the commands of ``lrsearch.infra.cluster`` (the same ones docker/compose.yaml runs), and
 every process the test started is stopped by its id.
 """
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lrsearch.config import OptimizerConfig
-from lrsearch.optim import build_optimizer, param_groups
-from lrsearch.schedules import SCHEDULES, build_scheduler
+from lrsearch.job.config import OptimizerConfig
+from lrsearch.optim.optimizers import build_optimizer, param_groups
+from lrsearch.optim.schedules import SCHEDULES, build_scheduler
 from lrsearch.tasks.image import layer_groups
 
 MAX_LR = 1e-3
@@ -314,7 +314,7 @@ def _batches(n: int = 6, seed: int = 1):
 
 
 def _train(model, opt, batches):
-    from lrsearch.optim import train_mode
+    from lrsearch.optim.optimizers import train_mode
 
     train_mode(opt)
     model.train()
@@ -327,7 +327,7 @@ def _train(model, opt, batches):
 def test_schedulefree_is_built_ready_to_step_and_its_eval_mode_holds_the_average():
     import schedulefree
 
-    from lrsearch.optim import eval_mode, is_schedule_free, train_mode
+    from lrsearch.optim.optimizers import eval_mode, is_schedule_free, train_mode
 
     model = _bn_net()
     opt = build_optimizer(OptimizerConfig(name="adamw_schedulefree"), model, 1e-2)
@@ -346,7 +346,7 @@ def test_schedulefree_is_built_ready_to_step_and_its_eval_mode_holds_the_average
 
 
 def test_schedulefree_recomputes_batchnorm_statistics_at_the_average():
-    from lrsearch.optim import eval_mode
+    from lrsearch.optim.optimizers import eval_mode
 
     model = _bn_net()
     opt = build_optimizer(OptimizerConfig(name="adamw_schedulefree"), model, 5e-2)
@@ -364,7 +364,7 @@ def test_schedulefree_recomputes_batchnorm_statistics_at_the_average():
 
 
 def test_schedulefree_checkpoint_in_eval_mode_resumes_exactly():
-    from lrsearch.optim import eval_mode
+    from lrsearch.optim.optimizers import eval_mode
 
     cfg = OptimizerConfig(name="adamw_schedulefree")
     first, second = _batches(5, seed=3), _batches(5, seed=4)
@@ -393,11 +393,11 @@ def test_the_schedule_free_arm_trains_schedulefree_adamw_with_the_jobs_settings(
     import schedulefree
 
     import lrsearch
+    from lrsearch.engine.trial import build_run
     from lrsearch.errors import ConfigError
-    from lrsearch.optim import for_schedule
+    from lrsearch.optim.optimizers import for_schedule
+    from lrsearch.output.results import best_config
     from lrsearch.tasks import build_task
-    from lrsearch.trial import build_run
-    from lrsearch.tuning.results import best_config
 
     cfg = OptimizerConfig(name="adamw", weight_decay=0.05, betas=(0.8, 0.99))
     arm = for_schedule(cfg, "schedule_free")
@@ -414,7 +414,7 @@ def test_the_schedule_free_arm_trains_schedulefree_adamw_with_the_jobs_settings(
                                torch.device("cpu"), 20)
     assert isinstance(plain, torch.optim.AdamW)
     # the best config says what trained it: the export builds the same optimizer
-    from lrsearch.tuning.results import TrialRecord, TrialState
+    from lrsearch.output.results import TrialRecord, TrialState
 
     record = TrialRecord(trial_id="t1", number=1, schedule="schedule_free", max_lr=1e-3, config=config,
                          schedule_params={"warmup_frac": 0.1}, state=TrialState.COMPLETED, stopped_at_epoch=1,
@@ -425,7 +425,7 @@ def test_the_schedule_free_arm_trains_schedulefree_adamw_with_the_jobs_settings(
 
 
 def test_recompute_bn_refreshes_statistics_for_any_optimizer_only_when_asked():
-    from lrsearch.optim import eval_mode
+    from lrsearch.optim.optimizers import eval_mode
 
     model = _bn_net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

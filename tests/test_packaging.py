@@ -32,7 +32,14 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from lrsearch.errors import LRSearchError, MissingExtra
-from lrsearch.extras import PACKAGES, check_demo, check_job, check_task, check_tracking_uri, require
+from lrsearch.job.extras import (
+    PACKAGES,
+    check_demo,
+    check_job,
+    check_task,
+    check_tracking_uri,
+    require,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -18,12 +18,12 @@ import torch
 from protocol_checks import assert_asha_stopped_some, assert_schedules
 
 import lrsearch
-from lrsearch.config import OptimizerConfig
 from lrsearch.engine import trainable_state
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.optim import build_optimizer
-from lrsearch.space import load_space
-from lrsearch.task_config import PeftConfig
+from lrsearch.job.config import OptimizerConfig
+from lrsearch.job.space import load_space
+from lrsearch.job.task_config import PeftConfig
+from lrsearch.optim.optimizers import build_optimizer
 from lrsearch.tasks import build_task
 from lrsearch.tasks.text import encoder_layer_groups, text_classification_task
 

@@ -20,10 +20,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import lrsearch
+from lrsearch.engine.protocol import Trial, flat_config
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.protocol import Trial, flat_config
-from lrsearch.space import schedule_params
-from lrsearch.tuning.results import TrialState
+from lrsearch.job.space import schedule_params
+from lrsearch.output.results import TrialState
 
 STEPS = 8  # optimizer steps per epoch of the loop below
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from lrsearch.config import parse_job
-from lrsearch.divergence import DivergenceMonitor
 from lrsearch.engine import train_epoch
+from lrsearch.engine.trial import loader_steps, steps_per_epoch
 from lrsearch.errors import ConfigError
-from lrsearch.formats import hf_training_arguments, render
-from lrsearch.recipe import Recipe, Stepper
-from lrsearch.schedules import build_scheduler
+from lrsearch.job.parse import parse_job
+from lrsearch.optim.divergence import DivergenceMonitor
+from lrsearch.optim.recipe import Recipe, Stepper
+from lrsearch.optim.schedules import build_scheduler
+from lrsearch.output.formats import hf_training_arguments, render
 from lrsearch.tasks import synthetic_task
-from lrsearch.trial import loader_steps, steps_per_epoch
 
 CPU = torch.device("cpu")
 
@@ -149,7 +149,7 @@ def test_a_trial_epoch_takes_one_optimizer_step_per_accumulated_group():
 
 
 def test_the_range_test_runs_with_the_jobs_recipe():
-    from lrsearch.finder import find_lr
+    from lrsearch.range_test.finder import find_lr
 
     job = parse_job({"name": "r", "task": {"kind": "synthetic", "num_train": 256, "batch_size": 16},
                      "range_test": {"num_steps": 10},

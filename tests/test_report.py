@@ -1,4 +1,4 @@
-"""lrsearch.report: the search summary, the range-test table, the schedule listing and the PNG plots."""
+"""lrsearch.output.report: the search summary, the range-test table, the schedule listing and the PNG plots."""
 
 from __future__ import annotations
 
@@ -9,18 +9,18 @@ import pytest
 import torch
 from rich.console import Console
 
-from lrsearch.range_test import SUGGESTION_METHODS, lr_range_test
-from lrsearch.report import (
+from lrsearch.job.space import schedule_params
+from lrsearch.optim.schedules import SCHEDULES
+from lrsearch.output.report import (
     plot_lr_curves,
     plot_search,
     range_test_table,
     schedules_json,
     search_tables,
 )
-from lrsearch.schedules import SCHEDULES
-from lrsearch.space import schedule_params
+from lrsearch.output.results import BestConfig, SearchResult, TrialRecord, TrialState
+from lrsearch.range_test import SUGGESTION_METHODS, lr_range_test
 from lrsearch.tasks import synthetic_task
-from lrsearch.tuning.results import BestConfig, SearchResult, TrialRecord, TrialState
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TOTAL = 100

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.tune import Result
 
-from lrsearch.tuning.results import (
+from lrsearch.output.results import (
     TrialState,
     best_config,
     trial_records,

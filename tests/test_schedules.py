@@ -11,7 +11,7 @@ import torch
 from torch.optim import lr_scheduler as tls
 from transformers import optimization as hf
 
-from lrsearch.schedules import SCHEDULES, build_scheduler, lr_curve, resolve_params
+from lrsearch.optim.schedules import SCHEDULES, build_scheduler, lr_curve, resolve_params
 
 TOTAL = 1000
 MAX_LR = 3e-4

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from lrsearch.config import parse_job
 from lrsearch.errors import LRSearchError
+from lrsearch.job.parse import parse_job
 from lrsearch.tuning import run_search
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,15 @@ import optuna
 import pytest
 
 from lrsearch.errors import ConfigError
-from lrsearch.schedules import SCHEDULES, build_scheduler
-from lrsearch.space import FAMILIES, Range, SpaceSampler, load_space, resolve_space, schedule_params
+from lrsearch.job.space import (
+    FAMILIES,
+    Range,
+    SpaceSampler,
+    load_space,
+    resolve_space,
+    schedule_params,
+)
+from lrsearch.optim.schedules import SCHEDULES, build_scheduler
 
 PRIORS = {"resnet": (1e-4, 1e-3), "efficientnet": (1e-4, 5e-4), "vit": (5e-6, 1e-4),
           "bert": (2e-5, 5e-5), "gpt2": (1e-5, 3e-5), "lora": (1e-4, 1e-3)}

@@ -13,8 +13,8 @@ import yaml
 from protocol_checks import assert_asha_stopped_some, assert_schedules
 
 import lrsearch
-from lrsearch.config import parse_job
 from lrsearch.errors import ConfigError, TaskError
+from lrsearch.job.parse import parse_job
 from lrsearch.tasks import build_task, evaluate, reseed
 from lrsearch.tasks.lm import (
     IGNORE_INDEX,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lrsearch.config import parse_job
+from lrsearch.job.parse import parse_job
 from lrsearch.tasks import build_task, synthetic_task
 from lrsearch.tasks.image import fashion_indices
 from lrsearch.tasks.image import split_indices as image_split

@@ -23,9 +23,9 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
-from lrsearch.config import parse_job
-from lrsearch.schedules import lr_curve
-from lrsearch.tracking import TrackingError
+from lrsearch.infra.tracking import TrackingError
+from lrsearch.job.parse import parse_job
+from lrsearch.optim.schedules import lr_curve
 from lrsearch.tuning import run_search
 
 runner = CliRunner()
@@ -330,7 +330,7 @@ def _never_sent(tmp_path: Path) -> tuple[str, Path, str, str]:
     """A search and its final run that ended while the store was down, their processes gone: the
     search's last logging spooled, the final run's end never sent. Returns the store, the results
     directory, the search's and the final run's ids (both RUNNING in the store)."""
-    from lrsearch.tracking.store import _spool_write
+    from lrsearch.infra.tracking.store import _spool_write
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -359,7 +359,7 @@ def _assert_healed(uri: str, root: Path, parent: str, final: str) -> None:
 def test_the_next_command_ends_runs_whose_end_the_store_never_got(tmp_path):
     import lrsearch
     from lrsearch.errors import SearchError
-    from lrsearch.tracking import heal
+    from lrsearch.infra.tracking import heal
 
     uri, root, parent, final = _never_sent(tmp_path)
     job = {"name": "job", "storage": {"path": str(tmp_path / "runs")},
@@ -379,7 +379,7 @@ def test_jobs_status_of_an_ended_job_heals_its_results(tmp_path, monkeypatch):
     stubbed: the Ray cluster is not what this checks; tests/test_multinode.py runs a real one.)"""
     from types import SimpleNamespace
 
-    from lrsearch import jobs
+    from lrsearch.infra import jobs
 
     uri, root, parent, final = _never_sent(tmp_path)
     info = SimpleNamespace(status="SUCCEEDED", message="", entrypoint="lrsearch search job.yaml", start_time=0,
@@ -391,7 +391,7 @@ def test_jobs_status_of_an_ended_job_heals_its_results(tmp_path, monkeypatch):
 
 
 def test_the_default_store_is_mlflows_own(tmp_path, monkeypatch, capsys):
-    from lrsearch.tracking import resolve_tracking
+    from lrsearch.infra.tracking import resolve_tracking
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -412,7 +412,7 @@ def test_the_default_store_is_mlflows_own(tmp_path, monkeypatch, capsys):
 
 
 def test_a_sqlite_stores_artifacts_sit_next_to_it_wherever_the_command_runs(tmp_path, monkeypatch):
-    from lrsearch.tracking.store import new_experiment
+    from lrsearch.infra.tracking.store import new_experiment
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # not where the store is

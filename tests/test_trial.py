@@ -1,4 +1,4 @@
-"""lrsearch.trial: one epoch of training, the divergence stop, checkpoint restore and resume,
+"""lrsearch.engine.trial: one epoch of training, the divergence stop, checkpoint restore and resume,
 where a trial gets its task (TaskSource), the step budget and the trial's scheduler."""
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ from ray import cloudpickle
 from ray.tune import Checkpoint
 from torch import nn
 
-import lrsearch.trial as train
-from lrsearch.config import parse_job
-from lrsearch.divergence import DivergenceMonitor
+import lrsearch.engine.trial as train
 from lrsearch.engine import epoch_seed, train_epoch
-from lrsearch.errors import ConfigError, TaskError
-from lrsearch.protocol import REPLAY_FILE, Trial
-from lrsearch.recipe import Recipe, Stepper
-from lrsearch.schedules import build_scheduler, lr_curve
-from lrsearch.space import schedule_params
-from lrsearch.tasks import Task, reseed, synthetic_task
-from lrsearch.trial import (
+from lrsearch.engine.protocol import REPLAY_FILE, Trial
+from lrsearch.engine.trial import (
     TaskSource,
     build_run,
     steps_per_epoch,
     trial_horizon,
 )
+from lrsearch.errors import ConfigError, TaskError
+from lrsearch.job.parse import parse_job
+from lrsearch.job.space import schedule_params
+from lrsearch.optim.divergence import DivergenceMonitor
+from lrsearch.optim.recipe import Recipe, Stepper
+from lrsearch.optim.schedules import build_scheduler, lr_curve
+from lrsearch.tasks import Task, reseed, synthetic_task
 
 CPU = torch.device("cpu")
 TASK = {"kind": "synthetic", "num_train": 64, "num_val": 32}
@@ -443,7 +443,7 @@ def test_one_cycle_trial_schedule_ends_exactly_at_total_steps():
     ({"max_epochs": 3, "checkpoint": "none", "keep_checkpoints": "none"}, []),
 ])
 def test_checkpoint_epochs_follow_the_policy(search, epochs):
-    from lrsearch.protocol import checkpoint_epochs
+    from lrsearch.engine.protocol import checkpoint_epochs
 
     job = parse_job({"name": "t", "task": {"kind": "synthetic"}, "search": search})
     assert checkpoint_epochs(job.search) == epochs

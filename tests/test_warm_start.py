@@ -13,10 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
-from lrsearch.config import parse_job
 from lrsearch.errors import ConfigError
-from lrsearch.report import search_tables
-from lrsearch.space import SpaceSampler
+from lrsearch.job.parse import parse_job
+from lrsearch.job.space import SpaceSampler
+from lrsearch.output.report import search_tables
 from lrsearch.tuning import run_search
 from lrsearch.tuning.optuna_adapter import PrunedAwareOptunaSearch, make_sampler
 from lrsearch.tuning.warm_start import read_past_searches, seed_trials

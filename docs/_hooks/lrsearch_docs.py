@@ -1,10 +1,10 @@
 """MkDocs hooks: the pages that are generated from the code, so they cannot drift from it.
 
 - ``<!-- lrsearch:job-reference -->`` becomes the job file reference: every section and field of
-  :class:`lrsearch.config.JobConfig` (type, default, description) read from the pydantic models,
+  :class:`lrsearch.job.config.JobConfig` (type, default, description) read from the pydantic models,
   their ``#:`` comments and docstrings, at build time.
 - ``<!-- lrsearch:search-spaces -->`` becomes a table of ``search_spaces/*.yaml``, and
-  ``<!-- lrsearch:schedules -->`` one of the schedule registry (``lrsearch.schedules.SCHEDULES``).
+  ``<!-- lrsearch:schedules -->`` one of the schedule registry (``lrsearch.optim.schedules.SCHEDULES``).
 - ``<!-- lrsearch:benchmarks-headline -->`` becomes the headline table of ``BENCHMARKS.md``
   (between its ``<!-- headline ... -->`` markers), and ``benchmarks-full.md`` is ``BENCHMARKS.md``
   itself, so the site carries the whole file without a copy in ``docs/``.
@@ -333,7 +333,7 @@ def _fresh(*names: str) -> Any:
 
 def job_reference() -> str:
     """The job file reference, as Markdown."""
-    JobConfig = _fresh("lrsearch.task_config", "lrsearch.space", "lrsearch.config").JobConfig  # noqa: N806
+    JobConfig = _fresh("lrsearch.job.task_config", "lrsearch.job.space", "lrsearch.job.config").JobConfig  # noqa: N806
 
     sections: dict[type[BaseModel], list[str]] = {}
     _sections(JobConfig, "", sections)
@@ -376,7 +376,7 @@ def search_spaces() -> str:
     """``search_spaces/*.yaml`` as a table: family, what it is for, the prior and the schedules."""
     rows = ["| family | for | `max_lr` prior (no range test) | schedules searched (default first) |",
             "|---|---|---|---|"]
-    for family in _fresh("lrsearch.space").FAMILIES:
+    for family in _fresh("lrsearch.job.space").FAMILIES:
         data = yaml.safe_load((ROOT / "search_spaces" / f"{family}.yaml").read_text())
         prior = data.get("max_lr_prior") or {}
         default = data.get("default_schedule")
@@ -389,7 +389,7 @@ def search_spaces() -> str:
 
 def schedules() -> str:
     """The schedule registry as a table: name, what it does, its parameters and their defaults."""
-    SCHEDULES = _fresh("lrsearch.schedules").SCHEDULES  # noqa: N806
+    SCHEDULES = _fresh("lrsearch.optim.schedules").SCHEDULES  # noqa: N806
 
     rows = ["| name | what it does | parameters (default) | same LRs as |", "|---|---|---|---|"]
     for name, sched in SCHEDULES.items():

@@ -5,7 +5,7 @@ latest search, by default the job's own), checks the horizon, opens the MLflow r
 search's parent) and hands the training to one Ray task with the job's ``resources`` (the GPU Ray
 grants, CUDA when it does). That task trains each of the top-k configs for the whole horizon, the
 trials' way: the same model factory, optimizer, schedule resolved for the horizon's optimizer steps
-through :func:`lrsearch.space.schedule_params` (the conversion the export gives users), the same
+through :func:`lrsearch.job.space.schedule_params` (the conversion the export gives users), the same
 recipe (clipping, precision, accumulation) and divergence stop. It keeps the best by validation,
 scores that one, once, on the task's held-out test split (which the search never saw), and logs
 the model (MLflow's pytorch flavour; a registry version with ``register``).
@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import JobConfig
+from lrsearch.console import err
 from lrsearch.engine import Horizon, Training
+from lrsearch.engine.trial import TaskSource
 from lrsearch.errors import LRSearchError
-from lrsearch.extras import check_job
 from lrsearch.final.found import (
     Candidate,
     FoundSearch,
@@ -40,12 +40,17 @@ from lrsearch.final.found import (
 )
 from lrsearch.final.state import clear, end_run, final_dir, load_state, save_state
 from lrsearch.final.worker import Plan, train_on_worker
-from lrsearch.recipe import Recipe
+from lrsearch.infra.ray_runtime import check_resources, init_ray
+from lrsearch.infra.tracking import heal, resolve_tracking
+from lrsearch.infra.tracking.final import FinalRun
+from lrsearch.infra.tracking.store import _client, new_experiment
+from lrsearch.job.config import JobConfig
+from lrsearch.job.extras import check_job
+from lrsearch.job.space import schedule_params
+from lrsearch.optim.recipe import Recipe
+from lrsearch.output.results import BestConfig, SearchResult, trained_optimizer, write_best_config
 from lrsearch.redact import redact_uri
-from lrsearch.space import schedule_params
 from lrsearch.tasks import Task
-from lrsearch.trial import TaskSource
-from lrsearch.tuning.results import BestConfig, SearchResult, trained_optimizer, write_best_config
 
 __all__ = ["FinalResult", "run_final", "trained_config"]
 
@@ -112,21 +117,17 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     """Train the search's best config (or its ``top_k`` best) at the horizon; see :func:`lrsearch.train`."""
     started = time.perf_counter()
     check_options(epochs, steps, top_k, register, track, lr_scales)
-    from lrsearch.tracking import resolve_tracking  # MLflow: imported once the options are good
 
     uri, experiment = resolve_tracking(tracking_uri or job.tracking.uri, job.tracking.experiment, job.name)
     check_job(job.task, uri, own_task=task is not None, track=track)  # a missing extra: one line
+    if track:  # what MLflow missed of this job's last search and final run, first
+        heal(job.results_dir(), uri=uri)
     found = read_found(search, uri, experiment, track)
     chosen, recipe = candidates(found, top_k), Recipe.of(job.train)
     notes = _notes(top_k, chosen, recipe, found.best)
     out = final_dir(job.results_dir())
     source = TaskSource.of(job, task)
     plan = Plan(Training.of(job.train, job.optimizer, job.search), tuple(chosen), epochs, steps, job.search.max_epochs)
-    from lrsearch.tuning.tuner import (  # Ray: imported once the job is checked
-        check_resources,
-        init_ray,
-    )
-
     started_ray = init_ray(address, verbose=False)
     try:
         check_resources(job.resources, joined=not started_ray)
@@ -180,7 +181,7 @@ def _horizon_params(horizon: Horizon, plan: Plan, recipe: Recipe) -> dict[str, A
 def _open(out: Path, found: FoundSearch, plan: Plan, resume: bool, notes: list[str], uri: str, experiment: str,
           job_name: str, params: dict[str, Any] | None):
     """The run's directory (kept when resumed, emptied otherwise) and its MLflow run (``params``:
-    logged on a new one; ``None``: untracked): the :class:`~lrsearch.tracking.final.FinalRun`."""
+    logged on a new one; ``None``: untracked): the :class:`~lrsearch.infra.tracking.final.FinalRun`."""
     fresh = {"search_run_id": found.run_id, "candidates": [c.trial_id for c in plan.candidates],
              "epochs": plan.epochs, "steps": plan.steps}
     state = load_state(out, resume, fresh, notes)  # reads only
@@ -189,8 +190,6 @@ def _open(out: Path, found: FoundSearch, plan: Plan, resume: bool, notes: list[s
         clear(out)
     run = None
     if params is not None:
-        from lrsearch.tracking.final import FinalRun  # MLflow: only for a tracked run
-
         run = FinalRun.start(uri, experiment_id=found.experiment_id or _experiment_id(uri, experiment),
                              search_run_id=found.run_id, job_name=job_name, params=params,
                              run_id=state.get("run_id"))
@@ -229,8 +228,6 @@ def _get(ref, progress: Path | None = None) -> Any:
             if progress.is_file():
                 line = progress.read_text()
                 if line and line != shown:
-                    from lrsearch.console import err
-
                     err.print(line, highlight=False)
                     shown = line
         return ray.get(ref)
@@ -255,8 +252,6 @@ def _notes(top_k: int, chosen: list[Candidate], recipe: Recipe, best: dict[str, 
 
 
 def _experiment_id(uri: str, experiment: str) -> str:
-    from lrsearch.tracking.store import _client, new_experiment  # MLflow: only for a tracked run
-
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     return exp.experiment_id if exp else new_experiment(client, uri, experiment)

@@ -1,6 +1,6 @@
 """What a final run trains: the search read back as a typed record, and its candidates.
 
-A search comes as a :class:`~lrsearch.tuning.results.SearchResult`, an MLflow run id, an
+A search comes as a :class:`~lrsearch.output.results.SearchResult`, an MLflow run id, an
 experiment's latest search, or a config given directly (:func:`given_config`); each becomes one
 :class:`FoundSearch`. Its completed trials, ranked, give the :class:`Candidate` configs, each at the
 multiples of its ``max_lr`` that ``--lr-scales`` asks for (:func:`resolve_scales`, :func:`scaled`).
@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrsearch.errors import ConfigError, SearchError
-from lrsearch.space import schedule_params
-from lrsearch.tuning.results import BestConfig, SearchResult, TrialState, ranked_completed
+from lrsearch.infra.tracking.final import read_search
+from lrsearch.job.space import schedule_params
+from lrsearch.output.results import BestConfig, SearchResult, TrialState, ranked_completed
 
 __all__ = ["AUTO_SCALES", "BRIDGE_AT", "Candidate", "FoundSearch", "FoundTrial", "candidates", "check_options",
            "given_config", "read_found", "resolve_scales", "scaled"]
@@ -157,9 +158,6 @@ def read_found(search: SearchResult | BestConfig | Mapping[str, Any] | str | Non
                           "(the job's latest search)")
     if not track and search is None:
         raise ConfigError("search: without MLflow (track=False) give the SearchResult to train")
-    from lrsearch.tracking.final import (
-        read_search,  # MLflow: imported only when a search is read from it
-    )
 
     if search is not None and _RUN_ID.match(search):
         found = read_search(uri, run_id=search)

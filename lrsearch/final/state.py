@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lrsearch.errors import SearchError
+from lrsearch.infra.tracking.store import _client
 
 __all__ = ["FINAL_DIR", "CandidateReport", "clear", "end_run", "final_dir", "load_state", "save_state"]
 
@@ -74,8 +75,6 @@ def _close_killed_run(out: Path) -> None:
         return
     saved = json.loads(file.read_text())
     if saved.get("run_id") and saved.get("uri"):
-        from lrsearch.tracking.store import _client  # MLflow: only when there is a run to close
-
         try:
             client = _client(saved["uri"])
             if client.get_run(saved["run_id"]).info.status == "RUNNING":
@@ -86,7 +85,7 @@ def _close_killed_run(out: Path) -> None:
 
 def end_run(run: Any, out: Path, status: str) -> None:
     """End the final run's MLflow run; a store that is down gets the end from the next lrsearch
-    command on the job (``lrsearch.tracking.heal`` reads it from ``state.json``)."""
+    command on the job (``lrsearch.infra.tracking.heal`` reads it from ``state.json``)."""
     if run.finish(status):
         return
     file = out / "state.json"

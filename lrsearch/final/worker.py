@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from lrsearch.divergence import DivergenceMonitor
 from lrsearch.engine import (
     EpochEnd,
     Horizon,
@@ -21,13 +20,14 @@ from lrsearch.engine import (
     load_state,
     trainable_state,
 )
+from lrsearch.engine.protocol import trial_device
+from lrsearch.engine.trial import TaskSource, build_run, loader_steps, metric_key, worst_value
 from lrsearch.errors import SearchError
 from lrsearch.final.found import Candidate
 from lrsearch.final.state import CandidateReport, save_state
-from lrsearch.protocol import trial_device
-from lrsearch.recipe import Stepper, autocast_for
+from lrsearch.optim.divergence import DivergenceMonitor
+from lrsearch.optim.recipe import Stepper, autocast_for
 from lrsearch.tasks import Task, evaluate
-from lrsearch.trial import TaskSource, build_run, loader_steps, metric_key, worst_value
 
 __all__ = ["FinalSink", "Plan", "horizon_of", "train_on_worker"]
 

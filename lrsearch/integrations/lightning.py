@@ -38,13 +38,17 @@ import torch
 from torch import nn
 
 from lrsearch import engine
+from lrsearch.engine.protocol import Trial
+from lrsearch.engine.trial import _ship_by_value
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.extras import require
-from lrsearch.optim import eval_mode, train_mode
-from lrsearch.protocol import Trial
-from lrsearch.recipe import autocast_for
-from lrsearch.tasks.base import Task, model_loss
-from lrsearch.tuning.results import SearchResult
+from lrsearch.job.extras import require
+from lrsearch.job.parse import load_job
+from lrsearch.optim.batches import model_loss
+from lrsearch.optim.optimizers import eval_mode, train_mode
+from lrsearch.optim.recipe import autocast_for
+from lrsearch.output.results import SearchResult
+from lrsearch.tasks.base import Task
+from lrsearch.tuning.runner import run_search
 
 # Lightning is an extra: without it, importing this module fails with the pip install that brings it
 pl = require("lightning.pytorch", what="lrsearch.integrations.lightning")
@@ -90,14 +94,11 @@ def search(job: Any, module_factory: Callable[[], pl.LightningModule],
         ConfigError: a factory that is not callable or does not return a LightningModule /
             LightningDataModule, or a module with manual optimization. All before anything trains.
     """
-    import lrsearch
-    from lrsearch.trial import _ship_by_value
-
     for name in ("task", "train_fn"):
         if name in options:
             raise ConfigError(f"{name}: not an option of the Lightning integration; it builds the "
                               "trials' loop and the range test's task from the module and datamodule")
-    job = lrsearch.load_job(job)
+    job = load_job(job)
     # once on the driver, so that a wrong factory fails here, before anything trains
     module, datamodule = _build(module_factory, datamodule_factory, ConfigError)
     for factory in (module_factory, datamodule_factory):
@@ -109,7 +110,7 @@ def search(job: Any, module_factory: Callable[[], pl.LightningModule],
     train_fn = functools.partial(train_trial, module_factory, datamodule_factory)
     train_fn.__qualname__ = f"lightning:{type(module).__name__}"  # the search's name in MLflow
     del module, datamodule  # each trial builds its own
-    return lrsearch.search(job, train_fn=train_fn, task=task, metric=metric, mode=mode, **options)
+    return run_search(job, train_fn=train_fn, task=task, metric=metric, mode=mode, **options)
 
 
 # ---------------------------------------------------------------------------------------- trials

@@ -40,11 +40,16 @@ from typing import Any
 
 import torch
 
+from lrsearch.engine.protocol import Trial
+from lrsearch.engine.trial import _ship_by_value
 from lrsearch.errors import ConfigError, SearchError, TaskError
-from lrsearch.extras import require
-from lrsearch.protocol import Trial
-from lrsearch.tasks.base import Task, model_loss
-from lrsearch.tuning.results import SearchResult
+from lrsearch.job.extras import require
+from lrsearch.job.parse import load_job
+from lrsearch.optim.batches import model_loss
+from lrsearch.output.formats import hf_training_arguments
+from lrsearch.output.results import SearchResult
+from lrsearch.tasks.base import Task
+from lrsearch.tuning.runner import run_search
 
 # transformers is an extra: without it, importing this module fails with the pip install that brings it
 TrainerCallback = require("transformers", what="lrsearch.integrations.transformers").TrainerCallback
@@ -86,18 +91,15 @@ def search(job: Any, trainer_factory: Callable[[], Any], *, range_test: bool = T
         ConfigError: the factory does not return a Trainer, or the Trainer has no
             ``train_dataset`` / ``eval_dataset``. All before anything trains.
     """
-    import lrsearch
-    from lrsearch.trial import _ship_by_value
-
     trainer = _check(trainer_factory)
     metric, mode = _objective(trainer, metric, mode)
     _ship_by_value(trainer_factory)
-    job = lrsearch.load_job(job)
+    job = load_job(job)
     if not range_test:
         job = job.model_copy(update={"range_test": job.range_test.model_copy(update={"enabled": False})})
     task = functools.partial(range_test_task, trainer_factory) if job.range_test.enabled else None
     del trainer  # the driver's copy: each trial builds its own
-    result = lrsearch.search(job, train_fn=functools.partial(train_trial, trainer_factory),
+    result = run_search(job, train_fn=functools.partial(train_trial, trainer_factory),
                              task=task, metric=metric, mode=mode, **options)
     return _with_best(result, trainer_factory)
 
@@ -224,7 +226,6 @@ def _with_best(result: SearchResult, trainer_factory: Callable[[], Any]) -> Trai
     out = TrainerSearchResult(**fields)
     if result.best is None:
         return out
-    from lrsearch.formats import hf_training_arguments
 
     trainer = trainer_factory()
     model = trainer.call_model_init() if trainer.model_init is not None else trainer.model

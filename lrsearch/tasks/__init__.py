@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lrsearch.errors import ConfigError
-from lrsearch.extras import check_task
-from lrsearch.tasks.base import Task, evaluate, forward, model_loss, move_to_device, reseed
+from lrsearch.job.extras import check_task
+from lrsearch.tasks.base import Task, evaluate, reseed
 from lrsearch.tasks.synthetic import synthetic_task
+from lrsearch.tasks.user import python_task
 
 if TYPE_CHECKING:
-    from lrsearch.config import JobConfig
+    from lrsearch.job.config import JobConfig
 
-__all__ = ["Task", "build_task", "evaluate", "forward", "model_loss", "move_to_device", "reseed",
-           "synthetic_task"]
+__all__ = ["Task", "build_task", "evaluate", "reseed", "synthetic_task"]
 
 
 def _maybe_path(resolve: Callable[[str], str], value: str) -> str:
@@ -46,23 +46,28 @@ def build_task(job: JobConfig) -> Task:
     if cfg.kind == "synthetic":
         return synthetic_task(**options)
     if cfg.kind == "text_classification":
-        from lrsearch.tasks.text import text_classification_task
+        from lrsearch.tasks.text import (
+            text_classification_task,  # transformers: imported only for this kind
+        )
 
         options.update(model=_maybe_path(job.resolve, cfg.model), dataset=_maybe_path(job.resolve, cfg.dataset))
         return text_classification_task(**options)
     if cfg.kind == "language_modeling":
-        from lrsearch.tasks.lm import language_modeling_task
+        from lrsearch.tasks.lm import (
+            language_modeling_task,  # transformers: imported only for this kind
+        )
 
         options.update(model=_maybe_path(job.resolve, cfg.model), dataset=_maybe_path(job.resolve, cfg.dataset))
         return language_modeling_task(**options)
     if cfg.kind == "image_classification":
-        from lrsearch.tasks.image import image_classification_task
+        from lrsearch.tasks.image import (
+            image_classification_task,  # torchvision: imported only for this kind
+        )
 
         options.update(model=cfg.model, dataset=_maybe_path(job.resolve, cfg.dataset))
         if cfg.weights is not None:
             options["weights"] = job.resolve(cfg.weights)
         return image_classification_task(**options)
-    from lrsearch.tasks.user import python_task
 
     return python_task(cfg.entrypoint, cfg.options,
                        path=job.resolve(cfg.path) if cfg.path else job.base_dir)

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.extras import require
+from lrsearch.job.extras import require
 from lrsearch.tasks.base import Task
 from lrsearch.tasks.image_model import (
     BUILTIN_MODELS,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lrsearch.errors import TaskError
-from lrsearch.extras import EFFICIENTNET_LITE0, require
+from lrsearch.job.extras import EFFICIENTNET_LITE0, require
 
 __all__ = ["BUILTIN_MODELS", "EFFICIENTNET_LITE0", "input_stats", "load_classifier",
            "resolve_weights"]

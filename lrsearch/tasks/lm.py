@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.extras import require
-from lrsearch.tasks.base import Task, move_to_device
+from lrsearch.job.extras import require
+from lrsearch.optim.batches import move_to_device
+from lrsearch.tasks.base import Task
 from lrsearch.tasks.text import check_sizes, collate_text, load_texts, split_indices
 from lrsearch.tasks.text_model import (
     MODEL_ALIASES,

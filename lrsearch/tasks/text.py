@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lrsearch.errors import ConfigError, TaskError
+from lrsearch.job.task_config import PeftConfig
 from lrsearch.tasks.base import Task
 from lrsearch.tasks.text_model import (
     MODEL_ALIASES,
@@ -164,8 +165,6 @@ def _lora_options(peft: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if peft is None:
         return None
     from pydantic import ValidationError
-
-    from lrsearch.task_config import PeftConfig
 
     try:
         cfg = peft if isinstance(peft, PeftConfig) else PeftConfig.model_validate(dict(peft))

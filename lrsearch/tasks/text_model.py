@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lrsearch.errors import TaskError
-from lrsearch.extras import MODEL_ALIASES, model_alias_missing, require
+from lrsearch.job.extras import MODEL_ALIASES, model_alias_missing, require
 
 __all__ = ["MODEL_ALIASES", "load_classifier", "load_lora_classifier", "load_tokenizer", "resolve_model"]
 

@@ -60,7 +60,7 @@ class Ledger:
 
     @classmethod
     def for_search(cls, search: Any, *, gpu: float, metric: str, mode: str) -> Ledger:
-        """The ledger of a job's ``search`` section (a :class:`~lrsearch.config.SearchConfig`)."""
+        """The ledger of a job's ``search`` section (a :class:`~lrsearch.job.config.SearchConfig`)."""
         first_rung = search.grace_period if search.early_stopping == "asha" else search.max_epochs
         return cls(search.budget_limit(), min_epochs=first_rung, max_epochs=search.max_epochs, gpu=gpu,
                    num_trials=search.num_trials, metric=metric, mode=mode)

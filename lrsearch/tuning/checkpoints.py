@@ -7,8 +7,8 @@ import json
 import re
 from typing import Any
 
-from lrsearch.protocol import REPLAY_FILE
-from lrsearch.storage import filesystem, listing
+from lrsearch.engine.protocol import REPLAY_FILE
+from lrsearch.infra.storage import filesystem, listing
 
 
 def checkpoint_dirs(fs: Any, trial_dir: str) -> dict[int, str]:
@@ -57,7 +57,7 @@ def fill_replaced_checkpoints(tune_path: str, epochs: list[int]) -> None:
     gone, and the trial would fail to restore (ray-project/ray#27790). A trial's checkpoint
     ``N`` holds epoch ``epochs[N]`` (the epochs the job's ``search.checkpoint`` policy saves at),
     so each missing one below the newest becomes a ``replay.json`` that tells
-    :func:`~lrsearch.trial.run_trial` to retrain up to that epoch.
+    :func:`~lrsearch.engine.trial.run_trial` to retrain up to that epoch.
     """
     fs, base = filesystem(tune_path)
     for trial_dir in listing(fs, base, dirs=True).values():

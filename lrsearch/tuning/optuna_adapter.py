@@ -17,6 +17,8 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from lrsearch.tuning.tpe_window import WindowedSampler
+
 __all__ = ["PrunedAwareOptunaSearch", "make_sampler", "study_storage"]
 
 _INIT_ATTEMPTS = 5
@@ -43,8 +45,6 @@ def make_sampler(algorithm: str, *, seed: int, num_trials: int) -> Any:
     if algorithm == "random":
         return RandomSampler(seed=seed)
     if algorithm == "tpe":
-        from lrsearch.tuning.tpe_window import WindowedSampler
-
         # a few random trials first (TPE needs data), at most half the budget on small searches;
         # past 256 trials, TPE sees the newest and the best (a flat cost per trial)
         return WindowedSampler(TPESampler(seed=seed, n_startup_trials=max(1, min(5, num_trials // 2))))

@@ -11,8 +11,10 @@ from typing import Any
 
 from ray.tune import Callback
 
-from lrsearch.jobs import PROGRESS_PREFIX, progress_text
+from lrsearch.console import err
+from lrsearch.infra.jobs import PROGRESS_PREFIX, progress_text
 from lrsearch.tuning.budget import Ledger
+from lrsearch.tuning.track import log_progress
 
 
 class LiveProgress(Callback):
@@ -35,8 +37,6 @@ class LiveProgress(Callback):
         if not self.enabled:
             return
         if self._status is None:
-            from lrsearch.console import err
-
             self._status = err.status("")
             self._status.start()
         self._status.update(progress_text(self.ledger.snapshot(), best=("best epoch so far", self.best)))
@@ -47,8 +47,6 @@ class LiveProgress(Callback):
             sys.stderr.write(PROGRESS_PREFIX + json.dumps(snapshot) + "\n")
             sys.stderr.flush()
         if self.tracker is not None:
-            from lrsearch.tuning.track import log_progress
-
             log_progress(self.tracker, snapshot)
 
     def on_trial_start(self, iteration, trials, trial, **info):

@@ -8,24 +8,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import JobConfig, SearchConfig, in_ray_job
 from lrsearch.engine import Horizon
-from lrsearch.errors import ConfigError, Interrupted
-from lrsearch.extras import check_job
-from lrsearch.protocol import Trial, checkpoint_epochs, worst_metric
-from lrsearch.recipe import Recipe
-from lrsearch.report import dropped_text
-from lrsearch.space import SpaceSampler
-from lrsearch.tasks import Task
-from lrsearch.tracking import resolve_tracking
-from lrsearch.trial import (
+from lrsearch.engine.protocol import Trial, checkpoint_epochs, worst_metric
+from lrsearch.engine.trial import (
     TaskSource,
     metric_key,
     run_trial,
     trial_horizon,
     user_loop,
 )
-from lrsearch.tuning import results as res
+from lrsearch.errors import ConfigError, Interrupted
+from lrsearch.infra.ray_runtime import check_resources, init_ray
+from lrsearch.infra.storage import filesystem, listing
+from lrsearch.infra.tracking import heal, resolve_tracking
+from lrsearch.job.config import JobConfig, SearchConfig, in_ray_job
+from lrsearch.job.extras import check_job
+from lrsearch.job.space import SpaceSampler
+from lrsearch.optim.recipe import Recipe
+from lrsearch.output import results as res
+from lrsearch.output.report import dropped_text
+from lrsearch.tasks import Task
 from lrsearch.tuning import warm_start as ws
 from lrsearch.tuning.budget import Ledger
 from lrsearch.tuning.checkpoints import fill_replaced_checkpoints, prune_checkpoints
@@ -40,7 +42,7 @@ from lrsearch.tuning.optuna_adapter import (
 from lrsearch.tuning.progress import LiveProgress
 from lrsearch.tuning.setup import first_points, prepare_dir, range_test_data, start_tracker, warn
 from lrsearch.tuning.track import log_results, log_setup, log_warm_start
-from lrsearch.tuning.tuner import TUNE_DIR, build_tuner, check_resources, init_ray
+from lrsearch.tuning.tuner import TUNE_DIR, build_tuner
 
 
 def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
@@ -55,6 +57,8 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
         raise ConfigError("task: missing; a job needs a task section, unless the search gets its "
                           "own training loop (train_fn=, or an integration) or task=")
     check_job(job.task, job.tracking.uri, own_task=task is not None, track=track)  # a missing extra: one line, before anything
+    if track:  # what MLflow missed of this job's last search and final run, first
+        heal(job.results_dir(), uri=resolve_tracking(job.tracking.uri, None, job.name)[0])
     if num_trials is not None:
         job = job.model_copy(update={"search": job.search.model_copy(update={"num_trials": num_trials})})
     root = job.results_dir()
@@ -182,8 +186,6 @@ def _unknown_to_tune(study, results: list, tune_path: str) -> list:
     died (the study has them; the restored Tune did not), rebuilt from the record the study keeps
     of each (Tune's own files in their directories may lag, or be missing)."""
     from ray.tune import Result
-
-    from lrsearch.storage import filesystem, listing
 
     missing = unknown_to_tune(study, {res.trial_id_of(r) for r in results})
     if not missing:

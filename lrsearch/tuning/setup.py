@@ -11,11 +11,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lrsearch.config import JobConfig, TrackingConfig
+from lrsearch.console import RangeTestProgress, err
 from lrsearch.errors import SearchError
-from lrsearch.space import SearchSpace, SpaceSampler
+from lrsearch.infra.tracking import SearchTracker, resolve_tracking
+from lrsearch.job.config import JobConfig, TrackingConfig
+from lrsearch.job.space import SearchSpace, SpaceSampler
+from lrsearch.range_test.finder import find_lr, local_dir, save_range_test
 from lrsearch.tasks import Task
-from lrsearch.tracking import SearchTracker, resolve_tracking
 from lrsearch.tuning.tuner import tune_state_exists
 
 
@@ -51,8 +53,6 @@ def prepare_dir(name: str, root: str, resume: bool, show: bool) -> tuple[Path | 
 def warn(note: str, show: bool) -> str:
     """``note``, printed to stderr first when ``show``."""
     if show:
-        from lrsearch.console import err
-
         err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     return note
 
@@ -72,8 +72,6 @@ def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, 
     saved = out / "range_test.json" if out else None
     if resume and saved is not None and saved.is_file():
         return json.loads(saved.read_text())
-    from lrsearch.console import RangeTestProgress
-    from lrsearch.finder import find_lr, local_dir, save_range_test
 
     # its length (range_test.num_steps: auto) is known once find_lr starts: the bar learns it
     with RangeTestProgress(100, enabled=show) as bar:

@@ -7,10 +7,11 @@ from typing import Any
 
 import yaml
 
-from lrsearch.config import JobConfig
+from lrsearch.infra.tracking import SearchTracker
+from lrsearch.job.config import JobConfig
+from lrsearch.output.report import plot_lr_curves, plot_search, warm_start_line
+from lrsearch.output.results import SearchResult, TrialState
 from lrsearch.redact import redact_uri
-from lrsearch.tracking import SearchTracker
-from lrsearch.tuning.results import SearchResult, TrialState
 
 
 def log_setup(tracker: SearchTracker, job: JobConfig, task_name: str, metric: str, out: Path | None,
@@ -58,7 +59,6 @@ def log_warm_start(tracker: SearchTracker, report: dict[str, Any], out: Path | N
     """What ``search.warm_start`` reused, on the parent run: counts and sources as params, the
     summary line as the tag ``lrsearch.warm_start``, the whole report (dropped trials by reason)
     as ``warm_start.json``."""
-    from lrsearch.report import warm_start_line
 
     tracker.log_params({
         "warm_start.sources": ",".join(f"{s['ref']}:{s['run_id']}" for s in report["sources"]),
@@ -95,7 +95,6 @@ def _has_params(tracker: SearchTracker, params: dict[str, Any]) -> bool:
 def log_results(tracker: SearchTracker, result: SearchResult, out: Path | None, total_steps: int) -> None:
     """Counts, importances, plots, the trial table and best config on the parent run; the final
     state on every child run; then close the parent run."""
-    from lrsearch.report import plot_lr_curves, plot_search
 
     c = result.counts
     tracker.log_metrics({f"trials_{k}": float(v) for k, v in c.items()})

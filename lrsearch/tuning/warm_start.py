@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from lrsearch.errors import ConfigError
-from lrsearch.space import SearchSpace, SpaceSampler
+from lrsearch.infra.tracking import find_past_search, read_trial_runs
+from lrsearch.job.space import SearchSpace, SpaceSampler
 
 __all__ = ["PastSearch", "read_past_searches", "saved_report", "seed_trials", "write_report"]
 
@@ -37,7 +38,7 @@ REPORT_FILE = "warm_start.json"
 @dataclass(frozen=True)
 class PastSearch:
     """An earlier search as read from MLflow: what ``search.warm_start`` named, its parent run,
-    its objective and horizon, and its trial runs (:func:`lrsearch.tracking.read_trial_runs`)."""
+    its objective and horizon, and its trial runs (:func:`lrsearch.infra.tracking.read_trial_runs`)."""
 
     ref: str
     run_id: str
@@ -54,7 +55,6 @@ def read_past_searches(refs: list[str], tracking_uri: str) -> list[PastSearch]:
             experiment or run id, a run that is not a search, or one that has not finished.
         TrackingError: the tracking store cannot be reached.
     """
-    from lrsearch.tracking import find_past_search, read_trial_runs
 
     past = []
     for ref in refs:

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lrsearch.console import err
 from lrsearch.errors import TrackingError
+from lrsearch.infra.storage import filesystem, listing
 from lrsearch.redact import redact_uri
-from lrsearch.storage import filesystem, listing
 
 PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "lrsearch.role"
@@ -76,7 +77,6 @@ def default_store() -> str:
         path = str(old.resolve())
         if path not in _noted:
             _noted.add(path)
-            from lrsearch.console import err
 
             err.print(f"[yellow]note:[/] reading ./{OLD_STORE} from an earlier lrsearch; MLflow's default is "
                       f"./{DEFAULT_STORE}: mv {OLD_STORE} {DEFAULT_STORE} (and mlruns/ stays) so a bare "

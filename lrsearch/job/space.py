@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lrsearch.errors import ConfigError
-from lrsearch.schedules import SCHEDULES, resolve_params
+from lrsearch.optim.schedules import SCHEDULES, resolve_params
 
 __all__ = [
     "FAMILIES",
@@ -41,7 +41,7 @@ FRACTION_PARAMS = {"cosine_restarts": {"T_0_frac": "T_0"}, "step": {"step_size_f
 
 def spaces_dir() -> Path:
     """The directory holding the shipped space files (the repository's, or the installed copy)."""
-    here = Path(__file__).resolve().parent.parent / "search_spaces"
+    here = Path(__file__).resolve().parents[2] / "search_spaces"
     if here.is_dir():
         return here
     return Path(sys.prefix) / "share" / "lrsearch" / "search_spaces"
@@ -298,7 +298,7 @@ class SpaceSampler:
 
 
 def schedule_params(config: dict[str, Any], total_steps: int) -> dict[str, Any]:
-    """The schedule parameters of a trial config, in :func:`~lrsearch.schedules.build_scheduler` form.
+    """The schedule parameters of a trial config, in :func:`~lrsearch.optim.schedules.build_scheduler` form.
 
     Fractions of the run become step counts; every parameter is validated and defaults filled in.
     """

@@ -2,8 +2,8 @@
 
 Each factory has the signature ``factory(optimizer, total_steps, params) -> LRScheduler``, where
 ``params`` holds every parameter of the schedule, defaults filled in and validated by
-:func:`lrsearch.schedules.resolve_params`. Schedules that PyTorch ships are PyTorch's own classes;
-the others are ``LambdaLR`` over the pure factor functions of :mod:`lrsearch.schedule_math`, bound
+:func:`lrsearch.optim.schedules.resolve_params`. Schedules that PyTorch ships are PyTorch's own classes;
+the others are ``LambdaLR`` over the pure factor functions of :mod:`lrsearch.optim.schedule_math`, bound
 with :func:`functools.partial` so that the scheduler pickles.
 """
 
@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
-from lrsearch.schedule_math import (
+from lrsearch.optim.schedule_math import (
     constant_factor,
     cosine_factor,
     linear_factor,

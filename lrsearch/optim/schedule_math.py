@@ -1,6 +1,6 @@
 """Pure schedule math: the factor of the peak LR at optimizer step ``step`` (0-based).
 
-Torch-free. :mod:`lrsearch.schedule_factories` binds these with :func:`functools.partial` and wraps
+Torch-free. :mod:`lrsearch.optim.schedule_factories` binds these with :func:`functools.partial` and wraps
 them in ``LambdaLR``; they are module-level functions with keyword-only parameters so that such a
 partial pickles (Ray ships schedulers to workers, no closures or lambdas allowed).
 """

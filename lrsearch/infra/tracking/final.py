@@ -17,16 +17,17 @@ from typing import Any
 
 import yaml
 
+from lrsearch.console import err
 from lrsearch.errors import SearchError, TrackingError
-from lrsearch.redact import redact_uri
-from lrsearch.tracking.read import find_search_run
-from lrsearch.tracking.store import (
+from lrsearch.infra.tracking.read import find_search_run
+from lrsearch.infra.tracking.store import (
     PARENT_TAG,
     ROLE_TAG,
     _client,
     _retry,
     check_reachable,
 )
+from lrsearch.redact import redact_uri
 
 FINAL_ROLE = "final"
 SEARCH_RUN_TAG = "lrsearch.search_run_id"
@@ -140,8 +141,6 @@ class FinalRun:
             self._lost(path.name, exc)
 
     def _lost(self, what: str, exc: Exception) -> None:
-        from lrsearch.console import err
-
         err.print(f"[yellow]warning:[/] MLflow at {redact_uri(self.uri)} did not take {what} "
                   f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})", highlight=False)
 
@@ -188,7 +187,7 @@ class FinalRun:
 
     def finish(self, status: str = "FINISHED") -> bool:
         """End the run as ``status``; whether the store took it (if not, the caller records the end
-        in the run's ``state.json``, and :func:`lrsearch.tracking.heal` sets it later)."""
+        in the run's ``state.json``, and :func:`lrsearch.infra.tracking.heal` sets it later)."""
         client = _client(self.uri)
         try:
             _retry(lambda: client.set_terminated(self.run_id, status))

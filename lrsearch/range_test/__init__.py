@@ -2,7 +2,7 @@
 
 :func:`lr_range_test` runs the sweep and returns a :class:`RangeTestResult`; the suggestions and the
 ``(low, high)`` bounds for the ``max_lr`` search are pure functions of that result
-(:mod:`lrsearch.range_test_suggestions`).
+(:mod:`lrsearch.range_test.suggestions`).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrsearch.divergence import DivergenceMonitor
-from lrsearch.range_test_suggestions import (
+from lrsearch.optim.batches import forward
+from lrsearch.optim.divergence import DivergenceMonitor
+from lrsearch.optim.recipe import Recipe, Stepper, autocast_for
+from lrsearch.range_test.suggestions import (
     MIN_DROP,
     SUGGESTION_METHODS,
     bounds_from_curve,
     no_descent,
     suggest_lr,
 )
-from lrsearch.recipe import Recipe, Stepper, autocast_for
-from lrsearch.tasks.base import forward
 
 __all__ = ["SUGGESTION_METHODS", "RangeTestResult", "lr_range_test"]
 

@@ -26,10 +26,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lrsearch.config import OptimizerConfig
 from lrsearch.errors import ConfigError
-from lrsearch.schedules import SCHEDULES
-from lrsearch.space import FRACTION_PARAMS, schedule_params
+from lrsearch.job.config import OptimizerConfig, TrainConfig
+from lrsearch.job.space import FRACTION_PARAMS, schedule_params
+from lrsearch.optim.schedules import SCHEDULES
 
 __all__ = ["FORMATS", "hf_training_arguments", "portable_config", "render", "torch_snippet"]
 
@@ -112,7 +112,6 @@ def _train_recipe(train: Any) -> dict[str, Any]:
     """The training recipe of a best config, validated (a config from before recipes: none)."""
     if not train:
         return dict(_NO_RECIPE)
-    from lrsearch.config import TrainConfig
 
     try:
         recipe = TrainConfig.model_validate(train).model_dump(mode="json")
@@ -158,7 +157,7 @@ def _scheduler_args(b: dict[str, Any]) -> list[str]:
     args = []
     for key, value in b["params"].items():
         if key in fractions:
-            # the same conversion as lrsearch.space.schedule_params
+            # the same conversion as lrsearch.job.space.schedule_params
             args.append(f"{fractions[key]}=max(1, round({value!r} * total_steps))")
         else:
             args.append(f"{key}={_integral(name, key, value)!r}")
@@ -270,12 +269,12 @@ def hf_training_arguments(best: Any) -> tuple[dict[str, Any], str]:
         notes.append(
             f"transformers has no {name!r} schedule equal to lrsearch's: build lrsearch's for your run's total "
             f"optimizer steps and hand it to the Trainer: "
-            f"`scheduler = {_scheduler_call(b, 'lrsearch.schedules.')}`, then "
+            f"`scheduler = {_scheduler_call(b, 'lrsearch.optim.schedules.')}`, then "
             "`Trainer(..., args=TrainingArguments(**kwargs), optimizers=(optimizer, scheduler))` "
             "(`lrsearch export --format torch` writes build_optimizer and build_lr_scheduler for this).")
     if b["layer_decay"] is not None and b["layer_decay"] != 1:
         notes.append(f"layer_decay={b['layer_decay']!r} was searched and TrainingArguments has no layer-wise LR: "
-                     "build the optimizer with lrsearch.optim.param_groups(model, lr, weight_decay, "
+                     "build the optimizer with lrsearch.optim.optimizers.param_groups(model, lr, weight_decay, "
                      f"layer_groups=..., layer_decay={b['layer_decay']!r}) and pass optimizers=(optimizer, scheduler).")
     return kwargs, " ".join(notes)
 
@@ -347,8 +346,8 @@ def torch_snippet(best: Any) -> str:
     return f'''# Best LR strategy found by lrsearch: {b['metric']} = {score} (trial {b['trial_id']})
 {horizon_lines}import torch
 {extra_import}
-from lrsearch.optim import param_groups
-from lrsearch.schedules import build_scheduler
+from lrsearch.optim.optimizers import param_groups
+from lrsearch.optim.schedules import build_scheduler
 
 MAX_LR = {b['max_lr']!r}
 # the training recipe the search used (its train section)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lrsearch.errors import TrackingError
-from lrsearch.tracking.store import PARENT_TAG, ROLE_TAG, _client, check_reachable
+from lrsearch.infra.tracking.store import PARENT_TAG, ROLE_TAG, SEARCH_TAG, _client, check_reachable
 
 
 def find_search_run(uri: str, *, experiment: str | None = None, run_id: str | None = None,
@@ -123,7 +123,6 @@ def find_past_search(uri: str, ref: str) -> Any:
 def read_trial_runs(uri: str, search_run: Any, metric: str) -> list[dict[str, Any]]:
     """Every trial child run of ``search_run``: its MLflow params, its ``lrsearch.state`` and
     ``lrsearch.stopped_at_epoch`` tags, and ``metric`` per epoch (``{epoch: value}``)."""
-    from lrsearch.tracking.store import SEARCH_TAG
 
     client = _client(uri)
     search_id = search_run.data.tags.get(SEARCH_TAG)

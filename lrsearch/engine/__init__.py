@@ -1,16 +1,16 @@
 """The training engine: the one epoch loop every training run of a task goes through.
 
-:func:`fit` trains a model over a :class:`Horizon` the recipe's way (:class:`~lrsearch.recipe.Stepper`:
+:func:`fit` trains a model over a :class:`Horizon` the recipe's way (:class:`~lrsearch.optim.recipe.Stepper`:
 clipping, precision, accumulation), and does, once for every caller:
 
 - each epoch's batch order from the seed and the epoch only (:func:`epoch_seed`), so a resumed or
   replayed run sees the batches it would have seen;
-- the divergence stop at every optimizer step (:class:`~lrsearch.divergence.DivergenceMonitor`);
+- the divergence stop at every optimizer step (:class:`~lrsearch.optim.divergence.DivergenceMonitor`);
 - the evaluation after each epoch in eval mode (schedule-free's averaged weights; BatchNorm's
   statistics recomputed where the recipe asks).
 
 What an epoch produced goes to a :class:`Sink`: a search's trial reports it to Ray Tune
-(:class:`lrsearch.trial.TrialSink`), a final run logs and checkpoints it (``lrsearch.final``).
+(:class:`lrsearch.engine.trial.TrialSink`), a final run logs and checkpoints it (``lrsearch.final``).
 Checkpoints have one format (:func:`checkpoint_state`, :func:`load_state`).
 """
 
@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import torch
 
-from lrsearch.divergence import DivergenceMonitor
-from lrsearch.optim import eval_mode, train_mode
-from lrsearch.recipe import Recipe, Stepper
+from lrsearch.optim.divergence import DivergenceMonitor
+from lrsearch.optim.optimizers import eval_mode, train_mode
+from lrsearch.optim.recipe import Recipe, Stepper
 from lrsearch.tasks import Task, evaluate, reseed
 
 __all__ = ["EpochEnd", "Horizon", "Sink", "Training", "checkpoint_state", "epoch_seed", "fit", "load_state",

@@ -24,7 +24,7 @@ loop inside ``report``, with ``SystemExit``), and saves a checkpoint at the epoc
 anything passed to :meth:`Trial.track`. A resumed trial gets them back from :meth:`Trial.optimizer`,
 :meth:`Trial.scheduler` and :meth:`Trial.track`, and ``start_epoch`` says where to go on.
 
-The built-in loop (:func:`lrsearch.trial.task_loop`), the Hugging Face Trainer and the Lightning
+The built-in loop (:func:`lrsearch.engine.trial.task_loop`), the Hugging Face Trainer and the Lightning
 integrations are loops on this protocol too.
 """
 
@@ -40,14 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrsearch.config import JobConfig, SearchConfig
-from lrsearch.divergence import DivergenceMonitor
 from lrsearch.engine import checkpoint_state
 from lrsearch.errors import TaskError
-from lrsearch.optim import build_optimizer, for_schedule, optimizer_over
-from lrsearch.recipe import Recipe
-from lrsearch.schedules import build_scheduler
-from lrsearch.space import schedule_params
+from lrsearch.infra.tracking import TrialLogger
+from lrsearch.job.config import JobConfig, SearchConfig
+from lrsearch.job.space import schedule_params
+from lrsearch.optim.divergence import DivergenceMonitor
+from lrsearch.optim.optimizers import build_optimizer, for_schedule, optimizer_over
+from lrsearch.optim.recipe import Recipe
+from lrsearch.optim.schedules import build_scheduler
 
 __all__ = ["REPLAY_FILE", "Trial", "checkpoint_epochs", "flat_config", "objective_key", "worst_metric"]
 
@@ -118,8 +119,6 @@ class Trial:
         self._logger = None
         self._state, self.start_epoch, self._replay_to = _load_checkpoint(checkpoint, self.device)
         if tracking is not None:
-            from lrsearch.tracking import TrialLogger
-
             ids = _tune_ids()
             self._logger = TrialLogger(tracking, ids[0], ids[1])
         self._logged = self._logger.logged_epochs(self.metric) if self._logger is not None else 0

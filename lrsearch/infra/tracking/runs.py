@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from lrsearch import __version__
+from lrsearch.console import err
 from lrsearch.errors import TrackingError
-from lrsearch.redact import redact_uri
-from lrsearch.storage import filesystem, listing
-from lrsearch.tracking.store import (
+from lrsearch.infra.storage import filesystem, listing
+from lrsearch.infra.tracking.store import (
     PARENT_KEY,
     PARENT_TAG,
     ROLE_TAG,
@@ -31,6 +31,7 @@ from lrsearch.tracking.store import (
     reachable,
     store_error,
 )
+from lrsearch.redact import redact_uri
 
 
 class TrialLogger(_RunLogger):
@@ -267,7 +268,6 @@ POLL_S = 3.0
 def _wait_and_flush(info: TrackingInfo, pending: int, timeout_s: float) -> int:
     """Try the store every few seconds for up to ``timeout_s``; replay the spool once it answers.
     Ctrl+C stops waiting (what is pending stays for :func:`heal`)."""
-    from lrsearch.console import err
 
     err.print(f"[yellow]note:[/] MLflow at {info.uri} is not reachable; {pending} logging operations "
               f"pending: trying again for up to {timeout_s:g} s (tracking.flush_timeout_s; Ctrl+C stops "
@@ -349,7 +349,6 @@ def heal(results_dir: str | Path, *, uri: str | None = None) -> int:
         >>> heal("/nonexistent/results")
         0
     """
-    from lrsearch.console import err
 
     results_dir = str(results_dir)
     state_file = _state_path(results_dir)

@@ -28,9 +28,11 @@ from typing import Any
 
 import yaml
 
-from lrsearch.cluster import search_entrypoint
-from lrsearch.config import JobConfig, load_job
 from lrsearch.errors import LRSearchError
+from lrsearch.infra.cluster import search_entrypoint
+from lrsearch.infra.tracking import heal
+from lrsearch.job.config import JobConfig
+from lrsearch.job.parse import load_job
 from lrsearch.redact import redact_uri
 
 __all__ = ["JobsError", "submission_id", "submit", "job_status", "job_logs", "stop_job", "list_jobs",
@@ -237,7 +239,7 @@ def _refuse_if_no_node_fits(address: str, job: JobConfig, token: str | None) -> 
     can come for: one line naming the field, the value and the largest node's, instead of a job that
     fails inside (or waits ``resources.wait_for_node_s``). A job that asks to wait
     (``wait_for_node_s`` > 0), a cluster with an autoscaler and an unreadable node list all go
-    through: the search checks again on the cluster (:func:`lrsearch.tuning.tuner.check_resources`).
+    through: the search checks again on the cluster (:func:`lrsearch.infra.ray_runtime.check_resources`).
 
     Raises:
         JobsError: ``resources.cpu`` / ``resources.gpu`` more than every node has.
@@ -278,8 +280,6 @@ def job_status(address: str, job_id: str) -> dict[str, Any]:
         raise _translate(exc, address, _token()) from None
     status, metadata = _status_text(info.status), info.metadata or {}
     if status in ("SUCCEEDED", "FAILED", "STOPPED") and metadata.get("lrsearch.results"):
-        from lrsearch.tracking import heal
-
         heal(metadata["lrsearch.results"])  # what MLflow missed of the ended search, where it is readable here
     return {"submission_id": job_id, "status": status, "message": info.message,
             "entrypoint": info.entrypoint, "metadata": metadata,

@@ -9,8 +9,8 @@ scheduler is stepped once per optimizer step. Schedules that PyTorch ships are P
 classes (``OneCycleLR``, ``CosineAnnealingLR``, ``CosineAnnealingWarmRestarts``, ``ExponentialLR``,
 ``StepLR``); the others are ``LambdaLR`` over pure, module-level factor functions bound with
 :func:`functools.partial`, so every scheduler pickles (Ray ships them to workers) and round-trips
-through ``state_dict()``. The factor functions are in :mod:`lrsearch.schedule_math`, the factories
-that build each scheduler in :mod:`lrsearch.schedule_factories`; this module holds the registry.
+through ``state_dict()``. The factor functions are in :mod:`lrsearch.optim.schedule_math`, the factories
+that build each scheduler in :mod:`lrsearch.optim.schedule_factories`; this module holds the registry.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from lrsearch import schedule_factories as factories
+from lrsearch.optim import schedule_factories as factories
 
 __all__ = [
     "SCHEDULES",

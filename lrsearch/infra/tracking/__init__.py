@@ -16,14 +16,20 @@ tag, so a retried or resumed trial re-attaches to its run instead of creating an
 """
 
 from lrsearch.errors import TrackingError
-from lrsearch.tracking.read import (
+from lrsearch.infra.tracking.read import (
     find_past_search,
     find_search_run,
     read_best_config,
     read_trial_runs,
 )
-from lrsearch.tracking.runs import SearchTracker, TrialLogger, heal, load_tracking_info, sync_spool
-from lrsearch.tracking.store import TrackingInfo, check_reachable, resolve_tracking
+from lrsearch.infra.tracking.runs import (
+    SearchTracker,
+    TrialLogger,
+    heal,
+    load_tracking_info,
+    sync_spool,
+)
+from lrsearch.infra.tracking.store import TrackingInfo, check_reachable, resolve_tracking
 
 __all__ = [
     "SearchTracker",

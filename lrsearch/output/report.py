@@ -9,7 +9,8 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from lrsearch.schedules import SCHEDULES, lr_curve
+from lrsearch.infra.tracking.store import is_default_store
+from lrsearch.optim.schedules import SCHEDULES, lr_curve
 
 
 def schedules_json() -> list[dict[str, Any]]:
@@ -132,8 +133,6 @@ def search_tables(result: Any, top: int = 10) -> list[Any]:
     if "optuna_study" in paths:
         parts.append(f"study:       optuna-dashboard {paths['optuna_study']}")
     if result.tracking:
-        from lrsearch.tracking.store import is_default_store
-
         uri = escape(result.tracking["uri"])
         pending = paths.get("mlflow_pending", "0")
         note = "" if pending == "0" else (f"  [yellow]{pending} logging operations pending: lrsearch sync "
@@ -240,8 +239,6 @@ def plot_lr_curves(trials: list[Any], path: str, total_steps: int, top: int = 5)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lrsearch.schedules import lr_curve
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     try:

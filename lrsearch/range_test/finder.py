@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from lrsearch.config import JobConfig, SearchConfig
-from lrsearch.optim import build_optimizer
+from lrsearch.engine.trial import steps_per_epoch
+from lrsearch.job.config import JobConfig, SearchConfig
+from lrsearch.optim.optimizers import build_optimizer
 from lrsearch.range_test import RangeTestResult, lr_range_test
 from lrsearch.tasks import Task, build_task, reseed
-from lrsearch.trial import steps_per_epoch
 
 
 def default_device() -> torch.device:

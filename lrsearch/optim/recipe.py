@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrsearch.tasks.base import forward
+from lrsearch.optim.batches import forward
 
 __all__ = ["PRECISIONS", "Recipe", "Stepper", "autocast_for"]
 

@@ -9,11 +9,16 @@ checkpoints and ``train_mode`` before it steps again.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lrsearch.config import OptimizerConfig, OptimizerName
+from lrsearch.errors import ConfigError
+from lrsearch.optim.batches import move_to_device
+
+if TYPE_CHECKING:  # the job's section, read here, never built
+    from lrsearch.job.config import OptimizerConfig
 
 
 def param_groups(
@@ -51,14 +56,12 @@ def for_schedule(cfg: OptimizerConfig, schedule: str) -> OptimizerConfig:
     """The optimizer a trial of ``schedule`` trains with: the job's, except that the
     ``schedule_free`` arm of a search trains AdamWScheduleFree with the job's betas, eps and weight
     decay (it replaces the schedule's decay by averaging)."""
-    if schedule != "schedule_free" or cfg.name == OptimizerName.adamw_schedulefree:
+    if schedule != "schedule_free" or cfg.name == "adamw_schedulefree":
         return cfg
-    if cfg.name == OptimizerName.sgd:
-        from lrsearch.errors import ConfigError
-
+    if cfg.name == "sgd":
         raise ConfigError("space: schedule 'schedule_free' trains AdamWScheduleFree; it needs an Adam-family "
                           "optimizer (optimizer.name: adamw, adam or adamw_schedulefree), got sgd")
-    return cfg.model_copy(update={"name": OptimizerName.adamw_schedulefree})
+    return type(cfg).model_validate({**cfg.model_dump(), "name": "adamw_schedulefree"})
 
 
 def build_optimizer(
@@ -130,7 +133,6 @@ def recompute_batchnorm(model: nn.Module, batches, *, device: torch.device | str
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return
-    from lrsearch.tasks.base import move_to_device
 
     was_training, momenta = model.training, [m.momentum for m in norms]
     for m in norms:

@@ -3,7 +3,7 @@
 :func:`run_trial` is the Ray Tune trainable (a function trainable; everything it receives pickles).
 It gets the task from a :class:`TaskSource` (built from the job on the worker, or the caller's
 in-memory task shipped by Ray), builds the optimizer at ``max_lr`` and the schedule over the
-trial's full budget (``max_epochs`` epochs), trains the job's recipe's way (:mod:`lrsearch.recipe`:
+trial's full budget (``max_epochs`` epochs), trains the job's recipe's way (:mod:`lrsearch.optim.recipe`:
 clipping, precision, accumulation), evaluates after every epoch and reports the
 metric, train loss and LR with a checkpoint, so an interrupted search resumes where each trial
 stopped. (Where the search's saved state names a checkpoint Tune had already replaced, the resume
@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from lrsearch.config import JobConfig, OptimizerConfig
 from lrsearch.engine import EpochEnd, Horizon, fit
+from lrsearch.engine.protocol import Trial, objective_key, worst_metric
 from lrsearch.errors import ConfigError, TaskError
-from lrsearch.optim import build_optimizer, for_schedule
-from lrsearch.protocol import Trial, objective_key, worst_metric
-from lrsearch.recipe import Stepper
-from lrsearch.schedules import build_scheduler
-from lrsearch.space import schedule_params
+from lrsearch.infra.tracking import TrackingInfo
+from lrsearch.job.config import JobConfig, OptimizerConfig
+from lrsearch.job.space import schedule_params
+from lrsearch.optim.optimizers import build_optimizer, for_schedule
+from lrsearch.optim.recipe import Stepper
+from lrsearch.optim.schedules import build_scheduler
 from lrsearch.tasks import Task, build_task
-from lrsearch.tracking import TrackingInfo
 
 #: tasks this worker process has built or received, by TaskSource.key (one at a time)
 _TASKS: dict[str, Task] = {}
@@ -148,7 +148,7 @@ def build_run(optimizer_config: OptimizerConfig, task: Task, config: dict[str, A
               total: int):
     """Model, optimizer, scheduler and schedule parameters for one config (``optimizer_config``: the
     job's ``optimizer`` section), the schedule spanning ``total`` optimizer steps. The schedule's
-    fractions become steps through :func:`lrsearch.space.schedule_params`, the conversion the export
+    fractions become steps through :func:`lrsearch.job.space.schedule_params`, the conversion the export
     gives users."""
     model = task.build_model().to(device)
     optimizer = build_optimizer(for_schedule(optimizer_config, config["schedule"]), model, float(config["max_lr"]),

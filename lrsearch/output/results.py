@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from lrsearch.space import schedule_params
+from lrsearch.job.space import schedule_params
 
 __all__ = ["BestConfig", "SearchResult", "TrialRecord", "TrialState", "best_config", "ranked_completed",
            "trial_records"]
@@ -270,7 +270,7 @@ def ranked_completed(trials: list[TrialRecord], mode: str) -> list[TrialRecord]:
 
 def trained_optimizer(optimizer: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     """The job's optimizer as a trial config trains it: its searched weight decay, and the
-    ``schedule_free`` arm's AdamWScheduleFree (``lrsearch.optim.for_schedule``)."""
+    ``schedule_free`` arm's AdamWScheduleFree (``lrsearch.optim.optimizers.for_schedule``)."""
     if config.get("weight_decay") is not None:
         optimizer = {**optimizer, "weight_decay": config["weight_decay"]}
     if config.get("schedule") == "schedule_free":
