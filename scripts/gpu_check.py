@@ -15,11 +15,11 @@ import time
 import torch
 
 import lrsearch
-from lrsearch.config import parse_job
-from lrsearch.optim import build_optimizer
+from lrsearch.job.parse import parse_job
+from lrsearch.optim.optimizers import build_optimizer
 from lrsearch.range_test import forward, lr_range_test
 from lrsearch.tasks import build_task, evaluate
-from lrsearch.trial import build_trial, trial_device
+from lrsearch.engine.trial import build_trial, trial_device
 
 
 def _job(name: str) -> object:
