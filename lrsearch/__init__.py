@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "search": "lrsearch.api", "find_lr": "lrsearch.api", "load_job": "lrsearch.api",
+    "search": "lrsearch.api", "find_lr": "lrsearch.api", "load_job": "lrsearch.job.parse",
     "export": "lrsearch.api", "Exported": "lrsearch.api", "train": "lrsearch.api",
     "FinalResult": "lrsearch.final",
     "JobConfig": "lrsearch.job.config",
@@ -52,11 +52,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from lrsearch.api import Exported, export, find_lr, load_job, search, train
+    from lrsearch.api import Exported, export, find_lr, search, train
     from lrsearch.engine.protocol import Trial
     from lrsearch.errors import ConfigError, Interrupted, LRSearchError, SearchError, TaskError
     from lrsearch.final import FinalResult
     from lrsearch.job.config import JobConfig
+    from lrsearch.job.parse import load_job
     from lrsearch.optim.schedules import SCHEDULES, build_scheduler
     from lrsearch.output.results import BestConfig, SearchResult, TrialRecord, TrialState
     from lrsearch.range_test import RangeTestResult, lr_range_test

@@ -84,32 +84,28 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
         (and ``resume`` is False), or the Ray cluster cannot be reached. TrackingError: the
         MLflow store cannot be reached. Interrupted: Ctrl+C (the state is kept for ``resume``).
     """
-    from lrsearch.tuning.runner import run_search  # Ray, Tune and Optuna: imported on use
+    from lrsearch.tuning.runner import run_search  # Ray, on use
 
     job = load_job(job)
     if train_fn is None and task is None and job.task is not None and job.task.kind == "python":
         # the entrypoint may return a Task, a Trainer, a Lightning module and its data, or a train_fn
 
-        kind, got = python_loop(job)
+        kind, got = python_loop(job.task, job.base_dir)
         options = {"num_trials": num_trials, "address": address, "resume": resume, "track": track,
                    "show_progress": show_progress, "verbose": verbose}
         loose = job.model_copy(update={"task": None})  # the loop's, not a Task the workers build
         if kind == "trainer":
-            from lrsearch.integrations import (
-                transformers as hf,  # transformers: imported only for a Trainer
-            )
+            from lrsearch.integrations import transformers as hf  # transformers, on use
 
             return hf.search(loose, got, metric=metric, mode=mode, **options)
         if kind == "lightning":
-            from lrsearch.integrations import (
-                lightning as pl,  # Lightning: imported only for a Lightning module
-            )
+            from lrsearch.integrations import lightning as pl  # Lightning, on use
 
             return pl.search(loose, *got, metric=metric, mode=mode, **options)
         if kind == "train_fn":
             return run_search(loose, train_fn=got, metric=metric, mode=mode, **options)
 
-        TaskSource.prime(job, got)  # built once on the driver; the workers build their own
+        TaskSource.prime(job.task, job.base_dir, got)  # built once on the driver; the workers build their own
     return run_search(job, task=task, train_fn=train_fn, metric=metric, mode=mode,
                       num_trials=num_trials, address=address,
                       resume=resume, verbose=verbose, show_progress=show_progress, track=track)
@@ -177,7 +173,7 @@ def find_lr(job: JobLike, *, task: TaskLike = None, save: bool = True, plot: str
     """
 
     job = load_job(job)
-    built = TaskSource.of(job, task).get()
+    built = TaskSource.of(job.task, job.base_dir, task).get()
     _, result = _find_lr(job, task=built, progress=progress)
     if save:
         save_range_test(local_dir(job.results_dir(), job.name), job.name, built.name, result, plot)

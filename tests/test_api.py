@@ -33,12 +33,16 @@ def _job(tmp_path, name: str, **search) -> dict:
 def test_public_names_stay_functions_whatever_is_imported():
     # a submodule named like a function would replace it on the package once imported
     import lrsearch.api  # noqa: F401
+    import lrsearch.engine.trial  # noqa: F401
+    import lrsearch.job  # noqa: F401
     import lrsearch.output.formats  # noqa: F401
     import lrsearch.range_test.finder  # noqa: F401
     import lrsearch.tuning  # noqa: F401
 
-    for name in ("search", "find_lr", "load_job", "export"):
-        assert callable(getattr(lrsearch, name)) and getattr(lrsearch, name).__module__ == "lrsearch.api"
+    homes = {"search": "lrsearch.api", "find_lr": "lrsearch.api", "export": "lrsearch.api", "train": "lrsearch.api",
+             "load_job": "lrsearch.job.parse"}
+    for name, home in homes.items():
+        assert callable(getattr(lrsearch, name)) and getattr(lrsearch, name).__module__ == home
     assert set(lrsearch.__all__) <= set(dir(lrsearch))
 
 

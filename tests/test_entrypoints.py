@@ -16,6 +16,12 @@ from lrsearch.errors import TaskError
 from lrsearch.tasks import Task, build_task
 from lrsearch.tasks.user import python_loop
 
+
+def _section(job):
+    """What python_loop takes of a job: its task section and the folder its paths are relative to."""
+    return job.task, job.base_dir
+
+
 TESTS = Path(__file__).resolve().parent
 
 MODULE = '''
@@ -79,14 +85,14 @@ def _job(tmp: Path, name: str, entry: str, **search) -> Path:
 
 
 def test_the_entrypoints_return_is_told_apart(tmp_path):
-    kind, got = python_loop(lrsearch.load_job(_job(tmp_path, "a", "train_fn")))
+    kind, got = python_loop(*_section(lrsearch.load_job(_job(tmp_path, "a", "train_fn"))))
     assert kind == "train_fn" and got.func.__name__ == "run_entry_loop"
-    kind, got = python_loop(lrsearch.load_job(_job(tmp_path, "b", "task")))
+    kind, got = python_loop(*_section(lrsearch.load_job(_job(tmp_path, "b", "task"))))
     assert kind == "task" and isinstance(got, Task)
-    kind, factory = python_loop(lrsearch.load_job(_job(tmp_path, "c", "trainer")))
+    kind, factory = python_loop(*_section(lrsearch.load_job(_job(tmp_path, "c", "trainer"))))
     assert kind == "trainer" and type(factory()).__name__ == "Trainer"
     with pytest.raises(TaskError, match="returned int; allowed: an lrsearch.Task, a transformers.Trainer"):
-        python_loop(lrsearch.load_job(_job(tmp_path, "d", "nothing")))
+        python_loop(*_section(lrsearch.load_job(_job(tmp_path, "d", "nothing"))))
 
 
 def test_lrsearch_search_runs_a_train_fn_entrypoint(local_ray, tmp_path):
@@ -110,7 +116,7 @@ def test_a_trainer_entrypoint_is_searched_as_a_trainer(local_ray, tmp_path):
 
 def test_a_lightning_entrypoint_is_searched_as_a_lightning_module(local_ray, tmp_path):
     job = _job(tmp_path, "entry-pl", "lightning", num_trials=2, max_epochs=1)
-    kind, (module_factory, data_factory) = python_loop(lrsearch.load_job(job))
+    kind, (module_factory, data_factory) = python_loop(*_section(lrsearch.load_job(job)))
     assert kind == "lightning" and type(module_factory()).__name__ == "MLP"
     result = lrsearch.search(job, track=False)
     assert result.metric == "val_accuracy" and len(result.trials) == 2 and result.best is not None

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import lrsearch
+from lrsearch.engine.protocol import TrialPlan
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.integrations import lightning as lrs_pl
 from lrsearch.output.results import TrialState
@@ -178,7 +179,8 @@ def test_logged_metric_names_map_to_the_protocols():
 
 def test_an_objective_the_module_never_logs_is_named_with_what_it_logged():
     job = lrsearch.load_job({"name": "t", "search": {"max_epochs": 2}})
-    trial = lrsearch.Trial({"max_lr": 1e-3, "schedule": "linear"}, job, metric="accuracy",
+    plan = TrialPlan.of(job.train, job.optimizer, job.search)
+    trial = lrsearch.Trial({"max_lr": 1e-3, "schedule": "linear"}, plan, metric="accuracy",
                            device=torch.device("cpu"))
     trainer = SimpleNamespace(current_epoch=0, callback_metrics={"val_loss": torch.tensor(0.4)})
     with pytest.raises(TaskError, match=r"the objective 'val_accuracy' is not among the metrics the "

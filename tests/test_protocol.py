@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lrsearch
-from lrsearch.engine.protocol import Trial, flat_config
+from lrsearch.engine.protocol import Trial, TrialPlan, flat_config
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.job.space import schedule_params
 from lrsearch.output.results import TrialState
@@ -127,7 +127,8 @@ def test_bad_train_fn_arguments_fail_before_anything_starts(tmp_path):
 
 def _trial(**search) -> Trial:
     job = lrsearch.load_job({"name": "t", "search": {"max_epochs": 2, **search}})
-    return Trial({"max_lr": 1e-3, "schedule": "cosine", "cosine": {"warmup_frac": 0.25}}, job,
+    return Trial({"max_lr": 1e-3, "schedule": "cosine", "cosine": {"warmup_frac": 0.25}},
+                 TrialPlan.of(job.train, job.optimizer, job.search),
                  metric="accuracy", device=torch.device("cpu"))
 
 

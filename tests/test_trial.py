@@ -15,7 +15,7 @@ from torch import nn
 
 import lrsearch.engine.trial as train
 from lrsearch.engine import epoch_seed, train_epoch
-from lrsearch.engine.protocol import REPLAY_FILE, Trial
+from lrsearch.engine.protocol import REPLAY_FILE, Trial, TrialPlan
 from lrsearch.engine.trial import (
     TaskSource,
     build_run,
@@ -51,7 +51,8 @@ def total_steps(job, task) -> int:
 
 
 def _trial(job, config, checkpoint=None) -> Trial:
-    return Trial(config, job, metric="accuracy", checkpoint=checkpoint, device=CPU)
+    plan = TrialPlan.of(job.train, job.optimizer, job.search)
+    return Trial(config, plan, metric="accuracy", checkpoint=checkpoint, device=CPU)
 
 
 def _job(**search):
@@ -292,29 +293,34 @@ def clear_tasks():
     train._TASKS.clear()
 
 
+def _source(job, task=None):
+    return TaskSource.of(job.task, job.base_dir, task)
+
+
 def test_source_without_task_builds_the_jobs_task(clear_tasks):
     job = _job()
-    source = TaskSource.of(job)
-    assert source.key.endswith(job.model_dump_json()) and source.task is None
+    source = TaskSource.of(job.task, job.base_dir)
+    assert source.key.endswith(job.task.model_dump_json()) and source.task is None
     task = source.get()
     assert isinstance(task, Task) and task.name == "synthetic"
     assert len(task.train_loader.dataset) == 64 and len(task.val_loader.dataset) == 32
     assert source.get() is task
-    assert TaskSource.of(_job()).key == source.key  # same job, same key: built once per worker
+    again = _job()
+    assert TaskSource.of(again.task, again.base_dir).key == source.key  # same section, same key: built once per worker
 
 
 def test_jobs_in_different_directories_do_not_share_a_task():
     data = {"name": "t", "task": {"kind": "image_classification", "dataset": "images"}}
     a, b = parse_job(data, base_dir="/a"), parse_job(data, base_dir="/b")
     assert a.resolve("images") != b.resolve("images")
-    assert TaskSource.of(a).key != TaskSource.of(b).key
+    assert TaskSource.of(a.task, a.base_dir).key != TaskSource.of(b.task, b.base_dir).key
 
 
 def test_source_with_a_task_object_returns_it(clear_tasks):
     job, task = _job(), _task()
-    source = TaskSource.of(job, task)
+    source = TaskSource.of(job.task, job.base_dir, task)
     assert source.get() is task
-    assert source.key != job.model_dump_json() and TaskSource.of(job, task).key != source.key
+    assert source.key != job.task.model_dump_json() and TaskSource.of(job.task, job.base_dir, task).key != source.key
 
 
 def test_source_with_a_factory_calls_it_once_per_process(clear_tasks):
@@ -324,18 +330,19 @@ def test_source_with_a_factory_calls_it_once_per_process(clear_tasks):
         calls.append(1)
         return _task(num_train=40)
 
-    source = TaskSource.of(_job(), factory)
+    job = _job()
+    source = TaskSource.of(job.task, job.base_dir, factory)
     assert calls == []  # nothing is built until a trial asks
     task = source.get()
     assert source.get() is task and source.get() is task
     assert len(calls) == 1 and len(task.train_loader.dataset) == 40
     # one task at a time: another source's task replaces it in the worker's cache
-    TaskSource.of(_job()).get()
+    _source(_job()).get()
     assert source.get() is not task and len(calls) == 2
 
 
 def test_factory_returning_a_non_task_raises_task_error(clear_tasks):
-    source = TaskSource.of(_job(), lambda: "not a task")
+    source = _source(_job(), lambda: "not a task")
     with pytest.raises(TaskError, match="str") as info:
         source.get()
     assert "lrsearch.Task" in str(info.value)
@@ -344,15 +351,15 @@ def test_factory_returning_a_non_task_raises_task_error(clear_tasks):
 
 def test_a_non_callable_task_is_a_config_error():
     with pytest.raises(ConfigError, match="task") as info:
-        TaskSource.of(_job(), 42)
+        _source(_job(), 42)
     assert "int" in str(info.value)
 
 
 def test_a_task_shipped_by_value_leaves_the_standard_library_by_reference(clear_tasks):
     # the synthetic task's model is a functools.partial: its module, functools, must not be sent
     # by value (its locks would then break every later pickle, Ray Tune's trainable's among them)
-    TaskSource.of(_job(), _task())
-    TaskSource.of(_job(), functools.partial(_task, num_train=8))
+    _source(_job(), _task())
+    _source(_job(), functools.partial(_task, num_train=8))
     registered = cloudpickle.list_registry_pickle_by_value()
     assert not {"functools", "lrsearch.tasks.synthetic"} & registered, registered
     assert __name__ in registered  # this file's own functions still travel by value
@@ -366,12 +373,13 @@ def test_a_closure_factory_round_trips_through_cloudpickle(clear_tasks):
         calls.append(1)
         return _task(num_train=num_train, batch_size=4)
 
-    source = TaskSource.of(_job(), factory)
+    job = _job()
+    source = TaskSource.of(job.task, job.base_dir, factory)
     source.get()
     assert len(calls) == 1
 
     copy = cloudpickle.loads(cloudpickle.dumps(source))
-    assert copy.key == source.key and copy.job == source.job
+    assert copy.key == source.key and copy.cfg == source.cfg and copy.base_dir == source.base_dir
     train._TASKS.clear()  # a fresh worker: nothing cached under that key
     task = copy.get()
     assert isinstance(task, Task) and len(task.train_loader.dataset) == 24

@@ -35,22 +35,21 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from lrsearch.engine import checkpoint_state
+from lrsearch.engine import Training, checkpoint_state
 from lrsearch.errors import TaskError
 from lrsearch.infra.tracking import TrialLogger
-from lrsearch.job.config import JobConfig, SearchConfig
+from lrsearch.job.config import SearchConfig
 from lrsearch.job.space import schedule_params
-from lrsearch.optim.divergence import DivergenceMonitor
 from lrsearch.optim.optimizers import build_optimizer, for_schedule, optimizer_over
-from lrsearch.optim.recipe import Recipe
 from lrsearch.optim.schedules import build_scheduler
 
-__all__ = ["REPLAY_FILE", "Trial", "checkpoint_epochs", "flat_config", "objective_key", "worst_metric"]
+__all__ = ["REPLAY_FILE", "Trial", "TrialPlan", "checkpoint_epochs", "flat_config", "objective_key", "worst_metric"]
 
 #: in a checkpoint directory instead of ``trial.pt``: "rebuild this state by retraining N epochs"
 REPLAY_FILE = "replay.json"
@@ -73,6 +72,25 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a search shares: how it trains (``training``: the recipe, the optimizer
+    section, the seed, the divergence stop), the epochs its budget spans, the cap on an epoch's
+    optimizer steps, and the epochs after which it saves a checkpoint. The search's driver derives
+    it from the job's sections (:meth:`of`)."""
+
+    training: Training
+    max_epochs: int
+    max_steps_per_epoch: int | None
+    checkpoint_epochs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, train: Any, optimizer: Any, search: SearchConfig) -> TrialPlan:
+        """From a job's ``train``, ``optimizer`` and ``search`` sections."""
+        return cls(Training.of(train, optimizer, search), search.max_epochs, search.max_steps_per_epoch,
+                   tuple(checkpoint_epochs(search)))
+
+
 class Trial:
     """One trial of a search, as a training loop sees it.
 
@@ -87,23 +105,22 @@ class Trial:
         seed: the search's seed (``search.seed``); an epoch's batch order comes from it and the
             epoch (:func:`lrsearch.engine.epoch_seed`).
         max_steps_per_epoch: the optimizer steps an epoch is capped at (``None``: a whole pass).
-        job: the search's job.
         monitor: the divergence stop; :meth:`diverging` feeds it per-step losses.
     """
 
-    def __init__(self, config: dict[str, Any], job: JobConfig, *, metric: str = "val_accuracy",
+    def __init__(self, config: dict[str, Any], plan: TrialPlan, *, metric: str = "val_accuracy",
                  mode: str = "max", tracking: Any = None, checkpoint: Any = None,
                  device: torch.device | None = None) -> None:
-        self.job, self.metric, self.mode = job, objective_key(metric), mode
+        self.metric, self.mode = objective_key(metric), mode
         self.raw_config = config
         self.config = flat_config(config)
-        self.max_epochs = job.search.max_epochs
-        self.recipe = Recipe.of(job.train)
-        self.seed = job.search.seed
-        self.max_steps_per_epoch = job.search.max_steps_per_epoch
+        self.max_epochs = plan.max_epochs
+        self.recipe = plan.training.recipe
+        self.seed = plan.training.seed
+        self.max_steps_per_epoch = plan.max_steps_per_epoch
         self.device = device or trial_device()
-        self.monitor = DivergenceMonitor(factor=job.search.diverge_factor, smooth=job.search.diverge_smooth,
-                                         reference="first")
+        self.monitor = plan.training.monitor()
+        self._optimizer_cfg = plan.training.optimizer
         self.total_steps: int | None = None
         self.schedule_params: dict[str, Any] = {}
         self.diverged = False
@@ -115,7 +132,7 @@ class Trial:
         self._steps_before = 0  # optimizer steps of the epochs reported so far
         self._fed_losses = False
         self._epoch_started = (time.perf_counter(), time.time())
-        self._checkpoint_at = set(checkpoint_epochs(job.search))
+        self._checkpoint_at = set(plan.checkpoint_epochs)
         self._logger = None
         self._state, self.start_epoch, self._replay_to = _load_checkpoint(checkpoint, self.device)
         if tracking is not None:
@@ -154,14 +171,14 @@ class Trial:
             if self._state is not None:
                 model.load_state_dict(self._state["model"], strict=False)  # frozen weights: as built
         wd = self.config.get("weight_decay")
-        cfg = for_schedule(self.job.optimizer, self.config["schedule"])
+        cfg = for_schedule(self._optimizer_cfg, self.config["schedule"])
         if isinstance(model_or_groups, nn.Module):
             opt = build_optimizer(cfg, model_or_groups, self.max_lr, weight_decay=wd,
                                   layer_groups=layer_groups,
                                   layer_decay=float(self.config.get("layer_decay", 1.0)))
         else:
             opt = optimizer_over(cfg, _groups(model_or_groups, self.max_lr,
-                                                             self.job.optimizer.weight_decay if wd is None else wd),
+                                                             self._optimizer_cfg.weight_decay if wd is None else wd),
                                  self.max_lr)
         if self._state is not None and "optimizer" in self._state:
             opt.load_state_dict(self._state["optimizer"])

@@ -26,15 +26,16 @@ from typing import Any
 import torch
 
 from lrsearch.engine import EpochEnd, Horizon, fit
-from lrsearch.engine.protocol import Trial, objective_key, worst_metric
+from lrsearch.engine.protocol import Trial, TrialPlan, objective_key, worst_metric
 from lrsearch.errors import ConfigError, TaskError
 from lrsearch.infra.tracking import TrackingInfo
-from lrsearch.job.config import JobConfig, OptimizerConfig
+from lrsearch.job.config import OptimizerConfig
 from lrsearch.job.space import schedule_params
+from lrsearch.job.task_config import TaskConfig
 from lrsearch.optim.optimizers import build_optimizer, for_schedule
 from lrsearch.optim.recipe import Stepper
 from lrsearch.optim.schedules import build_scheduler
-from lrsearch.tasks import Task, build_task
+from lrsearch.tasks import Task, task_from
 
 #: tasks this worker process has built or received, by TaskSource.key (one at a time)
 _TASKS: dict[str, Task] = {}
@@ -42,30 +43,32 @@ _TASKS: dict[str, Task] = {}
 
 @dataclass(frozen=True)
 class TaskSource:
-    """Where a trial gets its task: built from the job, or the caller's own (a ``Task`` or a
-    zero-argument factory), shipped to the workers by Ray's cloudpickle. A worker keeps the task
-    it got for the trials after (loading a pretrained model and tokenising take seconds)."""
+    """Where a trial gets its task: built from the job's task section (``cfg``, its paths relative
+    to ``base_dir``), or the caller's own (a ``Task`` or a zero-argument factory), shipped to the
+    workers by Ray's cloudpickle. A worker keeps the task it got for the trials after (loading a
+    pretrained model and tokenising take seconds)."""
 
     key: str
-    job: JobConfig
+    cfg: TaskConfig | None
+    base_dir: str
     task: Task | Callable[[], Task] | None = None
 
     @classmethod
-    def of(cls, job: JobConfig, task: Task | Callable[[], Task] | None = None) -> TaskSource:
+    def of(cls, cfg: TaskConfig | None, base_dir: str, task: Task | Callable[[], Task] | None = None) -> TaskSource:
         if task is None:
-            # base_dir too: the same job text in another folder names other files
-            return cls(f"{job.base_dir}:{job.model_dump_json()}", job)
+            # base_dir too: the same section in another folder names other files
+            return cls(f"{base_dir}:{cfg.model_dump_json() if cfg is not None else None}", cfg, base_dir)
         if not isinstance(task, Task) and not callable(task):
             raise ConfigError(f"task: got {type(task).__name__}; allowed: an lrsearch.Task, "
                               "a function returning one, or None (build the job's task)")
         _ship_by_value(task)
-        return cls(uuid.uuid4().hex, job, task)
+        return cls(uuid.uuid4().hex, cfg, base_dir, task)
 
     @staticmethod
-    def prime(job: JobConfig, task: Task) -> None:
-        """Keep ``task``, already built from ``job`` here, for the search's own :meth:`get`."""
+    def prime(cfg: TaskConfig, base_dir: str, task: Task) -> None:
+        """Keep ``task``, already built from the section ``cfg`` here, for the search's own :meth:`get`."""
         _TASKS.clear()
-        _TASKS[TaskSource.of(job).key] = task
+        _TASKS[TaskSource.of(cfg, base_dir).key] = task
 
     def get(self) -> Task:
         if self.key not in _TASKS:
@@ -101,7 +104,7 @@ def _ship_by_value(task: Task | Callable[[], Task]) -> None:
 
 def _build(source: TaskSource) -> Task:
     if source.task is None:
-        return build_task(source.job)
+        return task_from(source.cfg, source.base_dir)
     task = source.task if isinstance(source.task, Task) else source.task()
     if not isinstance(task, Task):
         raise TaskError(f"task: the factory returned {type(task).__name__}, not lrsearch.Task")
@@ -200,22 +203,21 @@ def user_loop(fn: Callable[[Trial], Any] | None, metric: str | None = None,
     return UserLoop(fn, objective_key(metric), mode or ("min" if "loss" in metric else "max"))
 
 
-def run_trial(config: dict[str, Any], source: TaskSource, tracking: TrackingInfo | None = None,
+def run_trial(config: dict[str, Any], source: TaskSource, plan: TrialPlan, tracking: TrackingInfo | None = None,
               loop: UserLoop | None = None) -> None:
     """Ray Tune trainable: one trial of the search (logged to its own nested MLflow run), run by
     the built-in loop on the job's task (:func:`task_loop`) or by the user's ``loop``."""
     from ray import tune
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    job = source.job
-    torch.manual_seed(job.search.seed)
+    torch.manual_seed(plan.training.seed)
     if loop is not None:
-        trial = Trial(config, job, metric=loop.metric, mode=loop.mode, tracking=tracking,
+        trial = Trial(config, plan, metric=loop.metric, mode=loop.mode, tracking=tracking,
                       checkpoint=tune.get_checkpoint())
         loop.fn(trial)
         return
     task = source.get()
-    trial = Trial(config, job, metric=metric_key(task), mode=task.mode, tracking=tracking,
+    trial = Trial(config, plan, metric=metric_key(task), mode=task.mode, tracking=tracking,
                   checkpoint=tune.get_checkpoint())
     task_loop(trial, task)
 

@@ -126,7 +126,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     chosen, recipe = candidates(found, top_k), Recipe.of(job.train)
     notes = _notes(top_k, chosen, recipe, found.best)
     out = final_dir(job.results_dir())
-    source = TaskSource.of(job, task)
+    source = TaskSource.of(job.task, job.base_dir, task)
     plan = Plan(Training.of(job.train, job.optimizer, job.search), tuple(chosen), epochs, steps, job.search.max_epochs)
     started_ray = init_ray(address, verbose=False)
     try:

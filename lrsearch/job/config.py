@@ -357,9 +357,14 @@ class JobConfig(Strict):
 
     def resolve(self, path: str) -> str:
         """``path`` relative to the job file's directory (absolute paths and URIs unchanged)."""
-        if "://" in path or Path(path).is_absolute():
-            return path
-        return str(Path(self.base_dir) / path)
+        return resolve_path(self.base_dir, path)
+
+
+def resolve_path(base_dir: str, path: str) -> str:
+    """``path`` relative to ``base_dir`` (absolute paths and URIs unchanged)."""
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str(Path(base_dir) / path)
 
 
 def in_ray_job() -> bool:

@@ -9,10 +9,12 @@ worker: the config pickles, the loaders need not).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lrsearch.errors import ConfigError
+from lrsearch.job.config import resolve_path
 from lrsearch.job.extras import check_task
 from lrsearch.tasks.base import Task, evaluate, reseed
 from lrsearch.tasks.synthetic import synthetic_task
@@ -20,8 +22,9 @@ from lrsearch.tasks.user import python_task
 
 if TYPE_CHECKING:
     from lrsearch.job.config import JobConfig
+    from lrsearch.job.task_config import TaskConfig
 
-__all__ = ["Task", "build_task", "evaluate", "reseed", "synthetic_task"]
+__all__ = ["Task", "build_task", "evaluate", "reseed", "synthetic_task", "task_from"]
 
 
 def _maybe_path(resolve: Callable[[str], str], value: str) -> str:
@@ -32,12 +35,17 @@ def _maybe_path(resolve: Callable[[str], str], value: str) -> str:
 
 
 def build_task(job: JobConfig) -> Task:
-    """Build the Task a job describes.
+    """Build the Task a job describes: its task section, paths relative to the job file.
 
     Raises:
         TaskError: the model or dataset cannot be loaded; the message says why and how to fix it.
     """
-    cfg = job.task
+    return task_from(job.task, job.base_dir)
+
+
+def task_from(cfg: TaskConfig | None, base_dir: str) -> Task:
+    """Build the Task a job's task section (``cfg``) describes, its paths relative to ``base_dir``."""
+    resolve = partial(resolve_path, base_dir)
     if cfg is None:
         raise ConfigError("task: missing; this job has no task section to build (allowed: a task "
                           "section, or a search with its own training loop)")
@@ -46,28 +54,22 @@ def build_task(job: JobConfig) -> Task:
     if cfg.kind == "synthetic":
         return synthetic_task(**options)
     if cfg.kind == "text_classification":
-        from lrsearch.tasks.text import (
-            text_classification_task,  # transformers: imported only for this kind
-        )
+        from lrsearch.tasks.text import text_classification_task  # transformers, on use
 
-        options.update(model=_maybe_path(job.resolve, cfg.model), dataset=_maybe_path(job.resolve, cfg.dataset))
+        options.update(model=_maybe_path(resolve, cfg.model), dataset=_maybe_path(resolve, cfg.dataset))
         return text_classification_task(**options)
     if cfg.kind == "language_modeling":
-        from lrsearch.tasks.lm import (
-            language_modeling_task,  # transformers: imported only for this kind
-        )
+        from lrsearch.tasks.lm import language_modeling_task  # transformers, on use
 
-        options.update(model=_maybe_path(job.resolve, cfg.model), dataset=_maybe_path(job.resolve, cfg.dataset))
+        options.update(model=_maybe_path(resolve, cfg.model), dataset=_maybe_path(resolve, cfg.dataset))
         return language_modeling_task(**options)
     if cfg.kind == "image_classification":
-        from lrsearch.tasks.image import (
-            image_classification_task,  # torchvision: imported only for this kind
-        )
+        from lrsearch.tasks.image import image_classification_task  # torchvision, on use
 
-        options.update(model=cfg.model, dataset=_maybe_path(job.resolve, cfg.dataset))
+        options.update(model=cfg.model, dataset=_maybe_path(resolve, cfg.dataset))
         if cfg.weights is not None:
-            options["weights"] = job.resolve(cfg.weights)
+            options["weights"] = resolve(cfg.weights)
         return image_classification_task(**options)
 
     return python_task(cfg.entrypoint, cfg.options,
-                       path=job.resolve(cfg.path) if cfg.path else job.base_dir)
+                       path=resolve(cfg.path) if cfg.path else base_dir)

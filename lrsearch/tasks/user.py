@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 from lrsearch.errors import TaskError
+from lrsearch.job.config import resolve_path
 from lrsearch.tasks.base import Task
 
 
@@ -70,8 +71,9 @@ def run_entry_loop(entrypoint: str, options: dict[str, Any], path: str | None, t
     return call_entrypoint(entrypoint, options, path)(trial)
 
 
-def python_loop(job: Any) -> tuple[str, Any]:
-    """What a ``python`` task's entrypoint gives a search, by what it returns (called once here):
+def python_loop(cfg: Any, base_dir: str) -> tuple[str, Any]:
+    """What a ``python`` task's entrypoint (``cfg``: the job's task section, its path relative to
+    ``base_dir``) gives a search, by what it returns (called once here):
 
     - ``("task", Task)``: the built-in loop on that task;
     - ``("trainer", factory)``: a ``transformers.Trainer``; each trial calls the entrypoint again;
@@ -82,8 +84,7 @@ def python_loop(job: Any) -> tuple[str, Any]:
     Raises:
         TaskError: it returned something else.
     """
-    cfg = job.task
-    path = job.resolve(cfg.path) if cfg.path else job.base_dir
+    path = resolve_path(base_dir, cfg.path) if cfg.path else base_dir
     got = call_entrypoint(cfg.entrypoint, cfg.options, path)
     bound = (cfg.entrypoint, dict(cfg.options), path)
     if isinstance(got, Task):

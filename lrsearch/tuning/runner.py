@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lrsearch.engine import Horizon
-from lrsearch.engine.protocol import Trial, checkpoint_epochs, worst_metric
+from lrsearch.engine.protocol import Trial, TrialPlan, checkpoint_epochs, worst_metric
 from lrsearch.engine.trial import (
     TaskSource,
     metric_key,
@@ -27,6 +28,7 @@ from lrsearch.job.space import SpaceSampler
 from lrsearch.optim.recipe import Recipe
 from lrsearch.output import results as res
 from lrsearch.output.report import dropped_text
+from lrsearch.range_test.finder import find_lr
 from lrsearch.tasks import Task
 from lrsearch.tuning import warm_start as ws
 from lrsearch.tuning.budget import Ledger
@@ -75,14 +77,15 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
     try:
         check_resources(job.resources, joined=not started_ray)  # before anything else starts
         tracker = start_tracker(job.tracking, job.name, root, resume) if track else None
-        source = TaskSource.of(job, task)
+        source = TaskSource.of(job.task, job.base_dir, task)
         # with the user's loop, the task (if any) is the range test's only
         built = source.get() if loop is None or task is not None or job.task is not None else None
         if built is None and job.range_test.enabled:
             notes.append(warn("range test: off, since the search has no task to run it on (give "
                               "task=, or a range-test task with the integration); max_lr comes from "
                               "the space's prior", show_progress))
-        range_test = range_test_data(job, built, out, resume, show_progress) if built is not None else None
+        measure = partial(find_lr, job, task=built) if built is not None and job.range_test.enabled else None
+        range_test = range_test_data(measure, out, resume, show_progress, root, job.name)
         if range_test and range_test.get("warning"):
             notes.append(warn(f"range test: {range_test['warning']}", show_progress))
         space = job.search_space(tuple(range_test["bounds"]) if range_test else None)
@@ -98,7 +101,8 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
                 notes.append(warn("search.warm_start: no trial of the earlier searches fits this one "
                                   f"(dropped: {dropped_text(warm_report)})", show_progress))
         if tracker is not None and not resume_tune:
-            log_setup(tracker, job, built.name if built else loop.name, metric, out, range_test, space)
+            log_setup(tracker, job.model_dump(mode="json"), built.name if built else loop.name, metric, out,
+                      range_test, space)
             if warm_report:
                 log_warm_start(tracker, warm_report, out)
         ledger = Ledger.for_search(job.search, gpu=job.resources.gpu, metric=metric, mode=mode)
@@ -107,8 +111,9 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
             fill_replaced_checkpoints(f"{root}/{TUNE_DIR}", checkpoint_epochs(job.search))
         from ray import tune
 
-        trainable = tune.with_parameters(run_trial, source=source, tracking=tracker.info if tracker else None,
-                                         loop=loop)
+        plan = TrialPlan.of(job.train, job.optimizer, job.search)
+        trainable = tune.with_parameters(run_trial, source=source, plan=plan,
+                                         tracking=tracker.info if tracker else None, loop=loop)
         points = first_points(job.search.start_points, space, range_test)
         tuner, searcher = build_tuner(
             job.search, job.resources, job.name, trainable, sampler=SpaceSampler(space), first_points=points,

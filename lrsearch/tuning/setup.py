@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lrsearch.console import RangeTestProgress, err
 from lrsearch.errors import SearchError
 from lrsearch.infra.tracking import SearchTracker, resolve_tracking
-from lrsearch.job.config import JobConfig, TrackingConfig
+from lrsearch.job.config import TrackingConfig
 from lrsearch.job.space import SearchSpace, SpaceSampler
-from lrsearch.range_test.finder import find_lr, local_dir, save_range_test
+from lrsearch.range_test import RangeTestResult
+from lrsearch.range_test.finder import local_dir, save_range_test
 from lrsearch.tasks import Task
 from lrsearch.tuning.tuner import tune_state_exists
 
@@ -65,18 +67,21 @@ def start_tracker(tracking: TrackingConfig, name: str, root: str, resume: bool) 
                                resume=resume, flush_timeout_s=tracking.flush_timeout_s)
 
 
-def range_test_data(job: JobConfig, task: Task, out: Path | None, resume: bool, show: bool) -> dict | None:
-    """The range test's data: the saved one when resuming, else a new run (saved next to the results)."""
-    if not job.range_test.enabled:
+def range_test_data(measure: Callable[..., tuple[Task, RangeTestResult]] | None, out: Path | None, resume: bool,
+                    show: bool, root: str, name: str) -> dict | None:
+    """The range test's data: the saved one when resuming, else a new run of ``measure`` (the range
+    test's driver on the job, taking ``progress=``; ``None``: no range test), saved next to the
+    results of the search ``name`` under ``root``."""
+    if measure is None:
         return None
     saved = out / "range_test.json" if out else None
     if resume and saved is not None and saved.is_file():
         return json.loads(saved.read_text())
 
-    # its length (range_test.num_steps: auto) is known once find_lr starts: the bar learns it
+    # its length (range_test.num_steps: auto) is known once it starts: the bar learns it
     with RangeTestProgress(100, enabled=show) as bar:
-        _, result = find_lr(job, task=task, progress=bar.callback)
-    return save_range_test(local_dir(job.results_dir(), job.name), job.name, task.name, result)["range_test"]
+        task, result = measure(progress=bar.callback)
+    return save_range_test(local_dir(root, name), name, task.name, result)["range_test"]
 
 
 def first_points(start_points: list[dict[str, Any]], space: SearchSpace,

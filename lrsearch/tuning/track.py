@@ -8,21 +8,20 @@ from typing import Any
 import yaml
 
 from lrsearch.infra.tracking import SearchTracker
-from lrsearch.job.config import JobConfig
 from lrsearch.output.report import plot_lr_curves, plot_search, warm_start_line
 from lrsearch.output.results import SearchResult, TrialState
 from lrsearch.redact import redact_uri
 
 
-def log_setup(tracker: SearchTracker, job: JobConfig, task_name: str, metric: str, out: Path | None,
+def log_setup(tracker: SearchTracker, job_data: dict[str, Any], task_name: str, metric: str, out: Path | None,
               range_test: dict | None, space: Any) -> None:
-    """Job file, resolved space and range test on the parent run."""
-    s = job.search
+    """The job file (``job_data``: the job as JSON), the resolved space and the range test on the parent run."""
+    s = job_data["search"]
     params: dict[str, Any] = {
-        "task": task_name, "task.kind": job.task.kind if job.task else "-", "metric": metric,
-        "optimizer": job.optimizer.name.value, "num_trials": s.num_trials, "max_epochs": s.max_epochs,
-        "algorithm": s.algorithm, "early_stopping": s.early_stopping,
-        "grace_period": s.grace_period, "reduction_factor": s.reduction_factor,
+        "task": task_name, "task.kind": job_data["task"]["kind"] if job_data["task"] else "-", "metric": metric,
+        "optimizer": job_data["optimizer"]["name"], "num_trials": s["num_trials"], "max_epochs": s["max_epochs"],
+        "algorithm": s["algorithm"], "early_stopping": s["early_stopping"],
+        "grace_period": s["grace_period"], "reduction_factor": s["reduction_factor"],
         "space.family": space.family, "space.schedules": ",".join(space.schedules),
         "space.max_lr_low": space.max_lr_prior.low, "space.max_lr_high": space.max_lr_prior.high,
     }
@@ -42,7 +41,7 @@ def log_setup(tracker: SearchTracker, job: JobConfig, task_name: str, metric: st
     if out is None:
         return
     job_file = out / "job.yaml"
-    data = job.model_dump(mode="json")
+    data = dict(job_data, tracking=dict(job_data["tracking"]))
     if data["tracking"]["uri"]:
         data["tracking"]["uri"] = redact_uri(data["tracking"]["uri"])  # the artifact holds no credential
     job_file.write_text(yaml.safe_dump(data, sort_keys=False))
