@@ -98,6 +98,11 @@ TOP3 = {"lrsearch_top3": "lrsearch", "lrsearch_sf_top3": "lrsearch_sf", "lrsearc
 #: sits lower (the text grid), so the candidates only go down
 LR_SCALES = {m: (1.0, 0.5, 0.25) for m in ("lrsearch_lrscale", "lrsearch_short_lrscale", "lrsearch_short_linear_lrscale",
                                                  "peer_short_lrscale")}
+#: successive halving at the final horizon (``lrsearch train --lr-scales ... --halving``): the base
+#: method's best config at these multiples of its max_lr all start the final run; at a quarter of
+#: the horizon a cooldown branch scores each, and the best goes on (the base record's search reused)
+HALVING = {"lrsearch_short_halving": ("lrsearch_short", (2.0, 1.0, 0.5)),
+           "lrsearch_short_halving_down": ("lrsearch_short", (1.0, 0.5, 0.25))}
 #: the seed document's table (``../shared``'s LR table): three runs at the family's usual LRs, linear
 #: decay, warmup 10 %, the best by the final run's validation kept
 TABLE3 = {"bert": (2e-5, 3.2e-5, 5e-5), "efficientnet": (1e-4, 2.2e-4, 5e-4)}
@@ -108,7 +113,7 @@ ONE_EPOCH_N, ONE_EPOCH_K = 12, 2
 #: methods whose record holds several final runs, one kept by the final run's validation
 PICK_BY_VAL = ("table3", "one_epoch_topk")
 METHODS = tuple(dict.fromkeys(("lrsearch", "peer", "random", *SINGLE, "table3", "one_epoch_topk", "grid",
-                               *VARIANTS, *SHORT, *TOP3)))
+                               *VARIANTS, *SHORT, *TOP3, *HALVING)))
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
@@ -220,9 +225,10 @@ def space_of(task_name: str, method: str) -> dict[str, Any] | None:
 
 
 def record_path(task_name: str, method: str, seed: int, scale: int = SCALE) -> Path:
-    if method in TOP3:
-        base = record_path(task_name, TOP3[method], seed, scale)
-        return base.with_name(base.name.replace(f"-{TOP3[method]}-", f"-{method}-"))
+    if method in TOP3 or method in HALVING:
+        base_method = TOP3[method] if method in TOP3 else HALVING[method][0]
+        base = record_path(task_name, base_method, seed, scale)
+        return base.with_name(base.name.replace(f"-{base_method}-", f"-{method}-"))
     searched = method in SEARCHES or method == "one_epoch_topk"
     key: dict[str, Any] = {"search": search_job(task_name, method, seed) if searched else None,
                            "final": final_job(task_name, method, seed, scale),
@@ -266,6 +272,8 @@ def run_one(task_name: str, method: str, seed: int, scale: int = SCALE) -> dict[
                                   "space": space_of(task_name, method)}
         if method in TOP3:
             return top3(task_name, method, seed, record, storage, started, scale)
+        if method in HALVING:
+            return halving(task_name, method, seed, record, storage, started, scale)
         fjob = final_job(task_name, method, seed, scale)
         per_epoch = sq.steps_per_epoch(TASKS[task_name])
         search_compute = 0.0
@@ -334,6 +342,34 @@ def top3(task_name: str, method: str, seed: int, record: dict[str, Any], storage
     per_epoch = base["search"]["steps_per_epoch"]
     spent = sum(f["total_steps"] for f in finals) / per_epoch
     record.update(search=base["search"], search_value=base["search_value"], finals=finals,
+                  compute={"search": base["compute"]["search"], "final": spent,
+                           "total": base["compute"]["search"] + spent},
+                  seconds=round(time.perf_counter() - started, 1))
+    return record
+
+
+def halving(task_name: str, method: str, seed: int, record: dict[str, Any], storage: str,
+            started: float, scale: int = SCALE) -> dict[str, Any]:
+    """The base method's best config at HALVING's multiples of its max_lr, halved at the final
+    horizon in one ``lrsearch.train(..., halving=True)``; compute: its optimizer steps, the
+    cooldown branches included."""
+    base_method, scales = HALVING[method]
+    base_path = record_path(task_name, base_method, seed, scale)
+    if not base_path.is_file():
+        raise RuntimeError(f"needs the {base_method} record of seed {seed} first")
+    base = json.loads(base_path.read_text())
+    best = base["finals"][0]["config"]
+    config = {"max_lr": best["max_lr"], "schedule": best["schedule"], "params": best.get(best["schedule"]) or {}}
+    fjob = final_job(task_name, base_method, seed, scale)
+    result = lrsearch.train({**fjob, "storage": {"path": storage}}, search=config, epochs=final_epochs(task_name, scale),
+                            lr_scales=scales, halving=True, track=False)
+    finals = [{"test_metric": result.test_metric, "test_loss": result.test_loss, "val_metric": result.val_metric,
+               "config": result.config, "total_steps": result.total_steps, "steps_per_epoch": result.steps_per_epoch,
+               "steps_trained": result.steps_trained, "candidates": result.candidates,
+               "seconds": round(result.seconds, 1)}]
+    per_epoch = base["search"]["steps_per_epoch"]
+    spent = result.steps_trained / per_epoch
+    record.update(search=base["search"], search_value=base["search_value"], finals=finals, scales=list(scales),
                   compute={"search": base["compute"]["search"], "final": spent,
                            "total": base["compute"]["search"] + spent},
                   seconds=round(time.perf_counter() - started, 1))
@@ -471,7 +507,8 @@ def headline(data: dict[tuple[str, str], dict[int, dict[str, Any]]]) -> list[str
 
 
 #: the compute-at-parity table: lrsearch as a user runs it, then each alternative
-PARITY = ("lrsearch_short_lrscale", "lrsearch", "table3", "one_epoch_topk", "peer_matched", "random_matched",
+PARITY = ("lrsearch_short_lrscale", "lrsearch_short_halving", "lrsearch_short_halving_down", "lrsearch_short",
+          "lrsearch", "table3", "one_epoch_topk", "peer_matched", "random_matched",
           "peer", "random", "hf_default", "schedulefree", "family_default", "grid")
 
 

@@ -190,6 +190,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Or the run's length in optimizer steps.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
     lr_scales: Annotated[str, typer.Option("--lr-scales", help="Train each config at these multiples of its max_lr (e.g. 1,0.5,0.25) and keep the best by validation; auto: 1,0.5,0.25 when the run is >= 4x the steps the config was searched at, else 1.")] = "auto",
+    halving: Annotated[bool, typer.Option("--halving", help="Start every config (--top-k x --lr-scales) and halve them on the way, by a short cooldown branch at a quarter of the horizon, instead of training each the whole horizon.")] = False,
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
@@ -226,9 +227,10 @@ def train(
                  + repr(experiment or job.tracking.experiment or job.name)))
         out.print(f"[bold]lrsearch train[/] {job.name!r}: {of}"
                   f"{f' (top {top_k})' if top_k > 1 else ''}"
-                  f"{f' at {lr_scales} x max_lr' if scales != 'auto' and len(scales) > 1 else ''}, {horizon}",
+                  f"{f' at {lr_scales} x max_lr' if scales != 'auto' and len(scales) > 1 else ''}"
+                  f"{', halving' if halving else ''}, {horizon}",
                   highlight=False)
-    result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k, lr_scales=scales,
+    result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k, lr_scales=scales, halving=halving,
                             register=register, resume=resume, address=address, show_progress=not json_)
     if json_:
         print_json(result.summary())

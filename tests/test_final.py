@@ -164,6 +164,62 @@ def test_lr_scales_carry_the_best_config_down_and_keep_the_best_by_validation(se
     assert client.get_run(final.run_id).data.params["lr_scales"] == "1,0.5,0.25"
 
 
+def test_halving_starts_every_config_and_finishes_the_best_at_a_quarter_of_the_horizon(searched):
+    # successive halving at the horizon: 3 configs to epoch 1 of 4, scored by a cooldown branch, one goes on
+    job, result = searched["job"], searched["result"]
+    final = lrsearch.train(job, result, epochs=4, lr_scales=(4, 1, 0.25), halving=True)
+    per_epoch = final.steps_per_epoch
+    assert final.epochs == 4 and per_epoch == 8
+    finished = [c for c in final.candidates if c["epochs"] == 4 and not c["diverged"]]
+    halved = [c for c in final.candidates if c["epochs"] == 1]
+    assert len(finished) == 1 and len(halved) == 2 and final.trial_id == finished[0]["trial_id"]
+    rung = {c["trial_id"]: c["rung_scores"]["1"] for c in final.candidates}
+    assert rung[final.trial_id] == max(rung.values())  # the best cooldown score went on
+    assert all(c["val_metric"] == rung[c["trial_id"]] for c in halved)  # a diverged one: the worst score
+    # 3 x epoch 1, a cooldown branch of 20 % of 8 steps for each that did not diverge, 3 epochs more for one
+    branches = sum(not c["diverged"] for c in final.candidates)
+    assert final.steps_trained == 3 * per_epoch + 2 * branches + 3 * per_epoch
+
+    client = MlflowClient(searched["uri"])
+    run = client.get_run(final.run_id)
+    assert run.data.params["halving"] == "True"
+    for i in (1, 2, 3):
+        assert [m.step for m in client.get_metric_history(final.run_id, f"top{i}.halving_val_accuracy")] == [1]
+    # the one that went on is the run it would have been alone: its schedule over all 32 steps, unbroken
+    i = [c["trial_id"] for c in final.candidates].index(final.trial_id) + 1
+    lrs = [m.value for m in sorted(client.get_metric_history(final.run_id, f"top{i}.lr_step"), key=lambda m: m.step)]
+    alone = lrsearch.train(job, {"max_lr": final.config["max_lr"], "schedule": final.config["schedule"],
+                                 "params": final.config.get(final.config["schedule"]) or {}},
+                           epochs=4, lr_scales=(1,), track=False)
+    assert lrs == pytest.approx(lr_curve(final.config["schedule"], 4 * per_epoch, final.config["max_lr"],
+                                         **schedule_params(final.config, 4 * per_epoch)), rel=1e-9)
+    assert alone.val_metric == pytest.approx(final.val_metric, abs=1e-6)
+    assert alone.test_metric == pytest.approx(final.test_metric, abs=1e-6)
+
+
+def test_halving_rungs_sit_at_a_quarter_of_the_horizon_and_halve_to_one():
+    from lrsearch.final.worker import halving_rungs
+
+    assert halving_rungs(3, 3) == [(1, 1)]
+    assert halving_rungs(3, 12) == [(3, 1)]
+    assert halving_rungs(4, 16) == [(2, 2), (4, 1)]
+    assert halving_rungs(8, 32) == [(2, 4), (4, 2), (8, 1)]
+    assert halving_rungs(4, 2) == [(1, 2), (1, 1)]  # short horizons: both at the first epoch
+    assert halving_rungs(1, 10) == [] and halving_rungs(3, 1) == []
+
+
+def test_a_cooldown_takes_the_lr_linearly_to_zero():
+    from lrsearch.engine import LinearCooldown
+
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1.0},
+                           {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5}])
+    cooldown, seen = LinearCooldown(opt, 4), []
+    for _ in range(4):
+        cooldown.step()
+        seen.append([g["lr"] for g in opt.param_groups])
+    assert seen == [[0.75, 0.375], [0.5, 0.25], [0.25, 0.125], [0.0, 0.0]]
+
+
 def _digits_task(with_test: bool) -> Task:
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "python_task"))
     from my_task import build

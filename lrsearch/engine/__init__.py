@@ -23,12 +23,12 @@ from typing import Any, Protocol
 import torch
 
 from lrsearch.optim.divergence import DivergenceMonitor
-from lrsearch.optim.optimizers import eval_mode, train_mode
+from lrsearch.optim.optimizers import eval_mode, is_schedule_free, train_mode
 from lrsearch.optim.recipe import Recipe, Stepper
 from lrsearch.tasks import Task, evaluate, reseed
 
-__all__ = ["EpochEnd", "Horizon", "Sink", "Training", "checkpoint_state", "epoch_seed", "fit", "load_state",
-           "train_epoch"]
+__all__ = ["EpochEnd", "Horizon", "Sink", "Training", "checkpoint_state", "cooldown_branch", "epoch_seed", "fit",
+           "load_state", "train_epoch"]
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,47 @@ def fit(task: Task, stepper: Stepper, scheduler, monitor: DivergenceMonitor, hor
         train_loss, _, diverged, lrs = train_epoch(stepper, scheduler, task, monitor, horizon.steps_in(epoch))
         last = EpochEnd(epoch + 1, train_loss, lrs, diverged)
         if not diverged and not sink.replaying(epoch + 1):
-            # schedule-free: its averaged weights; BatchNorm statistics recomputed where asked
-            eval_mode(stepper.optimizer, stepper.model, task.train_loader, device=stepper.device,
-                      recompute_bn=stepper.recipe.recompute_bn)
-            last.scores = evaluate(stepper.model, task, stepper.device, autocast=stepper.autocast)
+            last.scores = _evaluate(stepper, task)
         if sink.end_epoch(last) or diverged:
             break
     return last
+
+
+def _evaluate(stepper: Stepper, task: Task) -> dict[str, float]:
+    # schedule-free: its averaged weights; BatchNorm statistics recomputed where the recipe asks
+    eval_mode(stepper.optimizer, stepper.model, task.train_loader, device=stepper.device,
+              recompute_bn=stepper.recipe.recompute_bn)
+    return evaluate(stepper.model, task, stepper.device, autocast=stepper.autocast)
+
+
+class LinearCooldown:
+    """The LR of every parameter group from where it stands to 0 over ``steps`` optimizer steps
+    (one :meth:`step` after each, as a scheduler)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        self.optimizer, self.steps, self.done = optimizer, steps, 0
+        self.peaks = [float(g["lr"]) for g in optimizer.param_groups]
+
+    def step(self) -> None:
+        self.done += 1
+        factor = max(0.0, 1.0 - self.done / self.steps)
+        for group, peak in zip(self.optimizer.param_groups, self.peaks, strict=True):
+            group["lr"] = peak * factor
+
+
+def cooldown_branch(task: Task, stepper: Stepper, monitor: DivergenceMonitor, steps: int, *, seed: int,
+                    epoch: int) -> dict[str, float] | None:
+    """What the run would score had it ended after ``epoch`` epochs: ``steps`` optimizer steps with
+    the LR cooled linearly to 0 (on the batches epoch ``epoch + 1`` would see), then the evaluation.
+    ``None`` when the branch diverged. It changes the model and the optimizer: branch from a copy
+    (a checkpoint loaded afresh). A schedule-free optimizer needs no cooldown (its averaged weights
+    are the end of the run): it is evaluated as it stands."""
+    if steps > 0 and not is_schedule_free(stepper.optimizer):
+        reseed(task, epoch_seed(seed, epoch))
+        _, _, diverged, _ = train_epoch(stepper, LinearCooldown(stepper.optimizer, steps), task, monitor, steps)
+        if diverged:
+            return None
+    return _evaluate(stepper, task)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ from lrsearch.final.found import (
     scaled,
 )
 from lrsearch.final.state import clear, end_run, final_dir, load_state, save_state
-from lrsearch.final.worker import Plan, train_on_worker
+from lrsearch.final.worker import Plan, halving_rungs, train_on_worker
 from lrsearch.infra.ray_runtime import check_resources, init_ray
 from lrsearch.infra.tracking import heal, resolve_tracking
 from lrsearch.infra.tracking.final import FinalRun
@@ -71,6 +71,8 @@ class FinalResult:
         epochs, total_steps, steps_per_epoch: the horizon trained.
         search_run_id: the search's MLflow parent run.
         lr_scales: the multiples of each config's ``max_lr`` trained (``auto`` resolved).
+        steps_trained: the optimizer steps the run took, every candidate's and every cooldown
+            branch's (``halving``) included.
         resumed_from_epoch: the epoch a resumed run continued from (0: a fresh run).
         tracking_uri: the MLflow store the run and model are in.
         best_config: the config trained, as a best config chosen at this run's horizon (what
@@ -93,6 +95,7 @@ class FinalResult:
     steps_per_epoch: int
     search_run_id: str | None
     lr_scales: list[float] = field(default_factory=lambda: [1.0])
+    steps_trained: int = 0
     resumed_from_epoch: int = 0
     tracking_uri: str | None = None
     seconds: float = 0.0
@@ -110,7 +113,7 @@ class FinalResult:
 
 def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epochs: int | None = None,
               steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] | str = "auto",
-              register: str | None = None,
+              halving: bool = False, register: str | None = None,
               resume: bool = False, task: Task | Callable[[], Task] | None = None,
               address: str | None = None, track: bool = True, tracking_uri: str | None = None,
               show_progress: bool = False) -> FinalResult:
@@ -138,8 +141,12 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         dry = _get(remote.remote(source, plan, str(out), dry=True))
         horizon: Horizon = dry["horizon"]
         lr_scales = resolve_scales(lr_scales, horizon.total_steps, found.best, notes)
-        plan = Plan(plan.training, tuple(scaled(chosen, lr_scales)), epochs, steps, plan.default_epochs)
+        plan = Plan(plan.training, tuple(scaled(chosen, lr_scales)), epochs, steps, plan.default_epochs, halving)
+        if halving and not halving_rungs(len(plan.candidates), horizon.epochs):
+            notes.append(f"--halving: {len(plan.candidates)} config(s) over {horizon.epochs} epoch(s): nothing to "
+                         "halve (it needs 2 or more configs and epochs); each trains the whole horizon")
         params = {"search_run_id": found.run_id, "top_k": len(chosen), "lr_scales": ",".join(f"{x:g}" for x in lr_scales),
+                  "halving": halving,
                   **_horizon_params(horizon, plan, recipe), "task": dry["task"],
                   "task.num_train": getattr(job.task, "num_train", "-")}
         run = _open(out, found, plan, resume, notes, uri, experiment, job.name, params if track else None)
@@ -183,7 +190,7 @@ def _open(out: Path, found: FoundSearch, plan: Plan, resume: bool, notes: list[s
     """The run's directory (kept when resumed, emptied otherwise) and its MLflow run (``params``:
     logged on a new one; ``None``: untracked): the :class:`~lrsearch.infra.tracking.final.FinalRun`."""
     fresh = {"search_run_id": found.run_id, "candidates": [c.trial_id for c in plan.candidates],
-             "epochs": plan.epochs, "steps": plan.steps}
+             "epochs": plan.epochs, "steps": plan.steps, "halving": plan.halving}
     state = load_state(out, resume, fresh, notes)  # reads only
     state["uri"] = redact_uri(uri)  # a login comes from the environment, never a file
     if "done" not in state:  # a fresh run: what an earlier one left goes now, not before the checks

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,20 @@ FINAL_DIR = "final"
 
 @dataclass(frozen=True)
 class CandidateReport:
-    """One candidate trained at the horizon: its last validation metric and loss, whether it
-    diverged, the epochs of the horizon."""
+    """One candidate of a final run: its last validation metric and loss, whether it diverged, the
+    epochs it trained (the horizon's, or fewer: ``--halving`` stopped it), and its scores at the
+    halving rungs it reached (epoch -> the validation metric after a short cooldown branch)."""
 
     val_metric: float
     val_loss: float
     diverged: bool
     epochs: int
+    rung_scores: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> CandidateReport:
-        return cls(**{k: data[k] for k in ("val_metric", "val_loss", "diverged", "epochs")})
+        return cls(**{k: data[k] for k in ("val_metric", "val_loss", "diverged", "epochs")},
+                   rung_scores=dict(data.get("rung_scores", {})))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,7 @@ from lrsearch.engine import (
     Horizon,
     Training,
     checkpoint_state,
+    cooldown_branch,
     fit,
     load_state,
     trainable_state,
@@ -35,13 +36,38 @@ __all__ = ["FinalSink", "Plan", "horizon_of", "train_on_worker"]
 @dataclass(frozen=True)
 class Plan:
     """What the Ray task trains: how (``training``), which configs, for how long (``epochs`` or
-    ``steps``; neither: ``default_epochs``)."""
+    ``steps``; neither: ``default_epochs``), and whether the candidates are halved on the way
+    (``halving``: :func:`halving_rungs`) rather than each trained the whole horizon."""
 
     training: Training
     candidates: tuple[Candidate, ...]
     epochs: int | None
     steps: int | None
     default_epochs: int
+    halving: bool = False
+
+
+#: a cooldown branch lasts this share of the optimizer steps before it (Hägele et al. 2024: a
+#: cooldown of 10-20 % of the run scores as the schedule decayed over the whole run)
+COOLDOWN_SHARE = 0.2
+
+
+def halving_rungs(candidates: int, epochs: int) -> list[tuple[int, int]]:
+    """Where ``--halving`` compares ``candidates`` over a horizon of ``epochs``: ``(epoch, keep)``
+    pairs. Each rung keeps the better half (at least one) by a cooldown branch's score; the last
+    rung sits at a quarter of the horizon, each one before it at half the next, on epoch
+    boundaries (at least epoch 1, before the last epoch). None for one candidate or one epoch."""
+    if candidates < 2 or epochs < 2:
+        return []
+    keeps = []
+    while candidates > 1:
+        candidates = max(1, candidates // 2)
+        keeps.append(candidates)
+    rungs = []
+    for i, keep in enumerate(keeps):
+        fraction = 0.25 / 2 ** (len(keeps) - 1 - i)
+        rungs.append((min(epochs - 1, max(1, round(epochs * fraction))), keep))
+    return rungs
 
 
 def horizon_of(task: Task, plan: Plan) -> Horizon:
@@ -66,15 +92,17 @@ def train_on_worker(source: TaskSource, plan: Plan, out: str, *, run=None, regis
     device, out_dir = trial_device(), Path(out)
     state = json.loads((out_dir / "state.json").read_text())
     done: dict[str, dict[str, Any]] = state.setdefault("done", {})
-    resumed_from = 0
-    for i, cand in enumerate(plan.candidates):
+    prefixes = {c.trial_id: f"top{i + 1}." if len(plan.candidates) > 1 else "" for i, c in enumerate(plan.candidates)}
+    alive, resumed_from = list(plan.candidates), 0
+    if plan.halving:
+        alive, resumed_from = _halve(plan, task, horizon, out_dir, device, run, state, prefixes)
+    for cand in alive:
         if cand.trial_id in done:  # a resume: this one finished before the kill (its last epoch)
             resumed_from = max(resumed_from, done[cand.trial_id]["epochs"])
             continue
-        prefix = f"top{i + 1}." if len(plan.candidates) > 1 else ""
-        report, start = train_one(plan.training, task, cand, horizon, out_dir, device, run, prefix)
+        report, start = train_one(plan.training, task, cand, horizon, out_dir, device, run, prefixes[cand.trial_id])
         resumed_from = max(resumed_from, start)
-        done[cand.trial_id] = report.to_dict()
+        done[cand.trial_id] = dict(report.to_dict(), rung_scores=state.get("rungs", {}).get(cand.trial_id, {}))
         save_state(out_dir, state)
     reports = {c.trial_id: CandidateReport.of(done[c.trial_id]) for c in plan.candidates}
     chosen = _choose(plan.candidates, reports, task, horizon, run)
@@ -88,13 +116,88 @@ def train_on_worker(source: TaskSource, plan: Plan, out: str, *, run=None, regis
             "candidates": [{"trial_id": c.trial_id, "search_value": c.search_value, **reports[c.trial_id].to_dict()}
                            for c in plan.candidates],
             "epochs": horizon.epochs, "total_steps": horizon.total_steps,
-            "steps_per_epoch": horizon.steps_per_epoch, "resumed_from_epoch": resumed_from}
+            "steps_per_epoch": horizon.steps_per_epoch, "resumed_from_epoch": resumed_from,
+            "steps_trained": _steps_trained(reports.values(), horizon)}
+
+
+def _steps_trained(reports, horizon: Horizon) -> int:
+    """The optimizer steps the run's candidates took (a diverged one's to the end of the epoch it
+    diverged in), their cooldown branches included (none at a rung it diverged before)."""
+    total = 0
+    for report in reports:
+        total += min(report.epochs * horizon.steps_per_epoch, horizon.total_steps)
+        total += sum(branch_steps(int(epoch), horizon) for epoch in report.rung_scores
+                     if not (report.diverged and int(epoch) >= report.epochs))
+    return total
+
+
+def branch_steps(epoch: int, horizon: Horizon) -> int:
+    """The cooldown branch's optimizer steps after ``epoch`` epochs: COOLDOWN_SHARE of those done
+    (at least 1, at most an epoch's)."""
+    return min(horizon.steps_per_epoch, max(1, round(COOLDOWN_SHARE * epoch * horizon.steps_per_epoch)))
+
+
+def _halve(plan: Plan, task: Task, horizon: Horizon, out: Path, device: torch.device, run,
+           state: dict[str, Any], prefixes: dict[str, str]) -> tuple[list[Candidate], int]:
+    """Successive halving at the horizon: every candidate trains towards the whole horizon (its own
+    schedule) up to the first rung, where a cooldown branch scores it as if its run ended there;
+    the better half goes on to the next rung, and so on (:func:`halving_rungs`). Returns the
+    candidates left to finish and the epoch a resumed run continued from. What a rung decided is
+    kept in ``state`` (``rungs``: the scores; ``done``: the candidates it stopped)."""
+    done, rungs = state["done"], state.setdefault("rungs", {})
+    alive, resumed_from = list(plan.candidates), 0
+    sign = 1.0 if task.mode == "max" else -1.0
+    for epoch, keep in halving_rungs(len(alive), horizon.epochs):
+        for cand in alive:
+            scores = rungs.setdefault(cand.trial_id, {})
+            if str(epoch) in scores:  # a resume: scored before the kill
+                continue
+            prefix = prefixes[cand.trial_id]
+            report, start = train_one(plan.training, task, cand, horizon, out, device, run, prefix, stop_at=epoch)
+            resumed_from = max(resumed_from, start)
+            score = worst_value(task) if report.diverged else _branch_score(plan, task, cand, horizon, out, device,
+                                                                             epoch)
+            scores[str(epoch)] = score
+            if report.diverged:
+                done[cand.trial_id] = dict(report.to_dict(), rung_scores=dict(scores))
+            if run is not None:
+                run.log(metrics={f"{prefix}halving_{metric_key(task)}": score}, step=epoch)
+            save_state(out, state)
+        ranked = sorted(alive, key=lambda c: sign * rungs[c.trial_id][str(epoch)], reverse=True)
+        for cand in ranked[keep:]:
+            if cand.trial_id not in done:
+                score = rungs[cand.trial_id][str(epoch)]
+                done[cand.trial_id] = CandidateReport(val_metric=score, val_loss=1e9, diverged=False, epochs=epoch,
+                                                      rung_scores=dict(rungs[cand.trial_id])).to_dict()
+            (out / f"{cand.trial_id}.pt").unlink(missing_ok=True)
+        kept = {c.trial_id for c in ranked[:keep]}
+        alive = [c for c in alive if c.trial_id in kept]
+        save_state(out, state)
+    return alive, resumed_from
+
+
+def _branch_score(plan: Plan, task: Task, cand: Candidate, horizon: Horizon, out: Path, device: torch.device,
+                  epoch: int) -> float:
+    """The candidate's validation metric had its run ended after ``epoch`` epochs: a cooldown
+    branch from its checkpoint there (:func:`lrsearch.engine.cooldown_branch`); the run itself
+    goes on from the checkpoint, untouched."""
+    training = plan.training
+    torch.manual_seed(training.seed)
+    model, optimizer, scheduler, _ = build_run(training.optimizer, task, cand.config, device, horizon.total_steps)
+    stepper = Stepper(training.recipe, model, optimizer, task.criterion, device)
+    monitor = training.monitor()
+    load_state(torch.load(out / f"{cand.trial_id}.pt", map_location=device, weights_only=False), stepper, scheduler,
+               monitor)
+    scores = cooldown_branch(task, stepper, monitor, branch_steps(epoch, horizon), seed=training.seed, epoch=epoch)
+    return worst_value(task) if scores is None else scores[task.metric]
 
 
 def _choose(candidates: tuple[Candidate, ...], reports: dict[str, CandidateReport], task: Task, horizon: Horizon,
             run) -> Candidate:
-    """The candidate with the best final validation score among those that did not diverge."""
-    finished = [c for c in candidates if not reports[c.trial_id].diverged]
+    """The candidate with the best final validation score among those that reached the horizon
+    without diverging (``--halving`` stops the others on the way)."""
+    finished = [c for c in candidates if not reports[c.trial_id].diverged
+                and reports[c.trial_id].epochs == horizon.epochs]
     if not finished:
         if run is not None:
             run.log(tags={"lrsearch.state": "diverged"})
@@ -150,9 +253,10 @@ def _input_example(task: Task) -> Any:
 
 
 def train_one(training: Training, task: Task, cand: Candidate, horizon: Horizon, out: Path,
-              device: torch.device, run, prefix: str) -> tuple[CandidateReport, int]:
-    """One config over the whole horizon (:func:`lrsearch.engine.fit`), a checkpoint after each
-    epoch. Returns its report and the epoch it started from."""
+              device: torch.device, run, prefix: str, stop_at: int | None = None) -> tuple[CandidateReport, int]:
+    """One config over the horizon (:func:`lrsearch.engine.fit`), a checkpoint after each epoch,
+    from its last checkpoint when there is one; with ``stop_at``, only up to that epoch (its
+    checkpoint kept, to go on from). Returns its report and the epoch it started from."""
     torch.manual_seed(training.seed)
     model, optimizer, scheduler, _ = build_run(training.optimizer, task, cand.config, device, horizon.total_steps)
     stepper = Stepper(training.recipe, model, optimizer, task.criterion, device)
@@ -163,17 +267,21 @@ def train_one(training: Training, task: Task, cand: Candidate, horizon: Horizon,
         load_state(saved, stepper, scheduler, monitor)
         start = saved["epoch"]
     logged = run.logged_epochs(f"{prefix}{metric_key(task)}") if run is not None and start else 0
-    sink = FinalSink(task, cand, horizon, out, run, prefix, logged, stepper, scheduler, monitor)
-    last = fit(task, stepper, scheduler, monitor, horizon, seed=training.seed, sink=sink, start_epoch=start)
+    sink = FinalSink(task, cand, horizon, out, run, prefix, logged, stepper, scheduler, monitor, stop_at)
+    last = None
+    if stop_at is None or start < stop_at:
+        last = fit(task, stepper, scheduler, monitor, horizon, seed=training.seed, sink=sink, start_epoch=start)
     metrics = sink.metrics
     if not metrics and ckpt.is_file():  # resumed after its last epoch was saved
         metrics = torch.load(ckpt, map_location="cpu", weights_only=False).get("metrics", {})
     diverged = last is not None and last.diverged
-    if not diverged:
+    reached = max(start, last.epoch if last else 0) if diverged or stop_at is not None else horizon.epochs
+    if not diverged and stop_at is None:
         torch.save(trainable_state(model), out / f"{cand.trial_id}.final.pt")
-    ckpt.unlink(missing_ok=True)
+    if stop_at is None or diverged:
+        ckpt.unlink(missing_ok=True)
     report = CandidateReport(val_metric=metrics.get(task.metric, worst_value(task)),
-                             val_loss=metrics.get("loss", 1e9), diverged=diverged, epochs=horizon.epochs)
+                             val_loss=metrics.get("loss", 1e9), diverged=diverged, epochs=reached)
     return report, start
 
 
@@ -182,9 +290,10 @@ class FinalSink:
     candidate), shown in ``progress.json``, checkpointed for ``--resume``."""
 
     def __init__(self, task: Task, cand: Candidate, horizon: Horizon, out: Path, run, prefix: str,
-                 logged: int, stepper: Stepper, scheduler, monitor: DivergenceMonitor) -> None:
+                 logged: int, stepper: Stepper, scheduler, monitor: DivergenceMonitor, stop_at: int | None = None) -> None:
         self.task, self.cand, self.horizon, self.out, self.run, self.prefix = task, cand, horizon, out, run, prefix
         self.logged, self.stepper, self.scheduler, self.monitor = logged, stepper, scheduler, monitor
+        self.stop_at = stop_at  # --halving: the rung this stretch of the run ends at
         self.metrics: dict[str, float] = {}
 
     def replaying(self, epoch: int) -> bool:
@@ -216,4 +325,4 @@ class FinalSink:
         ckpt = self.out / f"{self.cand.trial_id}.pt"
         torch.save(state, ckpt.with_suffix(".pt.tmp"))
         os.replace(ckpt.with_suffix(".pt.tmp"), ckpt)
-        return False
+        return self.stop_at is not None and end.epoch >= self.stop_at

@@ -170,7 +170,9 @@ def final_lines(result: Any) -> list[str]:
              f"{result.epochs} epochs ({result.total_steps} optimizer steps)"
              + (f", resumed from epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "")]
     if len(result.candidates) > 1:
-        shown = ", ".join(f"{x['trial_id']} " + ("diverged" if x["diverged"] else f"{x['val_metric']:.4f}")
+        shown = ", ".join(f"{x['trial_id']} " + ("diverged" if x["diverged"] else f"{x['val_metric']:.4f}"
+                          + (f" (halved out at epoch {x['epochs']}, a cooldown branch's score)"
+                             if x["epochs"] < result.epochs else ""))
                           for x in result.candidates)
         lines.append(f"{len(result.candidates)} configs at this horizon, val_{m}: {shown} (kept the best)")
     test = "no test split (the task has no test_loader)" if result.test_metric is None else \
