@@ -20,9 +20,19 @@ search=config)``:
 - ``peer_short``, ``peer_short_lrscale``: the peer at lrsearch_short's budget (B = 6), then the same
   bridge: does the bridge make the win without the range test's bounds?
 - ``family_default``: the family space's default schedule at the geometric middle of its prior;
+- ``table3``: the seed document's LR table, three final runs (BERT-like 2e-5, 3.2e-5, 5e-5;
+  EfficientNet-like 1e-4, 2.2e-4, 5e-4; linear decay, warmup 10 %), the best by validation;
+- ``one_epoch_topk`` (Egele et al. 2023): 12 random configs over the peers' wide prior trained one
+  epoch each, the top 2 trained at the horizon, the best by validation;
+- ``lrsearch_short_halving`` / ``_halving_down``: lrsearch_short's best config at 2x, 1x, 0.5x (or
+  1x, 0.5x, 0.25x) its max_lr, halved at the horizon (``lrsearch train --halving``: a cooldown
+  branch scores each at a quarter of the horizon, rounded to an epoch; the best goes on);
 - ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
   half-decade apart around each family's usual range; reported by its best test score (an upper
   bound no user gets) and by its best validation score.
+
+Two horizons (``--scales``): 4x a trial's optimizer steps (4x its data, the same epochs) and 16x;
+``digits`` (batches of 4, 1200 final steps at 16x) reaches 16x on 4x its data for 4x the epochs.
 
 Compute is in trial-epochs of the search's task: the search (range test included, as
 ``bench/search_quality.py`` charges it) plus the final run (its optimizer steps / the search's
