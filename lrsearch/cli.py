@@ -298,6 +298,7 @@ def submit(
     steps: Annotated[int | None, typer.Option(help="With --train: optimizer steps to train.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="With --train: train the K best configs.")] = None,
     lr_scales: Annotated[str | None, typer.Option("--lr-scales", help="With --train: train at these multiples of max_lr (default auto).")] = None,
+    halving: Annotated[bool, typer.Option("--halving", help="With --train: halve the configs on the way (lrsearch train --halving).")] = False,
     register: Annotated[str | None, typer.Option(help="With --train: register the model under this name.")] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -310,12 +311,14 @@ def submit(
     if lr_scales is not None:
         check_options(None, None, 1, None, True, parse_scales(lr_scales))  # before anything is submitted
     train_options = {"--epochs": epochs, "--steps": steps, "--top-k": top_k, "--lr-scales": lr_scales,
-                     "--register": register}
+                     "--register": register, "--halving": True if halving else None}
     if not train_ and any(v is not None for v in train_options.values()):
         given = ", ".join(k for k, v in train_options.items() if v is not None)
         raise ConfigError(f"{given}: only with --train (they set the final run)")
     for flag, value in train_options.items():
-        if value is not None:
+        if value is True:
+            extra.append(flag)
+        elif value is not None:
             extra += [flag, str(value)]
     info = submit_job(job_file, address, extra_args=extra or None, command="train" if train_ else "search")
     if json_ and not wait:
