@@ -4,7 +4,7 @@ CPUs for trials and two 1-CPU workers, as `lrsearch.infra.cluster` starts them.
 First one search alone, then six `lrsearch submit` at the same moment: four searches, one of them
 twice (attaches to the first), and one whose trials ask for more CPUs than any node has (refused
 at submit). Unless --no-kill, worker node B is killed once the six are training, as in
-tests/test_load.py. Prints a markdown table: wall time, time each search was queued (submitted ->
+tests/infra/test_load.py. Prints a markdown table: wall time, time each search was queued (submitted ->
 driver started -> first trial running), per trial: training time and overhead (the trainable's
 time minus its training: setup, evaluation, checkpoints, logging) and the gap between a search's
 trials (Ray scheduling a new trial actor, waiting for a free CPU);

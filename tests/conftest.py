@@ -1,5 +1,5 @@
-"""Shared fixtures: one local Ray per test module (ray.init takes ~10 s here), and the pieces of
-a real token-auth Ray cluster on loopback (tests/test_multinode.py, tests/test_load.py)."""
+"""Shared fixtures: one local Ray for the session (ray.init takes ~10 s here), and the pieces of
+a real token-auth Ray cluster on loopback (tests/infra/test_multinode.py, tests/infra/test_load.py)."""
 
 from __future__ import annotations
 
@@ -23,12 +23,65 @@ import ray
 BIN = Path(sys.executable).parent
 
 
+#: the resources of the local Ray the tests share now (empty: none started by these fixtures)
+_SHARED: dict[str, int] = {}
+
+
+def shared_ray(num_gpus: int = 0) -> None:
+    """One local Ray for the whole session (``ray.init`` takes ~10 s here): started by the first
+    module that asks, kept while the next ones ask for the same resources, started again when one
+    asks for others (``num_gpus``: logical GPUs that Ray schedules; nothing touches a device) or
+    when a search that started its own Ray has stopped it."""
+    spec = {"num_cpus": 2, "num_gpus": num_gpus}
+    if ray.is_initialized() and _SHARED == spec:
+        return
+    ray.shutdown()
+    _SHARED.clear()
+    # "local": never join a cluster `ray start` may have left recorded on this machine
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **spec)
+    _SHARED.update(spec)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    # "local": never join a cluster `ray start` may have left recorded on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+    shared_ray(num_gpus=0)
+
+
+@pytest.fixture(scope="module")
+def gpu_ray():
+    shared_ray(num_gpus=1)
+
+
+@pytest.fixture
+def no_ray():
+    """For a test of a search that starts (and stops) its own Ray: none is running when it begins."""
     ray.shutdown()
+    _SHARED.clear()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ray.shutdown()
+
+
+#: an empty MLflow store, migrated once for the session (see mlflow_uri)
+_MLFLOW_TEMPLATE: list[Path] = []
+
+
+def mlflow_uri(directory: Path | str, name: str = "mlruns.db") -> str:
+    """``sqlite:///<directory>/<name>``: an empty MLflow store there, copied from one made once per
+    session (MLflow's schema migrations take ~2.5 s for each new database here). Kept as it is when
+    it exists: a resumed search's store is the first one's."""
+    if not _MLFLOW_TEMPLATE:
+        from mlflow import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="lrs-mlflow-")) / "empty.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+        _MLFLOW_TEMPLATE.append(template)
+    target = Path(directory) / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_MLFLOW_TEMPLATE[0], target)
+    return f"sqlite:///{target}"
 
 
 def free_port() -> int:

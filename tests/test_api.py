@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import mlflow_uri
 from torch.utils.data import DataLoader, TensorDataset
 
 import lrsearch
@@ -26,7 +27,7 @@ def _job(tmp_path, name: str, **search) -> dict:
         "range_test": {"num_steps": 30},
         "search": {"num_trials": 4, "max_epochs": 2, "max_concurrent_trials": 2, **search},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db"},
+        "tracking": {"uri": mlflow_uri(tmp_path)},
     }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mlflow_uri
 from typer.testing import CliRunner
 
 import lrsearch
@@ -23,10 +24,11 @@ def _section(job):
 
 
 TESTS = Path(__file__).resolve().parent
+INTEGRATIONS = TESTS / "integrations"  # test_lightning's model and data
 
 MODULE = '''
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{integrations!r}, {tests!r}]
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -73,14 +75,14 @@ def nothing():
 
 
 def _job(tmp: Path, name: str, entry: str, **search) -> Path:
-    (tmp / "entries.py").write_text(MODULE.format(tests=str(TESTS)))
+    (tmp / "entries.py").write_text(MODULE.format(tests=str(TESTS), integrations=str(INTEGRATIONS)))
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({
         "name": name, "task": {"kind": "python", "entrypoint": f"entries:{entry}"},
         "space": {"family": "default", "max_lr": {"low": 1e-3, "high": 0.1}},
         "search": {"num_trials": 3, "max_epochs": 2, **search},
         "storage": {"path": str(tmp / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db", "experiment": name}}))
+        "tracking": {"uri": mlflow_uri(tmp), "experiment": name}}))
     return path
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mlflow_uri
 
 import lrsearch
 from lrsearch.job.parse import parse_job
@@ -26,9 +27,11 @@ def test_example_searches_offline(local_ray, path, tmp_path, monkeypatch):
     data = yaml.safe_load(path.read_text())
     data["task"].update(SMALL[data["task"]["kind"]])
     data["range_test"] = {**data.get("range_test", {}), "num_steps": 12}
-    data["search"] = {**data.get("search", {}), "num_trials": 2, "max_epochs": 1, "grace_period": 1}
+    # one trial at a time: the second reuses the first's worker and its loaded model
+    data["search"] = {**data.get("search", {}), "num_trials": 2, "max_epochs": 1, "grace_period": 1,
+                      "max_concurrent_trials": 1}
     data["storage"] = {"path": str(tmp_path / "runs")}
-    data["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlruns.db"}
+    data["tracking"] = {"uri": mlflow_uri(tmp_path)}
     if data["task"]["kind"] == "language_modeling":  # the example builds its tiny GPT-2 first
         import importlib.util
 

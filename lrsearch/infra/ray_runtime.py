@@ -18,12 +18,14 @@ def init_ray(address: str | None, verbose: bool) -> bool:
     """Connect to (or start) Ray. Returns True if this call started it (and must shut it down)."""
     import ray
 
-    if ray.is_initialized():
-        return False
+    # Tune's output settings, read when a search starts: on a Ray the caller started too (its
+    # "Configuration for experiment" table would otherwise land in `--json`'s stdout)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if not verbose:
         # Fast trials checkpoint often; Tune's "snapshotting may become a bottleneck" is noise here.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return False
     kwargs: dict[str, Any] = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "ERROR"}
     target = address or os.environ.get("RAY_ADDRESS")
     if target:

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
+from conftest import mlflow_uri
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -23,12 +23,6 @@ from lrsearch.tuning.budget import FINISHED, START, WAIT, Ledger
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def gpu_ray():
-    # one Ray for the module, with 1 logical GPU (Ray schedules it; nothing touches a device)
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _job(tmp_path, name, *, task=None, resources=None, **search):
@@ -40,7 +34,7 @@ def _job(tmp_path, name, *, task=None, resources=None, **search):
                    "max_concurrent_trials": 2, "seed": 0, **search},
         "resources": resources or {"cpu": 1},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": name},
+        "tracking": {"uri": mlflow_uri(tmp_path), "experiment": name},
     })
 
 

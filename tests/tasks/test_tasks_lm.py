@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import mlflow_uri
 from protocol_checks import assert_asha_stopped_some, assert_schedules
 
 import lrsearch
@@ -23,7 +24,7 @@ from lrsearch.tasks.lm import (
     language_modeling_task,
 )
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "causal_lm"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "causal_lm"
 NUM_TRAIN, NUM_VAL, NUM_TEST, MAX_LENGTH, BATCH = 32, 16, 16, 32, 8
 
 
@@ -258,7 +259,7 @@ def test_search_then_final_run_on_the_tiny_gpt2(local_ray, tiny_gpt2, tmp_path):
            "range_test": {"num_steps": 12, "end_lr": 1.0},
            "search": {"num_trials": 4, "max_epochs": 2, "grace_period": 1, "max_concurrent_trials": 2},
            "storage": {"path": str(tmp_path / "runs")},
-           "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "lm-e2e"},
+           "tracking": {"uri": mlflow_uri(tmp_path), "experiment": "lm-e2e"},
            "resources": {"cpu": 1, "gpu": 0}}
     result = lrsearch.search(job)
     assert (result.metric, result.mode) == ("val_loss", "min")

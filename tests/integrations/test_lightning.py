@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from conftest import mlflow_uri
 from protocol_checks import (
     assert_asha_stopped_some,
     assert_schedules,
@@ -93,7 +94,7 @@ def _job(tmp_path, name, **search):
         "search": {"num_trials": 6, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2,
                    "max_concurrent_trials": 2, **search},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": name},
+        "tracking": {"uri": mlflow_uri(tmp_path), "experiment": name},
     }
 
 

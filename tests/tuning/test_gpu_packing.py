@@ -8,16 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 import lrsearch
-
-
-@pytest.fixture(scope="module")
-def one_logical_gpu():
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _job(tmp_path, name, **resources):
@@ -34,7 +26,7 @@ def _job(tmp_path, name, **resources):
     }
 
 
-def test_four_quarter_gpu_trials_share_one_gpu_and_never_five(one_logical_gpu, tmp_path):
+def test_four_quarter_gpu_trials_share_one_gpu_and_never_five(gpu_ray, tmp_path):
     res = lrsearch.search(_job(tmp_path, "pack", cpu=0.25, gpu=0.25), track=False)
     assert res.counts["completed"] == 8
     spans, devices = [], set()
@@ -57,7 +49,7 @@ def test_four_quarter_gpu_trials_share_one_gpu_and_never_five(one_logical_gpu, t
     ({"gpu": 2}, "resources.gpu: got 2 per trial; the largest node of this Ray cluster has 1 GPU"),
     ({"cpu": 3}, "resources.cpu: got 3 per trial; the largest node of this Ray cluster has 2 CPU"),
 ])
-def test_a_trial_bigger_than_any_node_is_one_error_before_anything_starts(one_logical_gpu, tmp_path,
+def test_a_trial_bigger_than_any_node_is_one_error_before_anything_starts(gpu_ray, tmp_path,
                                                                           resources, message):
     # this Ray was started by the test, not the search: say that nothing will join it
     with pytest.raises(lrsearch.SearchError, match=message.replace(".", r"\.")):
@@ -66,6 +58,6 @@ def test_a_trial_bigger_than_any_node_is_one_error_before_anything_starts(one_lo
     assert not (out / "mlflow.json").exists() and not (out / "tune").exists()  # nothing started
 
 
-def test_waiting_for_a_node_gives_up_after_the_configured_time(one_logical_gpu, tmp_path):
+def test_waiting_for_a_node_gives_up_after_the_configured_time(gpu_ray, tmp_path):
     with pytest.raises(lrsearch.SearchError, match=r"after waiting 1 s"):
         lrsearch.search(_job(tmp_path, "wait", gpu=2, wait_for_node_s=1), track=False)

@@ -15,6 +15,7 @@ import mlflow
 import mlflow.pytorch
 import pytest
 import torch
+from conftest import mlflow_uri
 from protocol_checks import assert_asha_stopped_some, assert_schedules
 
 import lrsearch
@@ -27,7 +28,7 @@ from lrsearch.optim.optimizers import build_optimizer
 from lrsearch.tasks import build_task
 from lrsearch.tasks.text import encoder_layer_groups, text_classification_task
 
-LORA_SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "lora.yaml"
+LORA_SPACE = Path(__file__).resolve().parents[2] / "search_spaces" / "lora.yaml"
 PEFT = {"r": 8, "alpha": 16, "dropout": 0.1}
 SMALL = {"num_train": 64, "num_val": 32, "num_test": 32, "max_length": 16, "batch_size": 16}
 NUM_LAYERS = 6  # MiniLM-L6
@@ -221,7 +222,7 @@ def test_search_and_final_run_with_lora(local_ray, tmp_path):
            "search": {"num_trials": 6, "max_epochs": 2, "grace_period": 1, "max_concurrent_trials": 2,
                       "rung_metric": "val_loss"},
            "storage": {"path": str(tmp_path / "runs")},
-           "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": "lora-e2e"}}
+           "tracking": {"uri": mlflow_uri(tmp_path), "experiment": "lora-e2e"}}
     result = lrsearch.search(job)
     assert result.counts["errored"] == 0 and result.counts["total"] == 6, result.trials
     # the built-in loop on the trial protocol: every step at its schedule's LR, ASHA stopping trials

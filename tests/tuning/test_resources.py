@@ -9,7 +9,7 @@ import ray
 import lrsearch
 
 
-def test_a_gpu_trial_on_a_machine_without_one_fails_at_once(tmp_path):
+def test_a_gpu_trial_on_a_machine_without_one_fails_at_once(no_ray, tmp_path):
     assert not ray.is_initialized()  # the search starts (and stops) its own Ray
     job = {"name": "gpu", "task": {"kind": "synthetic"}, "resources": {"gpu": 1},
            "storage": {"path": str(tmp_path / "runs")}, "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"}}

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import free_port, stop_group
+from conftest import free_port, mlflow_uri, stop_group
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -47,7 +47,7 @@ def _job(tmp_path, uri, name="tracked", **search):
 @pytest.fixture(scope="module")
 def tracked_search(local_ray, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tracked")
-    uri = f"sqlite:///{tmp}/mlruns.db"
+    uri = mlflow_uri(tmp)
     result = run_search(_job(tmp, uri), show_progress=False)  # artifacts: next to the store, not in ./
     return tmp, uri, result
 
@@ -376,7 +376,7 @@ def test_the_next_command_ends_runs_whose_end_the_store_never_got(tmp_path):
 def test_jobs_status_of_an_ended_job_heals_its_results(tmp_path, monkeypatch):
     """A submitted search's results on storage this machine reads (an absolute path, as on a shared
     mount): ``jobs status`` of the ended job logs what the store missed. (Ray's job client is
-    stubbed: the Ray cluster is not what this checks; tests/test_multinode.py runs a real one.)"""
+    stubbed: the Ray cluster is not what this checks; tests/infra/test_multinode.py runs a real one.)"""
     from types import SimpleNamespace
 
     from lrsearch.infra import jobs

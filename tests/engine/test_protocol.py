@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import mlflow_uri
 from protocol_checks import (
     assert_asha_stopped_some,
     assert_schedules,
@@ -63,7 +64,7 @@ def _job(tmp_path, name, **search):
         "search": {"num_trials": 6, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2,
                    "max_concurrent_trials": 2, **search},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": name},
+        "tracking": {"uri": mlflow_uri(tmp_path), "experiment": name},
     }
 
 

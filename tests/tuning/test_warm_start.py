@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import mlflow_uri
 from typer.testing import CliRunner
 
 from lrsearch.cli import app
@@ -33,7 +34,7 @@ def _data(root: Path, name: str, **search) -> dict:
         "search": {"num_trials": 7, "max_epochs": 3, "grace_period": 1, "reduction_factor": 3,
                    "max_concurrent_trials": 2, "seed": 0, **search},
         "storage": {"path": str(root / "runs")},
-        "tracking": {"uri": f"sqlite:///{root}/mlruns.db", "experiment": f"{name}-exp"},
+        "tracking": {"uri": mlflow_uri(root), "experiment": f"{name}-exp"},
     }
 
 

@@ -13,12 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import mlflow_uri
 
 from lrsearch.errors import LRSearchError
 from lrsearch.job.parse import parse_job
 from lrsearch.tuning import run_search
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
 
 
@@ -30,7 +31,7 @@ def _job(tmp_path, **overrides):
         "search": {"num_trials": 8, "max_epochs": 3, "grace_period": 1, "reduction_factor": 3,
                    "max_concurrent_trials": 2, "seed": 0},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db"},
+        "tracking": {"uri": mlflow_uri(tmp_path)},
     }
     for key, value in overrides.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
@@ -142,7 +143,7 @@ def _interruptible_job(tmp_path, name: str, num_train: int, **search) -> tuple[P
         "range_test": {"num_steps": 30},
         "search": {**search, "max_concurrent_trials": 1},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": f"{name}-exp"},
+        "tracking": {"uri": mlflow_uri(tmp_path), "experiment": f"{name}-exp"},
     }))
     return job_file, tmp_path / "runs" / name
 

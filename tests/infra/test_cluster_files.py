@@ -7,7 +7,7 @@ MLflow's own command-line parsers accept them; the launcher file passes Ray's ``
 Ray's config validation; the KubeRay manifests have the fields KubeRay documents; the image pins the
 versions of ``pyproject.toml`` and installs what ``scripts/setup.sh`` installs; no secret sits in a file;
 the MLflow server runs MLflow's basic-auth app with no default admin password, and every Ray node logs in
-to it from its environment. (tests/test_auth.py runs that server for real.)
+to it from its environment. (tests/infra/test_auth.py runs that server for real.)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     tomllib = pytest.importorskip("tomli")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 CLUSTER = ROOT / "cluster"
 VENV_BIN = Path(sys.executable).parent

@@ -260,7 +260,7 @@ def test_submit_sends_no_mlflow_credentials(tmp_path, monkeypatch):
     """What ``lrsearch submit`` hands Ray's job client (runtime env, metadata, entrypoint, the
     shipped job file) holds no MLflow credential, though the submitter has one in its environment
     and in its job's tracking URI. The job client is a recorder here: a real cluster is
-    tests/test_multinode.py's."""
+    tests/infra/test_multinode.py's."""
     import lrsearch.infra.jobs as jobs
 
     sent = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
+from conftest import mlflow_uri
 from mlflow import MlflowClient
 
 LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
@@ -31,7 +32,7 @@ def _job_file(tmp_path: Path, name: str) -> Path:
         "range_test": {"num_steps": 300, "end_lr": 1.0},
         "search": {"num_trials": NUM_TRIALS, "max_epochs": 2, "grace_period": 2, "max_concurrent_trials": 1},
         "storage": {"path": str(tmp_path / "runs")},
-        "tracking": {"uri": f"sqlite:///{tmp_path}/mlruns.db", "experiment": name},
+        "tracking": {"uri": mlflow_uri(tmp_path), "experiment": name},
     }))
     return job_file
 

@@ -13,7 +13,7 @@ from lrsearch.errors import ConfigError
 from lrsearch.job.parse import load_job
 
 runner = CliRunner()
-EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").rglob("*.yaml"))
+EXAMPLES = sorted(Path(__file__).resolve().parents[2].joinpath("examples").rglob("*.yaml"))
 OK = "name: ok\ntask: {kind: synthetic, num_train: 256, num_val: 64}\n"
 
 
@@ -135,7 +135,7 @@ def test_find_lr_says_when_the_curve_shows_no_descent(tmp_path, monkeypatch):
 
 def test_find_lr_on_the_python_task_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    job = Path(__file__).resolve().parent.parent / "examples" / "python_task" / "job.yaml"
+    job = Path(__file__).resolve().parents[2] / "examples" / "python_task" / "job.yaml"
     result = runner.invoke(app, ["find-lr", str(job)], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     assert "digits-cnn" in result.output and "max_lr search bounds" in result.output
