@@ -22,7 +22,9 @@ from lrsearch.optim.divergence import DivergenceMonitor
 from lrsearch.optim.recipe import Recipe, Stepper, autocast_for
 from lrsearch.range_test.suggestions import (
     MIN_DROP,
+    NOISE_Z,
     SUGGESTION_METHODS,
+    Curve,
     bounds_from_curve,
     no_descent,
     suggest_lr,
@@ -78,8 +80,7 @@ class RangeTestResult:
         rises, whatever it does afterwards. The lowest loss is looked for past the curve's first
         tenth, where the EMA has averaged too few batches to be trusted.
         """
-        lrs, losses = self._usable()
-        return suggest_lr(lrs, losses, method)
+        return suggest_lr(self._usable(), method)
 
     def suggestions(self) -> dict[str, float | None]:
         """Every method's suggestion by name."""
@@ -98,37 +99,40 @@ class RangeTestResult:
         3. ``high = min(edge, 3 * center)`` and ``low = min(center, high) / 30``: about two decades,
            skewed low, because a full fine-tuning run trains best below the LR at which a
            100-step sweep makes the fastest progress.
-        4. Curves with no descent to read (fewer than 5 usable points, or a smoothed loss that never
-           fell 5 % below its starting level, as when a head trained from scratch sees too few
-           examples per step) have no suggestions; their ``edge`` is a third of the LR from which
-           the loss stays more than 5 % above its starting level, climbing for good (a noise bump
-           that comes back does not count; the last LR if it never does), and they,
-           like curves without suggestions, get ``(edge / 100, edge)``. :attr:`warning` says so.
+        4. Curves with no descent to read have no suggestions: fewer than 5 usable points, or a
+           lowest smoothed loss less than 5 % below the starting level, or within 3 standard errors
+           of the per-step noise of it (the raw losses tell the noise: a short sweep at a small
+           batch can dip by luck), as when a head trained from scratch sees too few examples per
+           step. Their ``edge`` is a third of the LR from which the loss stays above its starting
+           level by as much, climbing for good (a noise bump that comes back does not count; the
+           last LR if it never does), and they, like curves without suggestions, get
+           ``(edge / 100, edge)``. :attr:`warning` says so; a search then draws ``max_lr`` from
+           its space's prior, below ``edge``.
         5. ``low`` is never below the sweep's first LR (nothing there was measured); ``low < high``
            always holds.
         """
-        lrs, losses = self._usable()
-        if not lrs:
+        curve = self._usable()
+        if not curve.lrs:
             start = float(self.settings.get("start_lr", 1e-7))
             return (start, start * 10.0)
-        return bounds_from_curve(lrs, losses, self.suggestions())
+        return bounds_from_curve(curve, self.suggestions())
 
     @property
     def warning(self) -> str | None:
         """Why the bounds should not be trusted, or ``None`` when the curve showed a descent."""
-        lrs, losses = self._usable()
-        if not no_descent(losses):
+        curve = self._usable()
+        if not no_descent(curve):
             return None
-        return (f"the smoothed loss never fell {MIN_DROP * 100:g} % below its starting level over {len(lrs)} usable steps, "
-                "so the bounds are a guess from where it climbs for good; raise range_test.num_steps or "
-                "the batch size, or lower range_test.start_lr")
+        return (f"the smoothed loss never fell {MIN_DROP * 100:g} % and {NOISE_Z:g} standard errors of its noise "
+                f"below its starting level over {len(curve.lrs)} usable steps, so the bounds are a guess from "
+                "where it climbs for good; raise range_test.num_steps or the batch size, or lower range_test.start_lr")
 
-    def _usable(self) -> tuple[list[float], list[float]]:
+    def _usable(self) -> Curve:
         """The points before divergence (a diverged last point is shown, never suggested)."""
         n = len(self.lrs)
         if self.stop_reason == "diverged" and n:
             n -= 1
-        return self.lrs[:n], self.losses[:n]
+        return Curve(self.lrs[:n], self.losses[:n], self.raw_losses[:n], float(self.settings.get("smooth", 1.0)))
 
     # ---- output ------------------------------------------------------------------------------
 

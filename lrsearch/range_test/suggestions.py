@@ -2,16 +2,18 @@
 
 :class:`~lrsearch.range_test.RangeTestResult` exposes them as ``suggest``, ``suggestions`` and
 ``bounds``, whose docstrings describe each method and the bounds rule; the functions here take the
-usable points (before divergence) of the smoothed curve, LRs increasing.
+usable points (before divergence) of the curve, LRs increasing: the smoothed losses, and for the
+descent and climb tests also the raw ones and the EMA's weight, which tell its noise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["MIN_DROP", "SUGGESTION_METHODS", "bounds_from_curve", "no_descent", "suggest_lr"]
+__all__ = ["MIN_DROP", "NOISE_Z", "SUGGESTION_METHODS", "Curve", "bounds_from_curve", "no_descent", "suggest_lr"]
 
 SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
 
@@ -19,6 +21,40 @@ SUGGESTION_METHODS = ("steepest", "valley", "minimum", "slide")
 #: a descent counts when the smoothed loss falls below the starting plateau by this share of it;
 #: less is within the noise of a flat curve
 MIN_DROP = 0.05
+
+#: ... and by this many standard errors of the per-step noise: a few batches of 4 images can vary
+#: by 10 % of the loss, so a short sweep's minimum can be luck, not a descent
+NOISE_Z = 3.0
+
+
+@dataclass(frozen=True)
+class Curve:
+    """The usable points of a range test: LRs increasing, the smoothed losses, the raw losses and
+    the EMA's weight (``smooth``, 1: no smoothing)."""
+
+    lrs: list[float]
+    losses: list[float]
+    raw: list[float]
+    smooth: float = 1.0
+
+    def head(self) -> int:
+        """How many points the starting level is read from: the first tenth, at least 3."""
+        return min(len(self.losses), max(3, len(self.losses) // 10))
+
+    def noise(self) -> float:
+        """The standard deviation of one step's loss, read robustly from consecutive differences
+        (their median absolute value is 0.954 sigma for Gaussian noise; a slow trend hardly moves it)."""
+        if len(self.raw) < 2:
+            return 0.0
+        return float(np.median(np.abs(np.diff(self.raw)))) / 0.954
+
+    def margin(self) -> float:
+        """How far above the starting level a smoothed loss must sit to count as a climb: 5 % of
+        the level, or :data:`NOISE_Z` standard errors of the two (the level's mean over
+        :meth:`head` losses, a smoothed point's EMA), the larger."""
+        ema = self.smooth / (2.0 - self.smooth)  # an EMA's variance over one loss's, in its steady state
+        se = self.noise() * float(np.sqrt(1.0 / self.head() + ema))
+        return max(MIN_DROP * abs(_plateau(self.losses)), NOISE_Z * se)
 
 
 def bottom_index(losses: list[float]) -> int:
@@ -36,18 +72,29 @@ def _plateau(losses: list[float]) -> float:
     return float(np.median(losses[: max(1, len(losses) // 10)]))
 
 
-def no_descent(losses: list[float]) -> bool:
-    """True when the curve shows no descent to read: too short, or the smoothed loss never fell
-    past its first tenth by :data:`MIN_DROP` of its starting level (a flat curve's minimum is noise).
+def no_descent(curve: Curve) -> bool:
+    """True when the curve shows no descent to read: too short, or its lowest smoothed loss past the
+    first tenth is less than :data:`MIN_DROP` of the starting level below it, or the raw losses
+    there are not below the first ones by :data:`NOISE_Z` standard errors of the per-step noise
+    (a flat curve's minimum is luck).
     """
+    losses = curve.losses
     if len(losses) < 5:
         return True
     plateau = _plateau(losses)
     bottom = bottom_index(losses)
-    return bottom == len(losses) // 10 or plateau - losses[bottom] < MIN_DROP * abs(plateau)
+    if bottom == len(losses) // 10 or plateau - losses[bottom] < MIN_DROP * abs(plateau):
+        return True
+    # the raw losses each level averages: the first ones, and those of the EMA's span ending at the
+    # minimum (fewer when the minimum comes early; the two may overlap)
+    span = max(1, round(1.0 / curve.smooth))
+    first = np.asarray(curve.raw[: curve.head()])
+    near = np.asarray(curve.raw[max(0, bottom - span + 1): bottom + 1])
+    se = curve.noise() * float(np.sqrt(1.0 / len(first) + 1.0 / len(near)))
+    return float(first.mean() - near.mean()) < NOISE_Z * se
 
 
-def suggest_lr(lrs: list[float], losses: list[float], method: str) -> float | None:
+def suggest_lr(curve: Curve, method: str) -> float | None:
     """Suggestion ``method`` for the curve; ``None`` when it is too short or shows no descent.
 
     Raises:
@@ -57,21 +104,20 @@ def suggest_lr(lrs: list[float], losses: list[float], method: str) -> float | No
         raise ValueError(
             f"unknown suggestion method {method!r}; allowed: {', '.join(SUGGESTION_METHODS)}"
         )
-    if no_descent(losses):
+    if no_descent(curve):
         return None
-    return _SUGGESTERS[method](lrs, losses)
+    return _SUGGESTERS[method](curve.lrs, curve.losses)
 
 
-def bounds_from_curve(
-    lrs: list[float], losses: list[float], suggestions: Mapping[str, float | None]
-) -> tuple[float, float]:
+def bounds_from_curve(curve: Curve, suggestions: Mapping[str, float | None]) -> tuple[float, float]:
     """``(low, high)`` for a log-uniform ``max_lr`` search from a non-empty curve and its suggestions.
 
     The rule is :meth:`lrsearch.range_test.RangeTestResult.bounds`'s.
     """
-    if no_descent(losses):
+    lrs, losses = curve.lrs, curve.losses
+    if no_descent(curve):
         # nothing to read but where the loss starts to climb: a third of that is taken as the edge
-        edge = max(_rise_lr(lrs, losses) / 3.0, lrs[0])
+        edge = max(_rise_lr(curve) / 3.0, lrs[0])
         found = []
     else:
         edge = lrs[bottom_index(losses)]
@@ -90,13 +136,13 @@ def bounds_from_curve(
     return (float(low), float(high))
 
 
-def _rise_lr(lrs: list[float], losses: list[float]) -> float:
+def _rise_lr(curve: Curve) -> float:
     """The LR past the curve's first tenth from which the smoothed loss stays more than
-    :data:`MIN_DROP` above its starting level to the end: where it climbs for good (a flat, noisy
-    curve crosses that line and comes back long before it diverges); the last LR when it ends
+    :meth:`Curve.margin` above its starting level to the end: where it climbs for good (a flat,
+    noisy curve crosses that line and comes back long before it diverges); the last LR when it ends
     below it."""
-    plateau = _plateau(losses)
-    limit = plateau + MIN_DROP * abs(plateau)
+    lrs, losses = curve.lrs, curve.losses
+    limit = _plateau(losses) + curve.margin()
     first = len(losses)
     while first > len(losses) // 10 and losses[first - 1] > limit:
         first -= 1
