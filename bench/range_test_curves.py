@@ -52,13 +52,19 @@ def reread(rec: dict) -> RangeTestResult:
 
 
 def report(records: list[dict]) -> str:
-    lines = ["| task | seed | steps | recorded bounds | descent now | bounds now |", "|---|---|---|---|---|---|"]
+    lines = ["# Range-test curves of final_quality's searches, reread with today's rules",
+             "",
+             "Per curve: its length, the bounds recorded when it ran, and with the installed lrsearch whether it "
+             "shows a descent and its bounds (what the search draws `max_lr` from).",
+             "",
+             "| task | seed | steps | recorded bounds | descent now | bounds now |",
+             "|---|---|---|---|---|---|"]
     for rec in records:
         r = reread(rec)
         b0, b1 = rec["bounds"], r.bounds()
         lines.append(f"| {rec['task']} | {rec['seed']} | {len(rec['lrs'])} | {b0[0]:.2g}..{b0[1]:.2g} | "
                      f"{'no' if r.warning else 'yes'} | {b1[0]:.2g}..{b1[1]:.2g} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             records.append(record(task_name, seed))
             print(f"{task_name} s{seed}: done", file=sys.stderr, flush=True)
-    print(report(records))
+    text = report(records)
+    print(text)
+    if a.report_only or not any(not (CACHE / f"{t}-s{s}.json").is_file() for t in a.tasks.split(",") for s in range(a.seeds)):
+        (CACHE.parent / "range_test_curves.md").write_text(text)
     return 0
 
 

@@ -313,9 +313,8 @@ class JobConfig(Strict):
         training recipe's)."""
         return self.range_test.accumulation_steps or self.train.gradient_accumulation_steps
 
-    def search_space(self, bounds: tuple[float, float] | None = None, descent: bool = True) -> SearchSpace:
-        """The space this job searches; ``bounds`` are the range test's (``None`` before it runs),
-        ``descent`` whether its curve showed one (:func:`~lrsearch.job.space.resolve_space`).
+    def search_space(self, bounds: tuple[float, float] | None = None) -> SearchSpace:
+        """The space this job searches; ``bounds`` are the range test's (``None`` before it runs).
 
         Raises:
             ConfigError: the space file or the job's overrides make an invalid space.
@@ -325,7 +324,6 @@ class JobConfig(Strict):
         space = resolve_space(
             base,
             bounds=bounds if self.range_test.enabled else None,
-            descent=descent,
             schedules=sp.schedules,
             max_lr=sp.max_lr,
             widen=sp.widen,

@@ -180,7 +180,6 @@ def resolve_space(
     base: SearchSpace,
     *,
     bounds: tuple[float, float] | None = None,
-    descent: bool = True,
     schedules: list[str] | None = None,
     max_lr: Range | None = None,
     widen: float = 1.0,
@@ -190,9 +189,7 @@ def resolve_space(
     """The space a search runs: the file's space, narrowed and with ``max_lr`` decided.
 
     ``max_lr`` is, in order of precedence: the job's explicit ``max_lr`` range; the range test's
-    ``bounds`` widened by ``widen`` on each side (log-uniform); the family's prior. A range test
-    that showed no ``descent`` tells only where the loss climbs (its bounds' high end): the prior,
-    moved down below that where it reaches past.
+    ``bounds`` widened by ``widen`` on each side (log-uniform); the family's prior.
     """
     space = base
     if schedules:
@@ -206,12 +203,6 @@ def resolve_space(
             "schedules": {s: base.schedules[s] for s in schedules}, "default_schedule": default})
     if max_lr is not None:
         space = space.with_max_lr(max_lr.low, max_lr.high)
-    elif bounds is not None and not descent:
-        # as wide as the prior, moved down when it reaches past; never below the sweep's start
-        # (the bounds' low end is at or above it, and a decade under high keeps a range to search)
-        prior = base.max_lr_prior
-        high = min(prior.high, bounds[1])
-        space = space.with_max_lr(max(high * prior.low / prior.high, min(bounds[0], high / 10.0)), high)
     elif bounds is not None:
         low, high = bounds
         space = space.with_max_lr(low / widen, high * widen)

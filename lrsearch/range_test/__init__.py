@@ -103,11 +103,10 @@ class RangeTestResult:
            lowest smoothed loss less than 5 % below the starting level, or within 3 standard errors
            of the per-step noise of it (the raw losses tell the noise: a short sweep at a small
            batch can dip by luck), as when a head trained from scratch sees too few examples per
-           step. Their ``edge`` is a third of the LR from which the loss stays above its starting
-           level by as much, climbing for good (a noise bump that comes back does not count; the
+           step. Their ``edge`` is a third of the LR from which the loss stays more than 5 % above
+           its starting level, climbing for good (a noise bump that comes back does not count; the
            last LR if it never does), and they, like curves without suggestions, get
-           ``(edge / 100, edge)``. :attr:`warning` says so; a search then draws ``max_lr`` from
-           its space's prior, below ``edge``.
+           ``(edge / 100, edge)``. :attr:`warning` says so.
         5. ``low`` is never below the sweep's first LR (nothing there was measured); ``low < high``
            always holds.
         """

@@ -48,14 +48,6 @@ class Curve:
             return 0.0
         return float(np.median(np.abs(np.diff(self.raw)))) / 0.954
 
-    def margin(self) -> float:
-        """How far above the starting level a smoothed loss must sit to count as a climb: 5 % of
-        the level, or :data:`NOISE_Z` standard errors of the two (the level's mean over
-        :meth:`head` losses, a smoothed point's EMA), the larger."""
-        ema = self.smooth / (2.0 - self.smooth)  # an EMA's variance over one loss's, in its steady state
-        se = self.noise() * float(np.sqrt(1.0 / self.head() + ema))
-        return max(MIN_DROP * abs(_plateau(self.losses)), NOISE_Z * se)
-
 
 def bottom_index(losses: list[float]) -> int:
     """Index of the lowest smoothed loss, ignoring the curve's first tenth.
@@ -138,11 +130,12 @@ def bounds_from_curve(curve: Curve, suggestions: Mapping[str, float | None]) -> 
 
 def _rise_lr(curve: Curve) -> float:
     """The LR past the curve's first tenth from which the smoothed loss stays more than
-    :meth:`Curve.margin` above its starting level to the end: where it climbs for good (a flat,
-    noisy curve crosses that line and comes back long before it diverges); the last LR when it ends
+    :data:`MIN_DROP` above its starting level to the end: where it climbs for good (a flat, noisy
+    curve crosses that line and comes back long before it diverges); the last LR when it ends
     below it."""
     lrs, losses = curve.lrs, curve.losses
-    limit = _plateau(losses) + curve.margin()
+    plateau = _plateau(losses)
+    limit = plateau + MIN_DROP * abs(plateau)
     first = len(losses)
     while first > len(losses) // 10 and losses[first - 1] > limit:
         first -= 1

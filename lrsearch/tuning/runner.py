@@ -86,13 +86,9 @@ def run_search(job: JobConfig, *, task: Task | Callable[[], Task] | None = None,
                               "the space's prior", show_progress))
         measure = partial(find_lr, job, task=built) if built is not None and job.range_test.enabled else None
         range_test = range_test_data(measure, out, resume, show_progress, root, job.name)
-        descent = not (range_test and range_test.get("warning"))
-        space = job.search_space(tuple(range_test["bounds"]) if range_test else None, descent)
-        if not descent:
-            prior = space.max_lr_prior
-            notes.append(warn(f"range test: {range_test['warning']}; the search draws max_lr from the "
-                              f"{space.family!r} space's prior, below that guess: {prior.low:.3g}..{prior.high:.3g}",
-                              show_progress))
+        if range_test and range_test.get("warning"):
+            notes.append(warn(f"range test: {range_test['warning']}", show_progress))
+        space = job.search_space(tuple(range_test["bounds"]) if range_test else None)
         metric, mode = (loop.metric, loop.mode) if loop is not None else (metric_key(built), built.mode)
         worst = worst_metric(metric, mode)
         warm_trials, warm_report = [], ws.saved_report(out) if resume_tune else None
