@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import joined
 from mlflow import MlflowClient
 
 from lrsearch.optim.schedules import lr_curve
@@ -60,11 +61,11 @@ def run_script(script: Path, *args: str) -> subprocess.Popen:
     10 s), so that a kill finds the checkpoints in it."""
     return subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+                            env={**joined(), "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
 
 
 def kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
-    """SIGKILL the driver alone once ``ready()``; then its orphaned Ray."""
+    """SIGKILL the driver alone once ``ready()``; then anything else left in its session."""
     deadline = time.time() + timeout
     while not ready():
         if proc.poll() is not None:

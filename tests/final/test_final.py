@@ -20,7 +20,7 @@ import mlflow.pytorch
 import pytest
 import torch
 import yaml
-from conftest import mlflow_uri
+from conftest import joined, mlflow_uri
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -326,7 +326,7 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
     ckpt = out / f"{result.best.trial_id}.pt"
 
     proc = subprocess.Popen([LRSEARCH, "train", str(job_file), "--epochs", "6", "--lr-scales", "1", "--json"],
-                            cwd=tmp_path,
+                            cwd=tmp_path, env=joined(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -338,7 +338,7 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
         proc.wait()
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # its orphaned local Ray
+            os.killpg(proc.pid, signal.SIGKILL)  # anything else left in its session
         except ProcessLookupError:
             pass
     killed_at = torch.load(ckpt, weights_only=False)["epoch"]
@@ -347,7 +347,7 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
 
     done = subprocess.run([LRSEARCH, "train", str(job_file), "--epochs", "6", "--lr-scales", "1", "--resume",
                            "--json"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=joined(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads(done.stdout)
     assert {"test_metric", "val_metric", "run_id", "model_uri"} <= set(resumed)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import free_port, stop_group
+from conftest import free_port, joined, stop_group
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -123,7 +123,7 @@ def searched(server, tmp_path_factory):
     """``lrsearch search`` and ``lrsearch export`` with the login in the environment."""
     tmp = tmp_path_factory.mktemp("auth-search")
     env = _env(**_login())
-    search = _lrsearch("search", str(_job_file(tmp, server["url"], "authed")), env=env, cwd=tmp)
+    search = _lrsearch("search", str(_job_file(tmp, server["url"], "authed")), env=joined(env), cwd=tmp)
     export = _lrsearch("export", "--experiment", "auth-authed", "--tracking-uri", server["url"], env=env, cwd=tmp)
     return {"tmp": tmp, "search": search, "export": export, "results": tmp / "runs" / "authed"}
 
@@ -213,7 +213,7 @@ def test_search_and_export_with_the_login_in_the_environment(searched, server, m
 def test_wrong_or_missing_login_is_one_line_before_the_range_test(server, tmp_path):
     """A search with a wrong password, an export with no login: exit 2, one line naming what to set."""
     job = _job_file(tmp_path, server["url"], "refused")
-    search = _lrsearch("search", str(job), env=_env(**_login("wrong-password-1")), cwd=tmp_path)
+    search = _lrsearch("search", str(job), env=joined(_env(**_login("wrong-password-1"))), cwd=tmp_path)
     export = _lrsearch("export", "--experiment", "auth-authed", "--tracking-uri", server["url"], env=_env(),
                        cwd=tmp_path)
     for result, fragment in ((search, "rejected the credentials"), (export, "none was sent")):

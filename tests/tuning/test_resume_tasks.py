@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import mlflow_uri
+from conftest import joined, mlflow_uri
 from mlflow import MlflowClient
 from protocol_checks import assert_schedules, finish, kill_when, tune_saved
 
@@ -47,7 +46,7 @@ EPOCHS = {"lora": 4, "causal_lm": 6}
 def _start(job_file: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([LRSEARCH, "search", str(job_file), "--json", *args], cwd=job_file.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
+                            env={**joined(), "PYTHONUNBUFFERED": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"})
 
 
 @pytest.mark.parametrize("kind", ["lora", "causal_lm"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import mlflow_uri
+from conftest import joined, mlflow_uri
 
 from lrsearch.errors import LRSearchError
 from lrsearch.job.parse import parse_job
@@ -150,11 +150,11 @@ def _interruptible_job(tmp_path, name: str, num_train: int, **search) -> tuple[P
 
 def test_resume_after_the_driver_is_killed(tmp_path):
     job_file, out = _interruptible_job(tmp_path, "killed", 4096, num_trials=6, max_epochs=2, grace_period=2)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**joined(), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([LRSEARCH, "search", str(job_file), "--json"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     # wait until at least two trials have finished (in the study's own storage), then kill the
-    # driver and its local Ray
+    # driver (it joined the session's Ray, which ends the trials it owned)
     study_file = out / "optuna_trials.json"
     deadline = time.time() + 240
     finished_before = []
@@ -240,7 +240,7 @@ def test_ctrl_c_keeps_the_search_and_resume_replays_a_replaced_checkpoint(tmp_pa
     failing the trial, and logs no epoch twice."""
     job_file, out = _interruptible_job(tmp_path, "ctrlc", 8192, num_trials=3, max_epochs=4, grace_period=4,
                                        checkpoint="epoch")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**joined(), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([LRSEARCH, "search", str(job_file)], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
