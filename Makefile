@@ -7,8 +7,10 @@ setup:
 demo: setup
 	.venv/bin/lrsearch demo --quick
 
+# two workers, each module whole on one (its shared searches, servers and clusters are module-scoped):
+# the suite mostly waits on Ray and subprocesses, and two overlap those waits on 2 cores
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	.venv/bin/ruff check lrsearch tests bench
