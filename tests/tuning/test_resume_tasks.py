@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import joined, mlflow_uri
+from conftest import joined, minilm_l1, mlflow_uri
 from mlflow import MlflowClient
 from protocol_checks import assert_schedules, finish, kill_when, tune_saved
 
@@ -31,7 +31,7 @@ def _tiny_gpt2(tmp: Path) -> str:
 
 def _task(kind: str, tmp: Path) -> dict:
     if kind == "lora":
-        return {"kind": "text_classification", "model": "minilm-l6", "num_train": 128, "num_val": 32,
+        return {"kind": "text_classification", "model": minilm_l1(), "num_train": 128, "num_val": 32,
                 "num_test": 0, "max_length": 16, "batch_size": 8, "peft": {"r": 4, "alpha": 8}}
     return {"kind": "language_modeling", "model": _tiny_gpt2(tmp), "categories": ["computers", "science"],
             "num_train": 512, "num_val": 32, "num_test": 0, "max_length": 32, "batch_size": 8}
