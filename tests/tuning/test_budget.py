@@ -216,7 +216,7 @@ def test_a_trial_epoch_budget_stops_the_search_and_a_resume_with_more_goes_on(gp
 
 def test_a_gpu_hour_budget_counts_gpus_times_seconds(gpu_ray, tmp_path):
     # half a GPU per trial, two trials side by side on the one logical GPU; longer epochs
-    budget = 0.01  # 36 GPU-seconds: 72 trial-seconds, Ray's startup included
+    budget = 0.005  # 18 GPU-seconds: 36 trial-seconds, a worker's startup included
     job = _job(tmp_path, "gpuh", task={"num_train": 2048}, resources={"cpu": 1, "gpu": 0.5},
                num_trials=1000, max_epochs=4, reduction_factor=2, budget={"gpu_hours": budget})
     result = run_search(job, show_progress=False)
