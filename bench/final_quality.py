@@ -551,6 +551,44 @@ def parity() -> list[str]:
     return out + [""]
 
 
+#: what a user would do instead, given about 3 final runs: the best of these by median is the bar
+THREE_RUNS = ("table3", "one_epoch_topk", "peer", "random")
+
+
+def multipliers() -> list[str]:
+    """One final run of the short search's config at a fixed fraction of its max_lr (1, 1/2, 1/4),
+    read from the bridge's records (its runs at those scales): which fixed rule, if any, carries the
+    searched LR to each horizon, against the best alternative at about 3 final runs."""
+    out = ["## One final run at a fixed fraction of the searched LR\n",
+           "Each cell: the median held-out test (min..max) of `lrsearch_short`'s config trained once at "
+           "that fraction of its max_lr, taken from `lrsearch_short_lrscale`'s runs, and the difference "
+           "from the best alternative given about 3 final runs (the best median of "
+           f"{', '.join(THREE_RUNS)}). Compute: `lrsearch_short`'s (search, range test, one final run). "
+           "A power law lr ~ steps^-a from the trials' horizon gives 1/2 at 4x and 1/4 at 16x for a = 0.5.\n",
+           "| horizon | task | seeds | final runs | x1 | x0.5 | x0.25 | best at ~3 runs |",
+           "|---|---|---|---|---|---|---|---|"]
+    for scale in SCALES:
+        data = load(scale)
+        for task in TASKS:
+            runs = data.get((task, "lrsearch_short_lrscale"))
+            if not runs:
+                continue
+            bars = {m: float(np.median([test_of(r) for r in data[(task, m)].values()]))
+                    for m in THREE_RUNS if (task, m) in data}
+            bar_name = max(bars, key=bars.get) if bars else None
+            cells = []
+            for mult in (1.0, 0.5, 0.25):
+                tests = [f["test_metric"] for r in runs.values() for f in r["finals"]
+                         if f.get("lr_scale", 1.0) == mult]
+                gap = f", {100 * (float(np.median(tests)) - bars[bar_name]):+.1f}" if bar_name else ""
+                cells.append(f"{float(np.median(tests)):.3f} ({min(tests):.3f}..{max(tests):.3f}){gap}")
+            single = data.get((task, "lrsearch_short"), {})
+            cost = float(np.median([final_runs(r) for r in single.values()])) if single else float("nan")
+            bar = f"{bar_name} {bars[bar_name]:.3f}" if bar_name else "-"
+            out.append(f"| {scale}x | {task} | {len(runs)} | {cost:.2f} | {' | '.join(cells)} | {bar} |")
+    return out + [""]
+
+
 def report() -> str:
     from scipy.stats import spearmanr
 
@@ -561,7 +599,7 @@ def report() -> str:
            f"{BUDGET:g} trial-epochs; compute = search + final run, in trial-epochs. Median [IQR] over "
            f"seeds. The paired columns compare a reference with each method on their common seeds: W/T/L "
            f"(tie: within {TIE}), then the reference's test minus the method's, in accuracy points.\n",
-           *parity(), *headline(data)]
+           *parity(), *multipliers(), *headline(data)]
     for task in TASKS:
         rows = {m: data[(task, m)] for m in METHODS if (task, m) in data}
         if not rows:
