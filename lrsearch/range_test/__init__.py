@@ -104,8 +104,9 @@ class RangeTestResult:
            of the per-step noise of it (the raw losses tell the noise: a short sweep at a small
            batch can dip by luck), as when a head trained from scratch sees too few examples per
            step. Their ``edge`` is a third of the LR from which the loss stays more than 5 % above
-           its starting level, climbing for good (a noise bump that comes back does not count; the
-           last LR if it never does), and they, like curves without suggestions, get
+           its flat level (the median smoothed loss over the curve's first half), climbing for good
+           (a noise bump that comes back does not count; the last LR if it never does), and they,
+           like curves without suggestions, get
            ``(edge / 100, edge)``. :attr:`warning` says so.
         5. ``low`` is never below the sweep's first LR (nothing there was measured); ``low < high``
            always holds.

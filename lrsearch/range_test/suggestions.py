@@ -130,12 +130,14 @@ def bounds_from_curve(curve: Curve, suggestions: Mapping[str, float | None]) -> 
 
 def _rise_lr(curve: Curve) -> float:
     """The LR past the curve's first tenth from which the smoothed loss stays more than
-    :data:`MIN_DROP` above its starting level to the end: where it climbs for good (a flat, noisy
+    :data:`MIN_DROP` above its flat level to the end: where it climbs for good (a flat, noisy
     curve crosses that line and comes back long before it diverges); the last LR when it ends
-    below it."""
+    below it. The flat level is the median smoothed loss over the curve's first half: on a curve
+    without a descent, its first tenth can be two lucky batches, below the level the rest of the
+    flat stretch keeps (a 27-step sweep at a batch of 4 climbed "for good" from 3e-5 that way)."""
     lrs, losses = curve.lrs, curve.losses
-    plateau = _plateau(losses)
-    limit = plateau + MIN_DROP * abs(plateau)
+    level = float(np.median(losses[: max(1, len(losses) // 2)]))
+    limit = level + MIN_DROP * abs(level)
     first = len(losses)
     while first > len(losses) // 10 and losses[first - 1] > limit:
         first -= 1
