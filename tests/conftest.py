@@ -69,6 +69,21 @@ def no_ray():
     _SHARED.clear()
 
 
+#: the slowest modules here (minutes each: clusters, servers, killed drivers, many searches),
+#: slowest first. `make test` keeps this order (--no-loadscope-reorder): xdist's own puts modules
+#: with many tests first, so one worker ended alone on a 2-test module of 4 minutes.
+SLOW_FIRST = ("infra/test_multinode.py", "final/test_final.py", "infra/test_tracking.py",
+              "tuning/test_resume_anytime.py", "infra/test_load.py", "infra/test_auth.py", "test_examples.py",
+              "tuning/test_search.py", "integrations/test_hf_trainer.py", "integrations/test_lightning.py",
+              "tuning/test_budget.py", "tuning/test_resume_tasks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    here = Path(__file__).parent
+    items.sort(key=lambda item: rank.get(item.path.relative_to(here).as_posix(), len(rank)))  # stable
+
+
 def pytest_sessionfinish(session, exitstatus):
     ray.shutdown()
 
