@@ -7,11 +7,11 @@ setup:
 demo: setup
 	.venv/bin/lrsearch demo --quick
 
-# two workers, each module whole on one (its shared searches, servers and clusters are module-scoped):
-# the suite mostly waits on Ray and subprocesses, and two overlap those waits on 2 cores; modules go
-# out in conftest's order, the slowest first, so that the two workers end together
+# three workers, each module whole on one (its shared searches, servers and clusters are module-scoped):
+# the suite waits on Ray and subprocesses much of the time, and three overlap those waits on 2 cores;
+# modules go out in conftest's order, the slowest first, so that the workers end together
 test: setup
-	.venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	.venv/bin/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	.venv/bin/ruff check lrsearch tests bench

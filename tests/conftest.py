@@ -23,6 +23,11 @@ import ray
 BIN = Path(sys.executable).parent
 
 
+#: Each pytest(-xdist) process's Rays take their token from here, as do the drivers it starts
+#: (``joined``): left to itself, each ``ray.init`` writes a new ``~/.ray/auth_token`` when it finds
+#: none, so workers starting at once overwrote each other's and their subprocesses were refused.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
 #: the resources of the local Ray the tests share now (empty: none started by these fixtures)
 _SHARED: dict[str, int] = {}
 
@@ -72,10 +77,11 @@ def no_ray():
 #: the slowest modules here (minutes each: clusters, servers, killed drivers, many searches),
 #: slowest first. `make test` keeps this order (--no-loadscope-reorder): xdist's own puts modules
 #: with many tests first, so one worker ended alone on a 2-test module of 4 minutes.
-SLOW_FIRST = ("infra/test_multinode.py", "final/test_final.py", "infra/test_tracking.py",
-              "tuning/test_resume_anytime.py", "infra/test_load.py", "infra/test_auth.py", "test_examples.py",
-              "tuning/test_search.py", "integrations/test_hf_trainer.py", "integrations/test_lightning.py",
-              "tuning/test_budget.py", "tuning/test_resume_tasks.py")
+SLOW_FIRST = ("infra/test_multinode.py", "infra/test_auth.py", "final/test_final.py", "tuning/test_search.py",
+              "tuning/test_resume_anytime.py", "integrations/test_hf_trainer.py", "tuning/test_resume_tasks.py",
+              "infra/test_tracking.py", "infra/test_load.py", "test_examples.py", "test_entrypoints.py",
+              "integrations/test_lightning.py", "engine/test_protocol.py", "test_packaging.py",
+              "tuning/test_budget.py", "integrations/test_peft.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -316,16 +316,17 @@ def test_cli_errors_are_one_line_with_exit_code_2(searched):
 
 def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
     # epochs of about a second here: the driver is killed once the first epoch's checkpoint exists;
-    # one config at 1x (a 6x horizon would bridge it to three by default)
-    job = _job(tmp_path, "killed", task={"num_train": 4096, "hidden": 512, "num_features": 128},
-               search={"num_trials": 2, "max_epochs": 1})
-    result = lrsearch.search(job)
-    job_file = tmp_path / "killed.yaml"
+    # a given config (what resumes is the same for a search's best), at 1x
+    job = _job(tmp_path, "killed", task={"num_train": 4096, "hidden": 512, "num_features": 128})
+    config = {"max_lr": 3e-3, "schedule": "cosine", "params": {"warmup_frac": 0.1}}
+    job_file, config_file = tmp_path / "killed.yaml", tmp_path / "config.yaml"
     job_file.write_text(yaml.safe_dump(job))
+    config_file.write_text(yaml.safe_dump(config))
     out = tmp_path / "runs" / "killed" / "final"
-    ckpt = out / f"{result.best.trial_id}.pt"
+    ckpt = out / "config.pt"
+    given = ["--config", str(config_file), "--epochs", "6", "--lr-scales", "1", "--json"]
 
-    proc = subprocess.Popen([LRSEARCH, "train", str(job_file), "--epochs", "6", "--lr-scales", "1", "--json"],
+    proc = subprocess.Popen([LRSEARCH, "train", str(job_file), *given],
                             cwd=tmp_path, env=joined(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -345,8 +346,7 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
     run_id = json.loads((out / "state.json").read_text())["run_id"]
     assert 1 <= killed_at < 6
 
-    done = subprocess.run([LRSEARCH, "train", str(job_file), "--epochs", "6", "--lr-scales", "1", "--resume",
-                           "--json"],
+    done = subprocess.run([LRSEARCH, "train", str(job_file), *given, "--resume"],
                           cwd=tmp_path, env=joined(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads(done.stdout)
@@ -360,14 +360,13 @@ def test_killed_final_run_resumes_from_its_last_epoch(local_ray, tmp_path):
     assert sorted(steps) == list(range(1, 7))  # every epoch once, none lost, none twice
 
     # the same run uninterrupted ends where the resumed one did (each epoch seeded, state restored)
-    straight = lrsearch.train(job, result, epochs=6, lr_scales=(1,), track=False)
+    straight = lrsearch.train(job, search=config, epochs=6, lr_scales=(1,), track=False)
     assert straight.val_metric == resumed["val_metric"] and straight.test_metric == resumed["test_metric"]
 
 
-def test_train_without_a_test_split_in_the_task_section(searched, tmp_path):
-    job = _job(tmp_path, "notest", task={"num_test": 0}, search={"num_trials": 2, "max_epochs": 1})
-    result = lrsearch.search(job, track=False)
-    final = lrsearch.train(job, result, epochs=1, track=False)
+def test_train_without_a_test_split_in_the_task_section(local_ray, tmp_path):
+    job = _job(tmp_path, "notest", task={"num_test": 0})
+    final = lrsearch.train(job, search={"max_lr": 5e-3, "schedule": "linear"}, epochs=1, track=False)
     assert final.test_metric is None and final.run_id is None and final.model_uri is None
     assert synthetic_task(num_test=0).test_loader is None
 

@@ -20,17 +20,17 @@ from conftest import joined, mlflow_uri
 from mlflow import MlflowClient
 
 LRSEARCH = str(Path(sys.executable).with_name("lrsearch"))
-NUM_TRIALS = 4
+NUM_TRIALS = 3
 
 
 def _job_file(tmp_path: Path, name: str) -> Path:
     job_file = tmp_path / f"{name}.yaml"
     job_file.write_text(yaml.safe_dump({
         "name": name,
-        # a range test of ~10 s here: long enough to be killed in the middle of it
+        # a range test of ~7 s here: long enough to be killed in the middle of it
         "task": {"kind": "synthetic", "num_train": 4096, "num_val": 256, "batch_size": 256, "hidden": 2048,
                  "num_features": 256},
-        "range_test": {"num_steps": 300, "end_lr": 1.0},
+        "range_test": {"num_steps": 200, "end_lr": 1.0},
         # the trials, though, as short as they can be: 4 steps an epoch
         "search": {"num_trials": NUM_TRIALS, "max_epochs": 2, "grace_period": 2, "max_concurrent_trials": 1,
                    "max_steps_per_epoch": 4},
