@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 
 #: Each pytest(-xdist) process's Rays take their token from here, as do the drivers it starts
 #: (``joined``): left to itself, each ``ray.init`` writes a new ``~/.ray/auth_token`` when it finds
-#: none, so workers starting at once overwrote each other's and their subprocesses were refused.
+#: none, so workers starting at once overwrote each other's and their drivers were refused.
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 #: the resources of the local Ray the tests share now (empty: none started by these fixtures)
@@ -54,7 +54,10 @@ def joined(env: dict[str, str] | None = None) -> dict[str, str]:
     there leaves nothing behind: Ray ends the trials it owned."""
     if not ray.is_initialized():
         shared_ray()
-    return {**(os.environ if env is None else env), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # ray.init sets RAY_AUTH_MODE=token here once it has started: an ``env`` copied before lacks it,
+    # and a driver without it connects with no token
+    auth = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") if k in os.environ}
+    return {**(os.environ if env is None else env), **auth, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 @pytest.fixture(scope="module")
