@@ -228,8 +228,9 @@ def test_a_gpu_hour_budget_counts_gpus_times_seconds(gpu_ray, tmp_path):
     assert all(t.stopped_at_epoch >= 2 for t in result.trials if t.state.value != "diverged"), result.trials
     # a forecast can be wrong by what the epochs promised at the end took beyond their forecast:
     # at most 2 trials x 2 epochs, each no longer than the slowest whole trial (one epoch can take
-    # more than its trial's mean on a loaded machine)
-    slowest = max(t.wall_seconds for t in result.trials[1:])  # [0]: Ray's startup
+    # more than its trial's mean on a loaded machine). Trial 0 also carries the worker's startup: it
+    # is left out of the bound unless it is the only trial (on a loaded machine it can use the budget up)
+    slowest = max(t.wall_seconds for t in result.trials[1:] or result.trials)
     assert spent <= budget + 2 * 2 * 0.5 * slowest / 3600, (spent, slowest)
     assert Path(result.paths["best_config"]).is_file()
     parent = _parent(tmp_path, "gpuh")
