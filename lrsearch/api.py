@@ -113,7 +113,7 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
 
 def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | str | None = None, *, epochs: int | None = None,
           steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] | str = "auto",
-          halving: bool = False, register: str | None = None, resume: bool = False,
+          halving: bool | None = None, register: str | None = None, resume: bool = False,
           task: TaskLike = None, address: str | None = None, track: bool = True,
           tracking_uri: str | None = None, show_progress: bool = False) -> FinalResult:
     """The final run: train the search's best config at your horizon and score it on held-out data.
@@ -141,7 +141,9 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
             horizon (and, with 4 or more, at half that before) each is scored by a short cooldown
             branch (its LR cooled to 0 over 20 % of the steps it took, then evaluated: its score
             had its run ended there), and the better half goes on. Three configs cost about 1.7
-            runs instead of 3. Needs a horizon of at least 2 epochs.
+            runs instead of 3. Needs a horizon of at least 2 epochs. ``None`` (the default): halved
+            when ``lr_scales`` is ``"auto"`` and the run has at least 8x the steps the config was
+            searched at (the quarter-horizon rung then sees past the search's horizon).
         register: register the model in MLflow's Model Registry under this name (a new version,
             tagged with the config and the search's run id).
         resume: continue a killed final run from its last epoch checkpoint (the same MLflow run).

@@ -190,7 +190,7 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Or the run's length in optimizer steps.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
     lr_scales: Annotated[str, typer.Option("--lr-scales", help="Train each config at these multiples of its max_lr (e.g. 1,0.5,0.25) and keep the best by validation; auto: 1,0.5,0.25 when the run is >= 4x the steps the config was searched at, else 1.")] = "auto",
-    halving: Annotated[bool, typer.Option("--halving", help="Start every config (--top-k x --lr-scales) and halve them on the way, by a short cooldown branch at a quarter of the horizon, instead of training each the whole horizon.")] = False,
+    halving: Annotated[bool | None, typer.Option("--halving/--no-halving", help="Start every config (--top-k x --lr-scales) and halve them on the way, by a short cooldown branch at a quarter of the horizon, instead of training each the whole horizon. Default: with --lr-scales auto, halve from 8x the searched steps.", show_default=False)] = None,
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
@@ -228,7 +228,7 @@ def train(
         out.print(f"[bold]lrsearch train[/] {job.name!r}: {of}"
                   f"{f' (top {top_k})' if top_k > 1 else ''}"
                   f"{f' at {lr_scales} x max_lr' if scales != 'auto' and len(scales) > 1 else ''}"
-                  f"{', halving' if halving else ''}, {horizon}",
+                  f"{', halving' if halving else ', no halving' if halving is False else ''}, {horizon}",
                   highlight=False)
     result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k, lr_scales=scales, halving=halving,
                             register=register, resume=resume, address=address, show_progress=not json_)
@@ -298,7 +298,7 @@ def submit(
     steps: Annotated[int | None, typer.Option(help="With --train: optimizer steps to train.")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="With --train: train the K best configs.")] = None,
     lr_scales: Annotated[str | None, typer.Option("--lr-scales", help="With --train: train at these multiples of max_lr (default auto).")] = None,
-    halving: Annotated[bool, typer.Option("--halving", help="With --train: halve the configs on the way (lrsearch train --halving).")] = False,
+    halving: Annotated[bool | None, typer.Option("--halving/--no-halving", help="With --train: halve the configs on the way, or not (default: lrsearch train's).", show_default=False)] = None,
     register: Annotated[str | None, typer.Option(help="With --train: register the model under this name.")] = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -311,7 +311,7 @@ def submit(
     if lr_scales is not None:
         check_options(None, None, 1, None, True, parse_scales(lr_scales))  # before anything is submitted
     train_options = {"--epochs": epochs, "--steps": steps, "--top-k": top_k, "--lr-scales": lr_scales,
-                     "--register": register, "--halving": True if halving else None}
+                     "--register": register, "--no-halving" if halving is False else "--halving": halving is not None or None}
     if not train_ and any(v is not None for v in train_options.values()):
         given = ", ".join(k for k, v in train_options.items() if v is not None)
         raise ConfigError(f"{given}: only with --train (they set the final run)")

@@ -92,7 +92,7 @@ def test_user_errors_are_one_line_but_library_bugs_keep_their_traceback():
 def test_submit_refuses_the_final_runs_options_without_train():
     # --halving (a flag) and the valued final-run options: refused without --train, before any connection
     job = Path(__file__).resolve().parents[1] / "examples" / "synthetic.yaml"
-    for options in (["--halving"], ["--top-k", "2", "--halving"]):
+    for options in (["--halving"], ["--no-halving"], ["--top-k", "2", "--halving"]):
         result = runner.invoke(app, ["submit", str(job), "--address", "http://127.0.0.1:9", *options])
         assert result.exit_code == 2
         assert f"{', '.join(o for o in options if o.startswith('--'))}: only with --train" in result.output

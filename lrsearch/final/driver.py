@@ -71,6 +71,7 @@ class FinalResult:
         epochs, total_steps, steps_per_epoch: the horizon trained.
         search_run_id: the search's MLflow parent run.
         lr_scales: the multiples of each config's ``max_lr`` trained (``auto`` resolved).
+        halving: whether they were halved on the way (``None`` resolved).
         steps_trained: the optimizer steps the run took, every candidate's and every cooldown
             branch's (``halving``) included.
         resumed_from_epoch: the epoch a resumed run continued from (0: a fresh run).
@@ -95,6 +96,7 @@ class FinalResult:
     steps_per_epoch: int
     search_run_id: str | None
     lr_scales: list[float] = field(default_factory=lambda: [1.0])
+    halving: bool = False
     steps_trained: int = 0
     resumed_from_epoch: int = 0
     tracking_uri: str | None = None
@@ -113,7 +115,7 @@ class FinalResult:
 
 def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epochs: int | None = None,
               steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] | str = "auto",
-              halving: bool = False, register: str | None = None,
+              halving: bool | None = None, register: str | None = None,
               resume: bool = False, task: Task | Callable[[], Task] | None = None,
               address: str | None = None, track: bool = True, tracking_uri: str | None = None,
               show_progress: bool = False) -> FinalResult:
@@ -140,10 +142,10 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
                                                      max_retries=0)
         dry = _get(remote.remote(source, plan, str(out), dry=True))
         horizon: Horizon = dry["horizon"]
-        lr_scales = resolve_scales(lr_scales, horizon.total_steps, found.best, notes)
+        lr_scales, halving = resolve_scales(lr_scales, horizon.total_steps, found.best, notes, halving)
         plan = Plan(plan.training, tuple(scaled(chosen, lr_scales)), epochs, steps, plan.default_epochs, halving)
         if halving and not halving_rungs(len(plan.candidates), horizon.epochs):
-            notes.append(f"--halving: {len(plan.candidates)} config(s) over {horizon.epochs} epoch(s): nothing to "
+            notes.append(f"halving: {len(plan.candidates)} config(s) over {horizon.epochs} epoch(s): nothing to "
                          "halve (it needs 2 or more configs and epochs); each trains the whole horizon")
         params = {"search_run_id": found.run_id, "top_k": len(chosen), "lr_scales": ",".join(f"{x:g}" for x in lr_scales),
                   "halving": halving,
@@ -169,7 +171,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
             ray.shutdown()
     if run is not None:
         end_run(run, out, "FINISHED")
-    result = FinalResult(**outcome, run_id=run.run_id if run else None, lr_scales=list(lr_scales),
+    result = FinalResult(**outcome, run_id=run.run_id if run else None, lr_scales=list(lr_scales), halving=halving,
                          search_run_id=found.run_id, notes=notes, tracking_uri=redact_uri(uri) if track else None,
                          paths={"final": str(out), "model": str(out / "model.pt"), "best_config": str(best_file)},
                          best_config=best)

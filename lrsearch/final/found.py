@@ -20,7 +20,7 @@ from lrsearch.infra.tracking.final import read_search
 from lrsearch.job.space import schedule_params
 from lrsearch.output.results import BestConfig, SearchResult, TrialState, ranked_completed
 
-__all__ = ["AUTO_SCALES", "BRIDGE_AT", "Candidate", "FoundSearch", "FoundTrial", "candidates", "check_options",
+__all__ = ["AUTO_SCALES", "BRIDGE_AT", "HALVE_AT", "Candidate", "FoundSearch", "FoundTrial", "candidates", "check_options",
            "given_config", "read_found", "resolve_scales", "scaled"]
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -102,28 +102,38 @@ def check_options(epochs: int | None, steps: int | None, top_k: int, register: s
 #: each config at these multiples of its ``max_lr`` and keeps the best by validation
 AUTO_SCALES = (1.0, 0.5, 0.25)
 BRIDGE_AT = 4.0
+#: ``halving=None`` (auto) with ``lr_scales="auto"``: from HALVE_AT times the searched steps the
+#: scaled configs are halved on the way rather than each trained the whole horizon. Halving's last
+#: rung sits at a quarter of the horizon, so from 8x it lies at twice the searched steps or more,
+#: where its cooldown branch sees past the search's horizon; at 4x it would sit at the searched
+#: horizon and keep the search's short-horizon bias (BENCHMARKS.md, the final-run benchmark)
+HALVE_AT = 8.0
 
 
-def resolve_scales(lr_scales: Sequence[float] | str, total_steps: int, best: dict[str, Any],
-                   notes: list[str]) -> tuple[float, ...]:
-    """``lr_scales``, with ``"auto"`` resolved against a run of ``total_steps`` optimizer steps:
-    :data:`AUTO_SCALES` when that is at least :data:`BRIDGE_AT` times the steps the config was
-    searched at (its ``search_horizon``), ``(1,)`` otherwise or when that horizon is unknown (a
-    hand-written config).
+def resolve_scales(lr_scales: Sequence[float] | str, total_steps: int, best: dict[str, Any], notes: list[str],
+                   halving: bool | None = None) -> tuple[tuple[float, ...], bool]:
+    """``lr_scales`` and ``halving``, with ``"auto"`` and ``None`` resolved against a run of
+    ``total_steps`` optimizer steps. ``"auto"``: :data:`AUTO_SCALES` when that is at least
+    :data:`BRIDGE_AT` times the steps the config was searched at (its ``search_horizon``), ``(1,)``
+    otherwise or when that horizon is unknown (a hand-written config). ``None``: halved when the
+    scales were ``"auto"`` and the run is at least :data:`HALVE_AT` times the searched steps.
 
     A longer run's best LR sits lower than a short trial's, so the candidates only go down; below
     4x the steps the extra runs were measured not to pay (BENCHMARKS.md, the horizon bridge).
     """
     if not isinstance(lr_scales, str):
-        return tuple(float(x) for x in lr_scales)
+        return tuple(float(x) for x in lr_scales), bool(halving)
     searched = (best.get("search_horizon") or {}).get("total_steps")
     if not searched or total_steps < BRIDGE_AT * searched:
-        return (1.0,)
+        return (1.0,), bool(halving)
+    if halving is None:
+        halving = total_steps >= HALVE_AT * searched
+    how = ("they start together and a cooldown branch at a quarter of the run keeps the best"
+           if halving else "validation keeps the best")
     notes.append(f"lr_scales auto: {total_steps} steps is {total_steps / searched:.1f}x "
                  f"the {searched} the config was searched at, so each config trains at "
-                 f"{', '.join(f'{x:g}x' for x in AUTO_SCALES)} its max_lr and validation keeps the best "
-                 "(--lr-scales 1: one run)")
-    return AUTO_SCALES
+                 f"{', '.join(f'{x:g}x' for x in AUTO_SCALES)} its max_lr and {how} (--lr-scales 1: one run)")
+    return AUTO_SCALES, halving
 
 
 def scaled(found: list[Candidate], lr_scales: Sequence[float]) -> list[Candidate]:

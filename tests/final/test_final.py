@@ -75,7 +75,7 @@ def test_the_best_config_trained_at_the_users_horizon_on_more_data(searched):
     job = _job(searched["tmp"], "fin", task={"num_train": 1024})
     final = lrsearch.train(job, epochs=4)
     best = searched["result"].best
-    assert final.lr_scales == [1.0, 0.5, 0.25]
+    assert final.lr_scales == [1.0, 0.5, 0.25] and final.halving is False  # each the whole horizon below 8x
     assert [c["trial_id"] for c in final.candidates] == [best.trial_id, f"{best.trial_id}@0.5x",
                                                          f"{best.trial_id}@0.25x"]
     assert any(n.startswith("lr_scales auto: 64 steps is 4.0x the 16") for n in final.notes), final.notes
@@ -198,6 +198,33 @@ def test_halving_starts_every_config_and_finishes_the_best_at_a_quarter_of_the_h
                                          **schedule_params(final.config, 4 * per_epoch)), rel=1e-9)
     assert alone.val_metric == pytest.approx(final.val_metric, abs=1e-6)
     assert alone.test_metric == pytest.approx(final.test_metric, abs=1e-6)
+
+
+def test_from_8x_the_searched_steps_auto_halves_the_scaled_configs(searched):
+    # 8 epochs of 16 steps: 8x the search's 16 steps, so "auto" starts 1x, 0.5x and 0.25x together and
+    # keeps one at a quarter of the horizon (epoch 2) by its cooldown branch
+    job = _job(searched["tmp"], "fin", task={"num_train": 1024})
+    final = lrsearch.train(job, searched["result"], epochs=8)
+    assert final.lr_scales == [1.0, 0.5, 0.25] and final.halving is True and final.total_steps == 128
+    assert any(n.startswith("lr_scales auto: 128 steps is 8.0x the 16") and "a quarter of the run" in n
+               for n in final.notes), final.notes
+    assert sorted(c["epochs"] for c in final.candidates) == [2, 2, 8] or any(c["diverged"] for c in final.candidates)
+    assert final.steps_trained < 2 * final.total_steps  # 1.3 runs and the branches, not 3 runs
+    assert MlflowClient(searched["uri"]).get_run(final.run_id).data.params["halving"] == "True"
+
+
+def test_auto_halves_only_auto_scales_from_8x_and_an_explicit_choice_wins():
+    from lrsearch.final.found import AUTO_SCALES, resolve_scales
+
+    best = {"search_horizon": {"total_steps": 16}}
+    for steps, asked, expected in ((20, None, ((1.0,), False)), (64, None, (AUTO_SCALES, False)),
+                                   (127, None, (AUTO_SCALES, False)), (128, None, (AUTO_SCALES, True)),
+                                   (128, False, (AUTO_SCALES, False)), (64, True, (AUTO_SCALES, True))):
+        assert resolve_scales("auto", steps, best, [], asked) == expected, (steps, asked)
+    # scales given: halved only when asked; no searched horizon (a hand-written config): one run
+    assert resolve_scales((1, 0.5), 512, best, [], None) == ((1.0, 0.5), False)
+    assert resolve_scales((1, 0.5), 512, best, [], True) == ((1.0, 0.5), True)
+    assert resolve_scales("auto", 512, {}, [], None) == ((1.0,), False)
 
 
 def test_halving_rungs_sit_at_a_quarter_of_the_horizon_and_halve_to_one():
