@@ -27,6 +27,9 @@ search=config)``:
 - ``lrsearch_short_halving`` / ``_halving_down``: lrsearch_short's best config at 2x, 1x, 0.5x (or
   1x, 0.5x, 0.25x) its max_lr, halved at the horizon (``lrsearch train --halving``: a cooldown
   branch scores each at a quarter of the horizon, rounded to an epoch; the best goes on);
+- ``rt_horizon``: no search; the range test alone on the final run's data, a quarter of its
+  optimizer steps long ("a range test that knows the final horizon"), and its consensus LR (what
+  lrsearch trains first) trained once at the horizon with the family's default schedule;
 - ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
   half-decade apart around each family's usual range; reported by its best test score (an upper
   bound no user gets) and by its best validation score.
@@ -54,6 +57,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -113,6 +117,11 @@ LR_SCALES = {m: (1.0, 0.5, 0.25) for m in ("lrsearch_lrscale", "lrsearch_short_l
 #: the horizon a cooldown branch scores each, and the best goes on (the base record's search reused)
 HALVING = {"lrsearch_short_halving": ("lrsearch_short", (2.0, 1.0, 0.5)),
            "lrsearch_short_halving_down": ("lrsearch_short", (1.0, 0.5, 0.25))}
+#: no search: the range test alone, run on the final run's data for this share of the final run's
+#: optimizer steps ("a range test that knows the final horizon"), its consensus LR (the suggestions'
+#: geometric mean / 3, clipped into its bounds: what lrsearch trains first) trained once at the
+#: horizon with the family's default schedule
+RANGE_ONLY = {"rt_horizon": 0.25}
 #: the seed document's table (``../shared``'s LR table): three runs at the family's usual LRs, linear
 #: decay, warmup 10 %, the best by the final run's validation kept
 TABLE3 = {"bert": (2e-5, 3.2e-5, 5e-5), "efficientnet": (1e-4, 2.2e-4, 5e-4)}
@@ -123,7 +132,7 @@ ONE_EPOCH_N, ONE_EPOCH_K = 12, 2
 #: methods whose record holds several final runs, one kept by the final run's validation
 PICK_BY_VAL = ("table3", "one_epoch_topk")
 METHODS = tuple(dict.fromkeys(("lrsearch", "peer", "random", *SINGLE, "table3", "one_epoch_topk", "grid",
-                               *VARIANTS, *SHORT, *TOP3, *HALVING)))
+                               *VARIANTS, *SHORT, *TOP3, *HALVING, *RANGE_ONLY)))
 
 #: search-time tasks; the final run takes SCALE x num_train. fortunes categories with >= 1050
 #: entries, so that train, validation and 1500 test texts fit
@@ -192,7 +201,7 @@ def epochs_x(task_name: str, scale: int) -> int:
 def final_job(task_name: str, method: str, seed: int, scale: int = SCALE) -> dict[str, Any]:
     """The job of the final run: the search's, on ``scale`` x the training data (or fewer times
     the data for more epochs: :func:`epochs_x`)."""
-    base = "family_default" if method in ("schedulefree", "grid", "table3") else method
+    base = "family_default" if method in ("schedulefree", "grid", "table3", *RANGE_ONLY) else method
     job = search_job(task_name, base, seed)
     if method in VARIANTS:
         job["space"] = {"family": FAMILY[task_name]}  # the space plays no part in a final run
@@ -242,7 +251,8 @@ def record_path(task_name: str, method: str, seed: int, scale: int = SCALE) -> P
     searched = method in SEARCHES or method == "one_epoch_topk"
     key: dict[str, Any] = {"search": search_job(task_name, method, seed) if searched else None,
                            "final": final_job(task_name, method, seed, scale),
-                           "configs": configs(task_name, method) if not searched else None, "scale": scale,
+                           "configs": (None if searched else {"range_test": RANGE_ONLY[method]} if method in RANGE_ONLY
+                                       else configs(task_name, method)), "scale": scale,
                            "space": space_of(task_name, method)}
     if epochs_x(task_name, scale) > 1:
         key["epochs_x"] = epochs_x(task_name, scale)
@@ -284,6 +294,8 @@ def run_one(task_name: str, method: str, seed: int, scale: int = SCALE) -> dict[
             return top3(task_name, method, seed, record, storage, started, scale)
         if method in HALVING:
             return halving(task_name, method, seed, record, storage, started, scale)
+        if method in RANGE_ONLY:
+            return range_only(task_name, method, seed, record, storage, started, scale)
         fjob = final_job(task_name, method, seed, scale)
         per_epoch = sq.steps_per_epoch(TASKS[task_name])
         search_compute = 0.0
@@ -382,6 +394,34 @@ def halving(task_name: str, method: str, seed: int, record: dict[str, Any], stor
     record.update(search=base["search"], search_value=base["search_value"], finals=finals, scales=list(scales),
                   compute={"search": base["compute"]["search"], "final": spent,
                            "total": base["compute"]["search"] + spent},
+                  seconds=round(time.perf_counter() - started, 1))
+    return record
+
+
+def range_only(task_name: str, method: str, seed: int, record: dict[str, Any], storage: str,
+               started: float, scale: int = SCALE) -> dict[str, Any]:
+    """The range test on the final run's data for RANGE_ONLY's share of its optimizer steps
+    (``lrsearch.find_lr``), then its consensus LR trained once at the horizon with the family's
+    default schedule; compute: the test's steps and the run's."""
+    fjob = final_job(task_name, method, seed, scale)
+    epochs = final_epochs(task_name, scale)
+    horizon = sq.steps_per_epoch(fjob["task"]) * (epochs or sq.MAX_EPOCHS)
+    steps = max(20, round(RANGE_ONLY[method] * horizon))
+    rjob = {**fjob, "storage": {"path": storage}, "range_test": {**fjob.get("range_test", {}), "num_steps": steps}}
+    test = lrsearch.find_lr(rjob, save=False)
+    found = [v for v in test.suggestions().values() if v]
+    low, high = test.bounds()
+    guess = math.exp(sum(math.log(v) for v in found) / len(found)) / 3 if found else math.sqrt(low * high)
+    point = sq.family_default_point(FAMILY[task_name], min(max(guess, low), high))
+    config = {"max_lr": point["max_lr"], "schedule": point["schedule"],
+              "params": {k: v for k, v in point.items() if k not in ("max_lr", "schedule")}}
+    final = final_run(fjob, config, os.path.join(storage, "final"), epochs)
+    per_epoch = sq.steps_per_epoch(TASKS[task_name])
+    tested = len(test.lrs) / per_epoch
+    spent = final["total_steps"] / per_epoch
+    record.update(range_test={"steps": steps, "run": len(test.lrs), "bounds": [low, high],
+                              "suggestions": test.suggestions(), "lr": config["max_lr"]},
+                  finals=[final], compute={"search": tested, "final": spent, "total": tested + spent},
                   seconds=round(time.perf_counter() - started, 1))
     return record
 
@@ -518,24 +558,32 @@ def headline(data: dict[tuple[str, str], dict[int, dict[str, Any]]]) -> list[str
 
 #: the compute-at-parity table: lrsearch as a user runs it, then each alternative
 PARITY = ("lrsearch_short_lrscale", "lrsearch_short_halving", "lrsearch_short_halving_down", "lrsearch_short",
-          "lrsearch", "table3", "one_epoch_topk", "peer_matched", "random_matched",
+          "lrsearch", "rt_horizon", "table3", "one_epoch_topk", "peer_matched", "random_matched",
           "peer", "random", "hf_default", "schedulefree", "family_default", "grid")
+
+
+def shipped(scale: int) -> str:
+    """lrsearch as a user runs it at ``scale`` x a trial's steps: its short search, then
+    ``lrsearch train``'s default (``--lr-scales auto``: the three scales each trained in full below
+    8x the searched steps, halved on the way from 8x)."""
+    return "lrsearch_short_halving_down" if scale >= 8 else "lrsearch_short_lrscale"
 
 
 def parity() -> list[str]:
     """Per horizon and task: each method's median held-out test and its compute in final runs,
-    paired by seed with lrsearch as a user runs it (its short search, then the bridge)."""
-    ref = PARITY[0]
+    paired by seed with lrsearch as a user runs it (:func:`shipped`)."""
     out = ["## At each horizon: held-out test against compute in final runs\n",
            "Compute counts the search, the range test and every final run, in final runs at that "
            "horizon (one final run: the config trained once at the horizon). table3 and "
-           "one_epoch_topk keep their best final run by validation.\n",
-           f"| horizon | task | method | seeds | median test [IQR] | final runs | LR handed over (median) "
-           f"| {ref} - method: W/T/L, median (min..max) pts |", "|---|---|---|---|---|---|---|---|"]
+           "one_epoch_topk keep their best final run by validation. The paired column compares "
+           "lrsearch as shipped at that horizon (the first row) with each method.\n",
+           "| horizon | task | method | seeds | median test [IQR] | final runs | LR handed over (median) "
+           "| shipped - method: W/T/L, median (min..max) pts |", "|---|---|---|---|---|---|---|---|"]
     for scale in SCALES:
         data = load(scale)
+        ref = shipped(scale)
         for task in TASKS:
-            for method in PARITY:
+            for method in dict.fromkeys((ref, *PARITY)):
                 runs = data.get((task, method))
                 if not runs:
                     continue
@@ -589,6 +637,51 @@ def multipliers() -> list[str]:
     return out + [""]
 
 
+def _vertex(points: list[tuple[float, float]]) -> float:
+    """The log2 LR multiple at which a parabola through ``(log2 multiple, score)`` peaks, kept within
+    one doubling of the points; the best point when the parabola is not concave."""
+    us, ys = zip(*points, strict=True)
+    a, b, _ = np.polyfit(us, ys, 2)
+    if a >= 0:
+        return us[int(np.argmax(ys))]
+    return float(np.clip(-b / (2 * a), min(us) - 1, max(us) + 1))
+
+
+def two_point() -> list[str]:
+    """A horizon model from what halving already measures: the best LR at a trial's horizon (the
+    search's pick) and at halving's rung (the peak of a parabola through its three cooldown
+    scores), a power law lr* ~ steps^-beta through the two, extrapolated to the horizon. Read from
+    the ``_halving_down`` records at 16x (at 4x the rung sits at a trial's horizon: no span)."""
+    out = ["## A two-point horizon model, read from halving's records\n",
+           "Per seed: the search's LR at a trial's steps T, the peak of a parabola through halving's "
+           "three cooldown scores (1x, 0.5x, 0.25x) at its rung, the power law through the two, and "
+           "its LR at the horizon H. The grid's best (by validation, median over its seeds) is the "
+           "target.\n",
+           "| task | seed | searched LR (T) | rung peak (H/4) | beta | predicted at H | halving kept | grid's best at H |",
+           "|---|---|---|---|---|---|---|---|"]
+    data = load(16)
+    for task in TASKS:
+        grid = data.get((task, "grid"), {})
+        best = (f"{float(np.median([max(r['finals'], key=lambda f: f['val_metric'])['config']['max_lr'] for r in grid.values()])):.2g}"
+                if grid else "-")
+        for seed, r in sorted(data.get((task, "lrsearch_short_halving_down"), {}).items()):
+            final = r["finals"][0]
+            scales = [float(c["trial_id"].split("@")[1][:-1]) if "@" in c["trial_id"] else 1.0
+                      for c in final["candidates"]]
+            kept = max(zip((c["epochs"] for c in final["candidates"]), scales, strict=True))[1]  # the one that went on
+            searched = final["config"]["max_lr"] / kept
+            rung = int(next(iter(final["candidates"][0]["rung_scores"])))
+            u = _vertex([(np.log2(x), next(iter(c["rung_scores"].values())))
+                         for x, c in zip(scales, final["candidates"], strict=True)])
+            horizon, trial = final["total_steps"], final["total_steps"] / 16
+            beta = -u / np.log2(rung * final["steps_per_epoch"] / trial)
+            predicted = u - beta * np.log2(horizon / (rung * final["steps_per_epoch"]))
+            out.append(f"| {task} | {seed} | {searched:.2g} | {2 ** u:.2f}x | {beta:.2f} | "
+                       f"{2 ** predicted:.3f}x = {searched * 2 ** predicted:.2g} | {kept:g}x = {searched * kept:.2g} "
+                       f"(test {final['test_metric']:.3f}) | {best} |")
+    return out + [""]
+
+
 def report() -> str:
     from scipy.stats import spearmanr
 
@@ -599,7 +692,7 @@ def report() -> str:
            f"{BUDGET:g} trial-epochs; compute = search + final run, in trial-epochs. Median [IQR] over "
            f"seeds. The paired columns compare a reference with each method on their common seeds: W/T/L "
            f"(tie: within {TIE}), then the reference's test minus the method's, in accuracy points.\n",
-           *parity(), *multipliers(), *headline(data)]
+           *parity(), *multipliers(), *two_point(), *headline(data)]
     for task in TASKS:
         rows = {m: data[(task, m)] for m in METHODS if (task, m) in data}
         if not rows:
