@@ -30,6 +30,7 @@ search=config)``:
 - ``rt_horizon``: no search; the range test alone on the final run's data, a quarter of its
   optimizer steps long ("a range test that knows the final horizon"), and its consensus LR (what
   lrsearch trains first) trained once at the horizon with the family's default schedule;
+  ``rt_horizon_mean``: the same without the / 3 (the suggestions' geometric mean itself);
 - ``grid`` (oracle): final runs at 5 LRs x 2 schedules (linear and cosine, warmup 10 %), a
   half-decade apart around each family's usual range; reported by its best test score (an upper
   bound no user gets) and by its best validation score.
@@ -121,7 +122,10 @@ HALVING = {"lrsearch_short_halving": ("lrsearch_short", (2.0, 1.0, 0.5)),
 #: optimizer steps ("a range test that knows the final horizon"), its consensus LR (the suggestions'
 #: geometric mean / 3, clipped into its bounds: what lrsearch trains first) trained once at the
 #: horizon with the family's default schedule
-RANGE_ONLY = {"rt_horizon": 0.25}
+RANGE_ONLY = {"rt_horizon": 0.25, "rt_horizon_mean": 0.25}
+#: ``rt_horizon_mean``: the suggestions' geometric mean itself. The / 3 corrects a short sweep
+#: towards a longer run; a sweep a quarter of the run long may not need it
+RANGE_DIVIDE = {"rt_horizon_mean": 1.0}
 #: the seed document's table (``../shared``'s LR table): three runs at the family's usual LRs, linear
 #: decay, warmup 10 %, the best by the final run's validation kept
 TABLE3 = {"bert": (2e-5, 3.2e-5, 5e-5), "efficientnet": (1e-4, 2.2e-4, 5e-4)}
@@ -243,6 +247,13 @@ def space_of(task_name: str, method: str) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def _range_key(method: str) -> dict[str, float]:
+    key = {"range_test": RANGE_ONLY[method]}
+    if method in RANGE_DIVIDE:
+        key["divide"] = RANGE_DIVIDE[method]
+    return key
+
+
 def record_path(task_name: str, method: str, seed: int, scale: int = SCALE) -> Path:
     if method in TOP3 or method in HALVING:
         base_method = TOP3[method] if method in TOP3 else HALVING[method][0]
@@ -251,7 +262,7 @@ def record_path(task_name: str, method: str, seed: int, scale: int = SCALE) -> P
     searched = method in SEARCHES or method == "one_epoch_topk"
     key: dict[str, Any] = {"search": search_job(task_name, method, seed) if searched else None,
                            "final": final_job(task_name, method, seed, scale),
-                           "configs": (None if searched else {"range_test": RANGE_ONLY[method]} if method in RANGE_ONLY
+                           "configs": (None if searched else _range_key(method) if method in RANGE_ONLY
                                        else configs(task_name, method)), "scale": scale,
                            "space": space_of(task_name, method)}
     if epochs_x(task_name, scale) > 1:
@@ -411,7 +422,8 @@ def range_only(task_name: str, method: str, seed: int, record: dict[str, Any], s
     test = lrsearch.find_lr(rjob, save=False)
     found = [v for v in test.suggestions().values() if v]
     low, high = test.bounds()
-    guess = math.exp(sum(math.log(v) for v in found) / len(found)) / 3 if found else math.sqrt(low * high)
+    divide = RANGE_DIVIDE.get(method, 3.0)
+    guess = math.exp(sum(math.log(v) for v in found) / len(found)) / divide if found else math.sqrt(low * high)
     point = sq.family_default_point(FAMILY[task_name], min(max(guess, low), high))
     config = {"max_lr": point["max_lr"], "schedule": point["schedule"],
               "params": {k: v for k, v in point.items() if k not in ("max_lr", "schedule")}}
@@ -558,7 +570,7 @@ def headline(data: dict[tuple[str, str], dict[int, dict[str, Any]]]) -> list[str
 
 #: the compute-at-parity table: lrsearch as a user runs it, then each alternative
 PARITY = ("lrsearch_short_lrscale", "lrsearch_short_halving", "lrsearch_short_halving_down", "lrsearch_short",
-          "lrsearch", "rt_horizon", "table3", "one_epoch_topk", "peer_matched", "random_matched",
+          "lrsearch", "rt_horizon", "rt_horizon_mean", "table3", "one_epoch_topk", "peer_matched", "random_matched",
           "peer", "random", "hf_default", "schedulefree", "family_default", "grid")
 
 
