@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -411,29 +410,38 @@ def halving(task_name: str, method: str, seed: int, record: dict[str, Any], stor
 
 def range_only(task_name: str, method: str, seed: int, record: dict[str, Any], storage: str,
                started: float, scale: int = SCALE) -> dict[str, Any]:
-    """The range test on the final run's data for RANGE_ONLY's share of its optimizer steps
-    (``lrsearch.find_lr``), then its consensus LR trained once at the horizon with the family's
-    default schedule; compute: the test's steps and the run's."""
+    """The range test on the final run's data for RANGE_ONLY's share of its optimizer steps, then
+    its consensus LR trained once at the horizon with the family's default schedule; compute: the
+    test's steps and the run's. ``rt_horizon_mean`` is ``lrsearch train --range-test``
+    (``lrsearch.train(job, range_test=True)``); ``rt_horizon`` takes a third of its LR, from
+    ``lrsearch.find_lr`` with those steps."""
     fjob = final_job(task_name, method, seed, scale)
     epochs = final_epochs(task_name, scale)
-    horizon = sq.steps_per_epoch(fjob["task"]) * (epochs or sq.MAX_EPOCHS)
-    steps = max(20, round(RANGE_ONLY[method] * horizon))
-    rjob = {**fjob, "storage": {"path": storage}, "range_test": {**fjob.get("range_test", {}), "num_steps": steps}}
-    test = lrsearch.find_lr(rjob, save=False)
-    found = [v for v in test.suggestions().values() if v]
-    low, high = test.bounds()
-    divide = RANGE_DIVIDE.get(method, 3.0)
-    guess = math.exp(sum(math.log(v) for v in found) / len(found)) / divide if found else math.sqrt(low * high)
-    point = sq.family_default_point(FAMILY[task_name], min(max(guess, low), high))
-    config = {"max_lr": point["max_lr"], "schedule": point["schedule"],
-              "params": {k: v for k, v in point.items() if k not in ("max_lr", "schedule")}}
-    final = final_run(fjob, config, os.path.join(storage, "final"), epochs)
     per_epoch = sq.steps_per_epoch(TASKS[task_name])
-    tested = len(test.lrs) / per_epoch
-    spent = final["total_steps"] / per_epoch
-    record.update(range_test={"steps": steps, "run": len(test.lrs), "bounds": [low, high],
-                              "suggestions": test.suggestions(), "lr": config["max_lr"]},
-                  finals=[final], compute={"search": tested, "final": spent, "total": tested + spent},
+    if RANGE_DIVIDE.get(method) == 1.0:
+        result = lrsearch.train({**fjob, "storage": {"path": storage}}, epochs=epochs, range_test=True,
+                                lr_scales=(1.0,), track=False)
+        rt = result.range_test
+        final = {"test_metric": result.test_metric, "test_loss": result.test_loss, "val_metric": result.val_metric,
+                 "config": result.config, "total_steps": result.total_steps,
+                 "steps_per_epoch": result.steps_per_epoch, "seconds": round(result.seconds, 1)}
+        test = {"steps": rt["steps"], "run": rt["steps_run"], "bounds": [rt["low"], rt["high"]],
+                "suggestions": rt["suggestions"], "lr": rt["max_lr"]}
+    else:
+        horizon = sq.steps_per_epoch(fjob["task"]) * (epochs or sq.MAX_EPOCHS)
+        steps = max(20, round(RANGE_ONLY[method] * horizon))
+        rjob = {**fjob, "storage": {"path": storage},
+                "range_test": {**fjob.get("range_test", {}), "num_steps": steps}}
+        found = lrsearch.find_lr(rjob, save=False)
+        lr = found.consensus(divide=3.0)
+        point = sq.family_default_point(FAMILY[task_name], lr)
+        config = {"max_lr": point["max_lr"], "schedule": point["schedule"],
+                  "params": {k: v for k, v in point.items() if k not in ("max_lr", "schedule")}}
+        final = final_run(fjob, config, os.path.join(storage, "final"), epochs)
+        test = {"steps": steps, "run": len(found.lrs), "bounds": list(found.bounds()),
+                "suggestions": found.suggestions(), "lr": lr}
+    tested, spent = test["run"] / per_epoch, final["total_steps"] / per_epoch
+    record.update(range_test=test, finals=[final], compute={"search": tested, "final": spent, "total": tested + spent},
                   seconds=round(time.perf_counter() - started, 1))
     return record
 

@@ -113,7 +113,7 @@ def search(job: JobLike, *, train_fn: Callable[[Trial], Any] | None = None, task
 
 def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | str | None = None, *, epochs: int | None = None,
           steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] | str = "auto",
-          halving: bool | None = None, register: str | None = None, resume: bool = False,
+          halving: bool | None = None, range_test: bool = False, register: str | None = None, resume: bool = False,
           task: TaskLike = None, address: str | None = None, track: bool = True,
           tracking_uri: str | None = None, show_progress: bool = False) -> FinalResult:
     """The final run: train the search's best config at your horizon and score it on held-out data.
@@ -144,6 +144,11 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
             runs instead of 3. Needs a horizon of at least 2 epochs. ``None`` (the default): halved
             when ``lr_scales`` is ``"auto"`` and the run has at least 8x the steps the config was
             searched at (the quarter-horizon rung then sees past the search's horizon).
+        range_test: train without a search: a range test a quarter of the run's optimizer steps long,
+            on the run's own task, gives ``max_lr`` (the geometric mean of its suggestions, within
+            its bounds), trained with the space's default schedule at the middle of its ranges.
+            A longer sweep points lower: it sees the horizon the run trains at. Costs about 1.25
+            runs. Give no ``search`` with it.
         register: register the model in MLflow's Model Registry under this name (a new version,
             tagged with the config and the search's run id).
         resume: continue a killed final run from its last epoch checkpoint (the same MLflow run).
@@ -167,7 +172,7 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
 
     job = load_job(job)
     return run_final(job, search=search, epochs=epochs, steps=steps, top_k=top_k, lr_scales=lr_scales, halving=halving,
-                     register=register, resume=resume, task=task, address=address, track=track,
+                     range_test=range_test, register=register, resume=resume, task=task, address=address, track=track,
                      tracking_uri=tracking_uri, show_progress=show_progress)
 
 

@@ -191,6 +191,7 @@ def train(
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
     lr_scales: Annotated[str, typer.Option("--lr-scales", help="Train each config at these multiples of its max_lr (e.g. 1,0.5,0.25) and keep the best by validation; auto: 1,0.5,0.25 when the run is >= 4x the steps the config was searched at, else 1.")] = "auto",
     halving: Annotated[bool | None, typer.Option("--halving/--no-halving", help="Start every config (--top-k x --lr-scales) and halve them on the way, by a short cooldown branch at a quarter of the horizon, instead of training each the whole horizon. Default: with --lr-scales auto, halve from 8x the searched steps.", show_default=False)] = None,
+    range_test: Annotated[bool, typer.Option("--range-test", help="No search: a range test a quarter of the run long gives max_lr; the space's default schedule trains it.")] = False,
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
@@ -222,7 +223,7 @@ def train(
     job = lrsearch.load_job(job_file)
     if not json_:
         horizon = f"{steps} steps" if steps else f"{epochs or job.search.max_epochs} epochs"
-        of = (f"the config in {str(config)!r}" if config is not None else "the best config of "
+        of = ("the range test's LR" if range_test else f"the config in {str(config)!r}" if config is not None else "the best config of "
               + ("run " + run_id if run_id else "the latest search in "
                  + repr(experiment or job.tracking.experiment or job.name)))
         out.print(f"[bold]lrsearch train[/] {job.name!r}: {of}"
@@ -231,7 +232,7 @@ def train(
                   f"{', halving' if halving else ', no halving' if halving is False else ''}, {horizon}",
                   highlight=False)
     result = lrsearch.train(job, source, epochs=epochs, steps=steps, top_k=top_k, lr_scales=scales, halving=halving,
-                            register=register, resume=resume, address=address, show_progress=not json_)
+                            range_test=range_test, register=register, resume=resume, address=address, show_progress=not json_)
     if json_:
         print_json(result.summary())
         return

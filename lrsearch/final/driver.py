@@ -28,18 +28,19 @@ from typing import Any
 from lrsearch.console import err
 from lrsearch.engine import Horizon, Training
 from lrsearch.engine.trial import TaskSource
-from lrsearch.errors import LRSearchError
+from lrsearch.errors import ConfigError, LRSearchError
 from lrsearch.final.found import (
     Candidate,
     FoundSearch,
     candidates,
     check_options,
+    range_test_found,
     read_found,
     resolve_scales,
     scaled,
 )
 from lrsearch.final.state import clear, end_run, final_dir, load_state, save_state
-from lrsearch.final.worker import Plan, halving_rungs, train_on_worker
+from lrsearch.final.worker import Plan, RangeTestPlan, halving_rungs, train_on_worker
 from lrsearch.infra.ray_runtime import check_resources, init_ray
 from lrsearch.infra.tracking import heal, resolve_tracking
 from lrsearch.infra.tracking.final import FinalRun
@@ -72,6 +73,8 @@ class FinalResult:
         search_run_id: the search's MLflow parent run.
         lr_scales: the multiples of each config's ``max_lr`` trained (``auto`` resolved).
         halving: whether they were halved on the way (``None`` resolved).
+        range_test: with ``range_test=True``, the range test that gave the LR: ``steps`` asked,
+            ``steps_run``, its bounds ``low`` and ``high``, ``suggestions`` and the ``max_lr`` taken.
         steps_trained: the optimizer steps the run took, every candidate's and every cooldown
             branch's (``halving``) included.
         resumed_from_epoch: the epoch a resumed run continued from (0: a fresh run).
@@ -97,6 +100,7 @@ class FinalResult:
     search_run_id: str | None
     lr_scales: list[float] = field(default_factory=lambda: [1.0])
     halving: bool = False
+    range_test: dict[str, Any] | None = None
     steps_trained: int = 0
     resumed_from_epoch: int = 0
     tracking_uri: str | None = None
@@ -115,7 +119,7 @@ class FinalResult:
 
 def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epochs: int | None = None,
               steps: int | None = None, top_k: int = 1, lr_scales: Sequence[float] | str = "auto",
-              halving: bool | None = None, register: str | None = None,
+              halving: bool | None = None, range_test: bool = False, register: str | None = None,
               resume: bool = False, task: Task | Callable[[], Task] | None = None,
               address: str | None = None, track: bool = True, tracking_uri: str | None = None,
               show_progress: bool = False) -> FinalResult:
@@ -127,12 +131,17 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     check_job(job.task, uri, own_task=task is not None, track=track)  # a missing extra: one line
     if track:  # what MLflow missed of this job's last search and final run, first
         heal(job.results_dir(), uri=uri)
-    found = read_found(search, uri, experiment, track)
+    if range_test and search is not None:
+        raise ConfigError("--range-test: trains without a search; give it or a search (--run-id, --experiment, "
+                          "--config), not both")
+    found = range_test_found(job.search_space()) if range_test else read_found(search, uri, experiment, track)
     chosen, recipe = candidates(found, top_k), Recipe.of(job.train)
     notes = _notes(top_k, chosen, recipe, found.best)
     out = final_dir(job.results_dir())
     source = TaskSource.of(job.task, job.base_dir, task)
-    plan = Plan(Training.of(job.train, job.optimizer, job.search), tuple(chosen), epochs, steps, job.search.max_epochs)
+    spec = RangeTestPlan(job.range_test, found.best["max_lr"]) if range_test else None
+    plan = Plan(Training.of(job.train, job.optimizer, job.search), tuple(chosen), epochs, steps, job.search.max_epochs,
+                range_test=spec)
     started_ray = init_ray(address, verbose=False)
     try:
         check_resources(job.resources, joined=not started_ray)
@@ -143,7 +152,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
         dry = _get(remote.remote(source, plan, str(out), dry=True))
         horizon: Horizon = dry["horizon"]
         lr_scales, halving = resolve_scales(lr_scales, horizon.total_steps, found.best, notes, halving)
-        plan = Plan(plan.training, tuple(scaled(chosen, lr_scales)), epochs, steps, plan.default_epochs, halving)
+        plan = Plan(plan.training, tuple(scaled(chosen, lr_scales)), epochs, steps, plan.default_epochs, halving, spec)
         if halving and not halving_rungs(len(plan.candidates), horizon.epochs):
             notes.append(f"halving: {len(plan.candidates)} config(s) over {horizon.epochs} epoch(s): nothing to "
                          "halve (it needs 2 or more configs and epochs); each trains the whole horizon")
@@ -156,6 +165,10 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
             ref = remote.remote(source, plan, str(out), run=run, register=register,
                                 tags={"search_run_id": found.run_id or "-", "job": job.name})
             outcome = _get(ref, progress=out / "progress.json" if show_progress else None)
+            if outcome["range_test"]:
+                rt = outcome["range_test"]
+                notes.append(f"range test: {rt['steps']} steps (a quarter of the run) on its data; "
+                             f"bounds {rt['low']:.2g}..{rt['high']:.2g}, LR {rt['max_lr']:.3g}")
             best = trained_config(job.optimizer.model_dump(mode="json"), recipe, outcome)
             best_file = write_best_config(best, out)
             if run is not None:

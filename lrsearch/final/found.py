@@ -17,11 +17,11 @@ from typing import Any
 
 from lrsearch.errors import ConfigError, SearchError
 from lrsearch.infra.tracking.final import read_search
-from lrsearch.job.space import schedule_params
+from lrsearch.job.space import SearchSpace, SpaceSampler, schedule_params
 from lrsearch.output.results import BestConfig, SearchResult, TrialState, ranked_completed
 
 __all__ = ["AUTO_SCALES", "BRIDGE_AT", "HALVE_AT", "Candidate", "FoundSearch", "FoundTrial", "candidates", "check_options",
-           "given_config", "read_found", "resolve_scales", "scaled"]
+           "given_config", "range_test_found", "read_found", "resolve_scales", "scaled"]
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -206,6 +206,21 @@ def given_config(given: BestConfig | Mapping[str, Any]) -> FoundSearch:
             "search_config": config, "value": None, "train": data.get("train") or {},
             "search_horizon": data["search_horizon"] if isinstance(data.get("search_horizon"), Mapping) else None}
     return FoundSearch(None, None, best, (FoundTrial("config", TrialState.COMPLETED.value, config),))
+
+
+def range_test_found(space: SearchSpace) -> FoundSearch:
+    """``--range-test``'s one config, before its range test: the space's default schedule at the
+    middle of its ranges (its first trial's). Its ``max_lr``, the prior's geometric middle, holds
+    the place of the range test's LR until the test runs where the model trains."""
+    prior = space.max_lr_prior
+    point = SpaceSampler(space).first_point(math.sqrt(prior.low * prior.high))
+    name = point["schedule"]
+    config: dict[str, Any] = {"max_lr": point["max_lr"], "schedule": name,
+                              name: {k.split("/", 1)[1]: v for k, v in point.items() if k.startswith(f"{name}/")}}
+    config.update({k: point[k] for k in ("weight_decay", "layer_decay") if k in point})
+    best = {"trial_id": "range_test", "schedule": name, "max_lr": config["max_lr"], "params": dict(config[name]),
+            "search_config": config, "value": None, "train": {}, "search_horizon": None}
+    return FoundSearch(None, None, best, (FoundTrial("range_test", TrialState.COMPLETED.value, config),))
 
 
 def candidates(found: FoundSearch, top_k: int) -> list[Candidate]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ from lrsearch.final.found import Candidate
 from lrsearch.final.state import CandidateReport, save_state
 from lrsearch.optim.divergence import DivergenceMonitor
 from lrsearch.optim.recipe import Stepper, autocast_for
+from lrsearch.range_test.finder import measure
 from lrsearch.tasks import Task, evaluate
 
-__all__ = ["FinalSink", "Plan", "horizon_of", "train_on_worker"]
+__all__ = ["FinalSink", "Plan", "RangeTestPlan", "horizon_of", "train_on_worker"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,23 @@ class Plan:
     steps: int | None
     default_epochs: int
     halving: bool = False
+    range_test: RangeTestPlan | None = None
 
+
+@dataclass(frozen=True)
+class RangeTestPlan:
+    """``--range-test``: no search; a range test of ``share`` of the run's optimizer steps on its
+    task (``settings``: the job's ``range_test`` section) gives the LR, its :meth:`consensus
+    <lrsearch.range_test.RangeTestResult.consensus>`. The candidates' ``max_lr`` are multiples of
+    ``placeholder`` until then (``--lr-scales``)."""
+
+    settings: Any
+    placeholder: float
+    share: float = 0.25
+
+
+#: the shortest range test ``--range-test`` runs, whatever the horizon
+MIN_RANGE_TEST_STEPS = 20
 
 #: a cooldown branch lasts this share of the optimizer steps before it (Hägele et al. 2024: a
 #: cooldown of 10-20 % of the run scores as the schedule decayed over the whole run)
@@ -92,6 +109,8 @@ def train_on_worker(source: TaskSource, plan: Plan, out: str, *, run=None, regis
     device, out_dir = trial_device(), Path(out)
     state = json.loads((out_dir / "state.json").read_text())
     done: dict[str, dict[str, Any]] = state.setdefault("done", {})
+    if plan.range_test is not None:
+        plan = _from_range_test(plan, task, horizon, out_dir, device, run, state)
     prefixes = {c.trial_id: f"top{i + 1}." if len(plan.candidates) > 1 else "" for i, c in enumerate(plan.candidates)}
     alive, resumed_from = list(plan.candidates), 0
     if plan.halving:
@@ -117,7 +136,31 @@ def train_on_worker(source: TaskSource, plan: Plan, out: str, *, run=None, regis
                            for c in plan.candidates],
             "epochs": horizon.epochs, "total_steps": horizon.total_steps,
             "steps_per_epoch": horizon.steps_per_epoch, "resumed_from_epoch": resumed_from,
-            "steps_trained": _steps_trained(reports.values(), horizon)}
+            "steps_trained": _steps_trained(reports.values(), horizon), "range_test": state.get("range_test")}
+
+
+def _from_range_test(plan: Plan, task: Task, horizon: Horizon, out: Path, device: torch.device, run,
+                     state: dict[str, Any]) -> Plan:
+    """The plan with the range test's LR in its candidates: the test runs once (a resumed run
+    reads it back from ``state``), and its figures go to the MLflow run."""
+    spec, training = plan.range_test, plan.training
+    found = state.get("range_test")
+    if found is None:
+        steps = max(MIN_RANGE_TEST_STEPS, round(spec.share * horizon.total_steps))
+        recipe = replace(training.recipe, accumulation_steps=spec.settings.accumulation_steps
+                         or training.recipe.accumulation_steps)
+        result = measure(task, training.optimizer, spec.settings, recipe, steps, seed=training.seed, device=device)
+        low, high = result.bounds()
+        found = {"steps": steps, "steps_run": len(result.lrs), "low": low, "high": high,
+                 "suggestions": result.suggestions(), "max_lr": result.consensus()}
+        state["range_test"] = found
+        save_state(out, state)
+        if run is not None:
+            run.log(params={f"range_test.{k}": found[k] for k in ("steps", "steps_run", "low", "high", "max_lr")})
+    lr = found["max_lr"]
+    candidates = tuple(Candidate(c.trial_id, {**c.config, "max_lr": lr * c.config["max_lr"] / spec.placeholder},
+                                 c.search_value) for c in plan.candidates)
+    return replace(plan, candidates=candidates)
 
 
 def _steps_trained(reports, horizon: Horizon) -> int:

@@ -165,7 +165,8 @@ def final_lines(result: Any) -> list[str]:
     """What ``lrsearch train`` prints: the config trained, its scores, where the model is."""
     c, m = result.config, result.metric
     params = _fmt_params(c.get(c["schedule"]) or {}, 4)
-    what = "the given config" if result.trial_id == "config" else f"trial {result.trial_id}"
+    what = {"config": "the given config", "range_test": "the range test's LR"}.get(result.trial_id,
+                                                                                  f"trial {result.trial_id}")
     lines = [f"trained {what}: {c['schedule']} max_lr={c['max_lr']:.3g} ({params}) for "
              f"{result.epochs} epochs ({result.total_steps} optimizer steps)"
              + (f", resumed from epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else "")]

@@ -117,6 +117,15 @@ class RangeTestResult:
             return (start, start * 10.0)
         return bounds_from_curve(curve, self.suggestions())
 
+    def consensus(self, divide: float = 1.0) -> float:
+        """One LR from the whole curve: the geometric mean of the suggestions that exist, divided
+        by ``divide``, clipped into :meth:`bounds` (their geometric middle when there is none)."""
+        low, high = self.bounds()
+        found = [v for v in self.suggestions().values() if v]
+        if not found:
+            return math.sqrt(low * high)
+        return min(max(math.exp(sum(math.log(v) for v in found) / len(found)) / divide, low), high)
+
     @property
     def warning(self) -> str | None:
         """Why the bounds should not be trusted, or ``None`` when the curve showed a descent."""

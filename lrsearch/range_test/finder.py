@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from lrsearch.engine.trial import steps_per_epoch
-from lrsearch.job.config import JobConfig, SearchConfig
+from lrsearch.job.config import JobConfig, OptimizerConfig, RangeTestConfig, SearchConfig
 from lrsearch.optim.optimizers import build_optimizer
+from lrsearch.optim.recipe import Recipe
 from lrsearch.range_test import RangeTestResult, lr_range_test
 from lrsearch.tasks import Task, build_task, reseed
 
@@ -45,31 +46,40 @@ def find_lr(
     """Run the job's range test on a fresh model of its task, with the trials' training recipe
     (``train``: clipping, precision, accumulation). Returns the task and the result."""
     task = task or build_task(job)
-    reseed(task, job.search.seed)  # the same job gives the same curve and bounds in any process
-    cfg = job.range_test
     per_epoch = steps_per_epoch(task, job.train.gradient_accumulation_steps, job.search.max_steps_per_epoch)
-    num_steps = range_test_steps(cfg.num_steps, job.search, per_epoch)
+    num_steps = range_test_steps(job.range_test.num_steps, job.search, per_epoch)
+    recipe = Recipe.of(job.train, job.accumulation_steps())
+    result = measure(task, job.optimizer, job.range_test, recipe, num_steps, seed=job.search.seed,
+                     progress=progress, device=device)
+    return task, result
+
+
+def measure(task: Task, optimizer: OptimizerConfig, settings: RangeTestConfig, recipe: Recipe, num_steps: int, *,
+            seed: int, progress: Callable[[int, int, float, float], None] | None = None,
+            device: torch.device | str | None = None) -> RangeTestResult:
+    """The range test of ``num_steps`` optimizer steps on a fresh model of ``task``: ``settings``
+    (the job's ``range_test`` section) sweep the LR, ``recipe`` trains each step. The same seed
+    gives the same curve and bounds in any process."""
+    reseed(task, seed)
     model = task.build_model()
-    optimizer = build_optimizer(job.optimizer, model, cfg.start_lr)
-    result = lr_range_test(
+    return lr_range_test(
         model,
-        optimizer,
+        build_optimizer(optimizer, model, settings.start_lr),
         task.criterion,
         task.train_loader,
-        start_lr=cfg.start_lr,
-        end_lr=cfg.end_lr,
+        start_lr=settings.start_lr,
+        end_lr=settings.end_lr,
         num_steps=num_steps,
-        mode=cfg.mode.value,
-        smooth=range_test_smooth(cfg.smooth, num_steps),
-        diverge_factor=cfg.diverge_factor,
-        val_loader=task.val_loader if cfg.use_validation else None,
-        accumulation_steps=job.accumulation_steps(),
+        mode=settings.mode.value,
+        smooth=range_test_smooth(settings.smooth, num_steps),
+        diverge_factor=settings.diverge_factor,
+        val_loader=task.val_loader if settings.use_validation else None,
+        accumulation_steps=recipe.accumulation_steps,
         device=device or default_device(),
         progress=progress,
-        max_grad_norm=job.train.max_grad_norm,
-        precision=job.train.precision,
+        max_grad_norm=recipe.max_grad_norm,
+        precision=recipe.precision,
     )
-    return task, result
 
 
 def local_dir(results_dir: str, name: str) -> Path:

@@ -7,6 +7,7 @@ data, the top-k, a user's python task, after a kill; bad input fails before anyt
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -27,7 +28,7 @@ from typer.testing import CliRunner
 import lrsearch
 from lrsearch.cli import app
 from lrsearch.errors import ConfigError, SearchError, TrackingError
-from lrsearch.job.space import schedule_params
+from lrsearch.job.space import SpaceSampler, schedule_params
 from lrsearch.optim.schedules import lr_curve
 from lrsearch.tasks import Task, build_task, synthetic_task
 
@@ -213,6 +214,34 @@ def test_from_8x_the_searched_steps_auto_halves_the_scaled_configs(searched):
     assert MlflowClient(searched["uri"]).get_run(final.run_id).data.params["halving"] == "True"
 
 
+def test_range_test_trains_once_at_the_lr_of_a_range_test_a_quarter_of_the_run_long(searched):
+    # no search: 8 epochs of 16 steps, so a 32-step range test on the run's own task gives max_lr
+    job = _job(searched["tmp"], "rtest", task={"num_train": 1024})
+    with pytest.raises(ConfigError, match="--range-test: trains without a search"):
+        lrsearch.train(job, searched["result"], epochs=8, range_test=True)
+    final = lrsearch.train(job, epochs=8, range_test=True)
+    rt = final.range_test
+    assert rt["steps"] == 32 and 2 <= rt["steps_run"] <= 32 and rt["low"] < rt["max_lr"] <= rt["high"]
+    assert [c["trial_id"] for c in final.candidates] == ["range_test"] and final.trial_id == "range_test"
+    assert final.lr_scales == [1.0] and final.halving is False and final.total_steps == 128
+    assert final.config["max_lr"] == rt["max_lr"]
+    # the consensus of the suggestions it recorded: their geometric mean, within its bounds
+    found = [v for v in rt["suggestions"].values() if v]
+    mean = math.exp(sum(math.log(v) for v in found) / len(found)) if found else math.sqrt(rt["low"] * rt["high"])
+    assert rt["max_lr"] == pytest.approx(min(max(mean, rt["low"]), rt["high"]), rel=1e-12)
+    # the space's default schedule at the middle of its ranges: its first trial's config
+    space = lrsearch.load_job(job).search_space()
+    first = SpaceSampler(space).first_point(rt["max_lr"])
+    assert final.config["schedule"] == first["schedule"] == space.default_schedule
+    assert final.config[first["schedule"]] == {k.split("/")[1]: v for k, v in first.items() if "/" in k}
+    assert any(n.startswith("range test: 32 steps") for n in final.notes), final.notes
+    params = MlflowClient(searched["uri"]).get_run(final.run_id).data.params
+    assert params["range_test.steps"] == "32" and float(params["range_test.max_lr"]) == rt["max_lr"]
+    # the same range test as lrsearch.find_lr's with those steps, on that task
+    again = lrsearch.find_lr({**job, "range_test": {"num_steps": 32}}, save=False)
+    assert len(again.lrs) == rt["steps_run"] and again.consensus() == pytest.approx(rt["max_lr"], rel=1e-3)
+
+
 def test_auto_halves_only_auto_scales_from_8x_and_an_explicit_choice_wins():
     from lrsearch.final.found import AUTO_SCALES, resolve_scales
 
@@ -328,7 +357,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(searched):
                            (["--lr-scales", "1,half"], "--lr-scales: got '1,half'; allowed: auto, or comma-separated"),
                            (["--lr-scales", "1,-0.5"], "--lr-scales: got 1,-0.5; allowed: 'auto', or distinct"),
                            (["--config", str(bad_config)], "search: max_lr=-1; allowed: a number > 0"),
-                           (["--config", "nope.yaml", "--run-id", "x"], "give at most one of")):
+                           (["--config", "nope.yaml", "--run-id", "x"], "give at most one of"),
+                           (["--range-test", "--experiment", "fin"], "--range-test: trains without a search")):
         # in this process (the console script's own start is tested by tests/test_packaging.py)
         done = CliRunner().invoke(app, ["train", str(job_file), *args])
         assert done.exit_code == 2, done.stderr
