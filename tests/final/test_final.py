@@ -487,7 +487,7 @@ def test_schedulefree_trains_and_ships_its_averaged_weights(local_ray, tmp_path)
 
 
 def test_a_search_with_the_schedule_free_arm_starts_it_beside_the_range_tests_point(local_ray, tmp_path):
-    from test_config import ARM_SPACE
+    from job.test_config import ARM_SPACE  # tests/job, on the path with tests/conftest.py
 
     (tmp_path / "arm.yaml").write_text(ARM_SPACE)  # linear and the arm, which a space opts into
     job = _job(tmp_path, "arm", space={"file": str(tmp_path / "arm.yaml")},
