@@ -278,12 +278,31 @@ def record_path(task_name: str, method: str, seed: int, scale: int = SCALE) -> P
 
 
 def final_run(job: dict[str, Any], search: Any, storage: str, epochs: int | None = None) -> dict[str, Any]:
-    # one run at 1x: the bridge methods (LR_SCALES) add their 0.5x and 0.25x runs to it
-    result = lrsearch.train({**job, "storage": {"path": storage}}, search=search, epochs=epochs,
-                            lr_scales=(1.0,), track=False)
+    """One run at 1x (the bridge methods, LR_SCALES, add their 0.5x and 0.25x runs to it). A config
+    that diverges is a result, not a failure: scored 0 on validation and test, so that no pick by
+    validation takes it, with ``total_steps`` ``None`` until :func:`_fill_diverged` counts it."""
+    try:
+        result = lrsearch.train({**job, "storage": {"path": storage}}, search=search, epochs=epochs,
+                                lr_scales=(1.0,), track=False)
+    except lrsearch.SearchError as exc:
+        if "diverged" not in str(exc):
+            raise
+        return {"test_metric": 0.0, "test_loss": None, "val_metric": 0.0, "diverged": True,
+                "config": search if isinstance(search, dict) else None, "total_steps": None}
     return {"test_metric": result.test_metric, "test_loss": result.test_loss, "val_metric": result.val_metric,
             "config": result.config, "total_steps": result.total_steps,
             "steps_per_epoch": result.steps_per_epoch, "seconds": round(result.seconds, 1)}
+
+
+def _fill_diverged(finals: list[dict[str, Any]]) -> None:
+    """A diverged run's compute: the whole horizon, as its siblings trained it (it stopped at the
+    end of the epoch it diverged in, so this counts it high)."""
+    horizon = max((f["total_steps"] for f in finals if f["total_steps"] is not None), default=None)
+    if horizon is None:
+        raise RuntimeError("every final run of the record diverged: no horizon to count them at")
+    for f in finals:
+        if f["total_steps"] is None:
+            f["total_steps"] = horizon
 
 
 def final_epochs(task_name: str, scale: int) -> int | None:
@@ -327,6 +346,7 @@ def run_one(task_name: str, method: str, seed: int, scale: int = SCALE) -> dict[
         else:
             record["finals"] = [final_run(fjob, cfg, os.path.join(storage, str(i)), epochs)
                                 for i, cfg in enumerate(configs(task_name, method))]
+        _fill_diverged(record["finals"])
         spent = sum(f["total_steps"] for f in record["finals"]) / per_epoch
         record["compute"] = {"search": search_compute, "final": spent,
                              "total": search_compute + spent}
@@ -372,6 +392,7 @@ def top3(task_name: str, method: str, seed: int, record: dict[str, Any], storage
         finals.append(dict(final, search_rank=rank, search_val=t["metric_per_epoch"][-1],
                            search_val_loss=t["val_loss_per_epoch"][-1]))
     per_epoch = base["search"]["steps_per_epoch"]
+    _fill_diverged(finals)
     spent = sum(f["total_steps"] for f in finals) / per_epoch
     record.update(search=base["search"], search_value=base["search_value"], finals=finals,
                   compute={"search": base["compute"]["search"], "final": spent,

@@ -219,7 +219,8 @@ def train(
 
         given_config(source)  # a bad config: one line, before anything is printed
     scales = parse_scales(lr_scales)
-    check_options(epochs, steps, top_k, register, True, scales)  # bad options: one line, nothing printed first
+    check_options(epochs, steps, top_k, register, True, scales,  # bad options: one line, nothing printed first
+                  range_test=range_test, searched=source is not None)
     job = lrsearch.load_job(job_file)
     if not json_:
         horizon = f"{steps} steps" if steps else f"{epochs or job.search.max_epochs} epochs"
@@ -305,8 +306,7 @@ def submit(
 ) -> None:
     """Submit the search (or, with --train, its final run) to a Ray cluster; the same job twice is one."""
     from lrsearch.final.found import check_options  # torch: on use, for a fast --help
-    from lrsearch.infra.jobs import submit as submit_job  # torch: on use, for a fast --help
-    from lrsearch.infra.jobs import wait_for_job  # torch: on use, for a fast --help
+    from lrsearch.infra import jobs  # torch: on use, for a fast --help
 
     extra = ["--resume"] if resume else []
     if lr_scales is not None:
@@ -321,7 +321,7 @@ def submit(
             extra.append(flag)
         elif value is not None:
             extra += [flag, str(value)]
-    info = submit_job(job_file, address, extra_args=extra or None, command="train" if train_ else "search")
+    info = jobs.submit(job_file, address, extra_args=extra or None, command="train" if train_ else "search")
     if json_ and not wait:
         print_json(info)
         return
@@ -337,7 +337,7 @@ def submit(
                 sys.stdout.write(text)
                 sys.stdout.flush()
 
-        status = wait_for_job(address, info["submission_id"], show)
+        status = jobs.wait_for_job(address, info["submission_id"], show)
         info["status"] = status
         if json_:
             print_json(info)

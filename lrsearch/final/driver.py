@@ -21,14 +21,14 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lrsearch.console import err
 from lrsearch.engine import Horizon, Training
 from lrsearch.engine.trial import TaskSource
-from lrsearch.errors import ConfigError, LRSearchError
+from lrsearch.errors import LRSearchError
 from lrsearch.final.found import (
     Candidate,
     FoundSearch,
@@ -125,15 +125,12 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
               show_progress: bool = False) -> FinalResult:
     """Train the search's best config (or its ``top_k`` best) at the horizon; see :func:`lrsearch.train`."""
     started = time.perf_counter()
-    check_options(epochs, steps, top_k, register, track, lr_scales)
+    check_options(epochs, steps, top_k, register, track, lr_scales, range_test=range_test, searched=search is not None)
 
     uri, experiment = resolve_tracking(tracking_uri or job.tracking.uri, job.tracking.experiment, job.name)
     check_job(job.task, uri, own_task=task is not None, track=track)  # a missing extra: one line
     if track:  # what MLflow missed of this job's last search and final run, first
         heal(job.results_dir(), uri=uri)
-    if range_test and search is not None:
-        raise ConfigError("--range-test: trains without a search; give it or a search (--run-id, --experiment, "
-                          "--config), not both")
     found = range_test_found(job.search_space()) if range_test else read_found(search, uri, experiment, track)
     chosen, recipe = candidates(found, top_k), Recipe.of(job.train)
     notes = _notes(top_k, chosen, recipe, found.best)
@@ -151,14 +148,10 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
                                                      max_retries=0)
         dry = _get(remote.remote(source, plan, str(out), dry=True))
         horizon: Horizon = dry["horizon"]
-        lr_scales, halving = resolve_scales(lr_scales, horizon.total_steps, found.best, notes, halving)
-        plan = Plan(plan.training, tuple(scaled(chosen, lr_scales)), epochs, steps, plan.default_epochs, halving, spec)
-        if halving and not halving_rungs(len(plan.candidates), horizon.epochs):
-            notes.append(f"halving: {len(plan.candidates)} config(s) over {horizon.epochs} epoch(s): nothing to "
-                         "halve (it needs 2 or more configs and epochs); each trains the whole horizon")
+        plan, lr_scales = _at_horizon(plan, chosen, horizon, lr_scales, halving, found.best, notes)
+        halving = plan.halving
         params = {"search_run_id": found.run_id, "top_k": len(chosen), "lr_scales": ",".join(f"{x:g}" for x in lr_scales),
-                  "halving": halving,
-                  **_horizon_params(horizon, plan, recipe), "task": dry["task"],
+                  "halving": halving, **_horizon_params(horizon, plan, recipe), "task": dry["task"],
                   "task.num_train": getattr(job.task, "num_train", "-")}
         run = _open(out, found, plan, resume, notes, uri, experiment, job.name, params if track else None)
         try:
@@ -166,9 +159,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
                                 tags={"search_run_id": found.run_id or "-", "job": job.name})
             outcome = _get(ref, progress=out / "progress.json" if show_progress else None)
             if outcome["range_test"]:
-                rt = outcome["range_test"]
-                notes.append(f"range test: {rt['steps']} steps (a quarter of the run) on its data; "
-                             f"bounds {rt['low']:.2g}..{rt['high']:.2g}, LR {rt['max_lr']:.3g}")
+                notes.append(_range_test_note(outcome["range_test"]))
             best = trained_config(job.optimizer.model_dump(mode="json"), recipe, outcome)
             best_file = write_best_config(best, out)
             if run is not None:
@@ -191,6 +182,23 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
     result.seconds = time.perf_counter() - started
     (out / "result.json").write_text(json.dumps(result.summary(), indent=1, default=str))
     return result
+
+
+def _at_horizon(plan: Plan, chosen: list[Candidate], horizon: Horizon, lr_scales: Sequence[float] | str,
+                halving: bool | None, best: dict[str, Any], notes: list[str]) -> tuple[Plan, list[float]]:
+    """The plan at the horizon the worker measured: ``lr_scales`` resolved (``auto``), each config
+    at each scale, and whether they are halved on the way (``None``: from the horizon)."""
+    lr_scales, halving = resolve_scales(lr_scales, horizon.total_steps, best, notes, halving)
+    plan = replace(plan, candidates=tuple(scaled(chosen, lr_scales)), halving=halving)
+    if halving and not halving_rungs(len(plan.candidates), horizon.epochs):
+        notes.append(f"halving: {len(plan.candidates)} config(s) over {horizon.epochs} epoch(s): nothing to "
+                     "halve (it needs 2 or more configs and epochs); each trains the whole horizon")
+    return plan, list(lr_scales)
+
+
+def _range_test_note(rt: dict[str, Any]) -> str:
+    return (f"range test: {rt['steps']} steps (a quarter of the run) on its data; "
+            f"bounds {rt['low']:.2g}..{rt['high']:.2g}, LR {rt['max_lr']:.3g}")
 
 
 def _horizon_params(horizon: Horizon, plan: Plan, recipe: Recipe) -> dict[str, Any]:

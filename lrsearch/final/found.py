@@ -73,9 +73,13 @@ class Candidate:
 
 
 def check_options(epochs: int | None, steps: int | None, top_k: int, register: str | None,
-                  track: bool, lr_scales: Sequence[float] | str = "auto") -> None:
+                  track: bool, lr_scales: Sequence[float] | str = "auto", *, range_test: bool = False,
+                  searched: bool = False) -> None:
     """The final run's options, checked before anything starts: one :class:`ConfigError` naming the
-    option, the value and what is allowed."""
+    option, the value and what is allowed. ``searched``: a search (or config) was given."""
+    if range_test and searched:
+        raise ConfigError("--range-test: trains without a search; give it or a search (--run-id, --experiment, "
+                          "--config), not both")
     if epochs is not None and steps is not None:
         raise ConfigError(f"give at most one of --epochs and --steps (got --epochs {epochs} and "
                           f"--steps {steps})")

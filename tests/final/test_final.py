@@ -364,6 +364,7 @@ def test_cli_errors_are_one_line_with_exit_code_2(searched):
         assert done.exit_code == 2, done.stderr
         assert fragment in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+        assert "--range-test" not in args or not done.stdout  # refused before the header is printed
 
 
 # --------------------------------------------------------------------------------------------
