@@ -121,10 +121,14 @@ HALVING = {"lrsearch_short_halving": ("lrsearch_short", (2.0, 1.0, 0.5)),
 #: optimizer steps ("a range test that knows the final horizon"), its consensus LR (the suggestions'
 #: geometric mean / 3, clipped into its bounds: what lrsearch trains first) trained once at the
 #: horizon with the family's default schedule
-RANGE_ONLY = {"rt_horizon": 0.25, "rt_horizon_mean": 0.25}
+RANGE_ONLY = {"rt_horizon": 0.25, "rt_horizon_mean": 0.25, "rt_steps100": 0.25}
+#: ``rt_steps100``: ``lrsearch train --range-test`` with the job's ``range_test.num_steps: 100``
+#: (fastai's sweep length, 12 steps a decade over 1e-7..10) whatever the horizon: does a sweep of
+#: a quarter of a short run (24 steps at 4x) read high for its few steps a decade?
+RANGE_STEPS = {"rt_steps100": 100}
 #: ``rt_horizon_mean``: the suggestions' geometric mean itself. The / 3 corrects a short sweep
 #: towards a longer run; a sweep a quarter of the run long may not need it
-RANGE_DIVIDE = {"rt_horizon_mean": 1.0}
+RANGE_DIVIDE = {"rt_horizon_mean": 1.0, "rt_steps100": 1.0}
 #: the seed document's table (``../shared``'s LR table): three runs at the family's usual LRs, linear
 #: decay, warmup 10 %, the best by the final run's validation kept
 TABLE3 = {"bert": (2e-5, 3.2e-5, 5e-5), "efficientnet": (1e-4, 2.2e-4, 5e-4)}
@@ -250,6 +254,8 @@ def _range_key(method: str) -> dict[str, float]:
     key = {"range_test": RANGE_ONLY[method]}
     if method in RANGE_DIVIDE:
         key["divide"] = RANGE_DIVIDE[method]
+    if method in RANGE_STEPS:
+        key["steps"] = RANGE_STEPS[method]
     return key
 
 
@@ -440,6 +446,8 @@ def range_only(task_name: str, method: str, seed: int, record: dict[str, Any], s
     epochs = final_epochs(task_name, scale)
     per_epoch = sq.steps_per_epoch(TASKS[task_name])
     if RANGE_DIVIDE.get(method) == 1.0:
+        if method in RANGE_STEPS:
+            fjob = {**fjob, "range_test": {**fjob.get("range_test", {}), "num_steps": RANGE_STEPS[method]}}
         result = lrsearch.train({**fjob, "storage": {"path": storage}}, epochs=epochs, range_test=True,
                                 lr_scales=(1.0,), track=False)
         rt = result.range_test

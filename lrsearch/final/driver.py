@@ -159,7 +159,7 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
                                 tags={"search_run_id": found.run_id or "-", "job": job.name})
             outcome = _get(ref, progress=out / "progress.json" if show_progress else None)
             if outcome["range_test"]:
-                notes.append(_range_test_note(outcome["range_test"]))
+                notes.append(_range_test_note(outcome["range_test"], job.range_test.num_steps == "auto"))
             best = trained_config(job.optimizer.model_dump(mode="json"), recipe, outcome)
             best_file = write_best_config(best, out)
             if run is not None:
@@ -196,9 +196,9 @@ def _at_horizon(plan: Plan, chosen: list[Candidate], horizon: Horizon, lr_scales
     return plan, list(lr_scales)
 
 
-def _range_test_note(rt: dict[str, Any]) -> str:
-    return (f"range test: {rt['steps']} steps (a quarter of the run) on its data; "
-            f"bounds {rt['low']:.2g}..{rt['high']:.2g}, LR {rt['max_lr']:.3g}")
+def _range_test_note(rt: dict[str, Any], auto: bool) -> str:
+    return (f"range test: {rt['steps']} steps ({'a quarter of the run' if auto else 'range_test.num_steps'}) on its "
+            f"data; bounds {rt['low']:.2g}..{rt['high']:.2g}, LR {rt['max_lr']:.3g}")
 
 
 def _horizon_params(horizon: Horizon, plan: Plan, recipe: Recipe) -> dict[str, Any]:

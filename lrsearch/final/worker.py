@@ -69,6 +69,14 @@ MIN_RANGE_TEST_STEPS = 20
 COOLDOWN_SHARE = 0.2
 
 
+def range_test_steps(num_steps: int | str, share: float, total_steps: int) -> int:
+    """``--range-test``'s sweep length: the job's ``range_test.num_steps`` where it gives one, else
+    (``auto``) ``share`` of the run's optimizer steps, at least :data:`MIN_RANGE_TEST_STEPS`."""
+    if num_steps != "auto":
+        return int(num_steps)
+    return max(MIN_RANGE_TEST_STEPS, round(share * total_steps))
+
+
 def halving_rungs(candidates: int, epochs: int) -> list[tuple[int, int]]:
     """Where ``--halving`` compares ``candidates`` over a horizon of ``epochs``: ``(epoch, keep)``
     pairs. Each rung keeps the better half (at least one) by a cooldown branch's score; the last
@@ -146,7 +154,7 @@ def _from_range_test(plan: Plan, task: Task, horizon: Horizon, out: Path, device
     spec, training = plan.range_test, plan.training
     found = state.get("range_test")
     if found is None:
-        steps = max(MIN_RANGE_TEST_STEPS, round(spec.share * horizon.total_steps))
+        steps = range_test_steps(spec.settings.num_steps, spec.share, horizon.total_steps)
         recipe = replace(training.recipe, accumulation_steps=spec.settings.accumulation_steps
                          or training.recipe.accumulation_steps)
         result = measure(task, training.optimizer, spec.settings, recipe, steps, seed=training.seed, device=device)

@@ -216,7 +216,7 @@ def test_from_8x_the_searched_steps_auto_halves_the_scaled_configs(searched):
 
 def test_range_test_trains_once_at_the_lr_of_a_range_test_a_quarter_of_the_run_long(searched):
     # no search: 8 epochs of 16 steps, so a 32-step range test on the run's own task gives max_lr
-    job = _job(searched["tmp"], "rtest", task={"num_train": 1024})
+    job = {**_job(searched["tmp"], "rtest", task={"num_train": 1024}), "range_test": {"num_steps": "auto"}}
     with pytest.raises(ConfigError, match="--range-test: trains without a search"):
         lrsearch.train(job, searched["result"], epochs=8, range_test=True)
     final = lrsearch.train(job, epochs=8, range_test=True)
@@ -240,6 +240,18 @@ def test_range_test_trains_once_at_the_lr_of_a_range_test_a_quarter_of_the_run_l
     # the same range test as lrsearch.find_lr's with those steps, on that task
     again = lrsearch.find_lr({**job, "range_test": {"num_steps": 32}}, save=False)
     assert len(again.lrs) == rt["steps_run"] and again.consensus() == pytest.approx(rt["max_lr"], rel=1e-3)
+    # the job's own range_test.num_steps, where it gives a number, sets the sweep instead
+    given = lrsearch.train({**job, "name": "rtest-given", "range_test": {"num_steps": 24}}, epochs=2, range_test=True)
+    assert given.range_test["steps"] == 24 and given.total_steps == 32
+    assert any(n.startswith("range test: 24 steps (range_test.num_steps)") for n in given.notes), given.notes
+
+
+def test_range_test_steps_are_a_quarter_of_the_run_unless_the_job_gives_them():
+    from lrsearch.final.worker import MIN_RANGE_TEST_STEPS, range_test_steps
+
+    assert range_test_steps("auto", 0.25, 128) == 32
+    assert range_test_steps("auto", 0.25, 40) == MIN_RANGE_TEST_STEPS == 20
+    assert range_test_steps(100, 0.25, 128) == 100
 
 
 def test_auto_halves_only_auto_scales_from_8x_and_an_explicit_choice_wins():
