@@ -47,6 +47,25 @@ def test_public_names_stay_functions_whatever_is_imported():
     assert set(lrsearch.__all__) <= set(dir(lrsearch))
 
 
+def test_the_contracts_module_paths_import_as_documented():
+    # DESIGN's contract: lrsearch.schedules.{SCHEDULES, build_scheduler}, lrsearch.range_test.lr_range_test
+    import torch
+
+    from lrsearch.optim import schedules as home
+    from lrsearch.range_test import RangeTestResult, lr_range_test
+    from lrsearch.schedules import SCHEDULES, build_scheduler
+
+    assert SCHEDULES is home.SCHEDULES and build_scheduler is home.build_scheduler
+    assert {"linear", "cosine", "stlr", "cosine_annealing", "cosine_restarts", "exponential", "step",
+            "one_cycle", "constant"} <= set(SCHEDULES)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=1e-3)
+    scheduler = build_scheduler(optimizer, "linear", 10, warmup_frac=0.2)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        build_scheduler(optimizer, "linear", 10, warmup_fraction=0.2)
+    assert callable(lr_range_test) and hasattr(RangeTestResult, "bounds")
+
+
 def test_load_job_takes_a_path_a_dict_or_a_job(tmp_path):
     from_path = lrsearch.load_job(EXAMPLE)
     assert from_path.name == "synthetic" and from_path.search.num_trials == 8
