@@ -123,7 +123,7 @@ HALVING = {"lrsearch_short_halving": ("lrsearch_short", (2.0, 1.0, 0.5)),
 #: horizon with the family's default schedule
 RANGE_ONLY = {"rt_horizon": 0.25, "rt_horizon_mean": 0.25, "rt_steps100": 0.25}
 #: ``rt_steps100``: ``lrsearch train --range-test`` with the job's ``range_test.num_steps: 100``
-#: (fastai's sweep length, 12 steps a decade over 1e-7..10) whatever the horizon: does a sweep of
+#: (fastai's sweep length, 12.5 steps a decade over 1e-7..10) whatever the horizon: does a sweep of
 #: a quarter of a short run (24 steps at 4x) read high for its few steps a decade?
 RANGE_STEPS = {"rt_steps100": 100}
 #: ``rt_horizon_mean``: the suggestions' geometric mean itself. The / 3 corrects a short sweep
@@ -445,9 +445,12 @@ def range_only(task_name: str, method: str, seed: int, record: dict[str, Any], s
     fjob = final_job(task_name, method, seed, scale)
     epochs = final_epochs(task_name, scale)
     per_epoch = sq.steps_per_epoch(TASKS[task_name])
+    horizon = sq.steps_per_epoch(fjob["task"]) * (epochs or sq.MAX_EPOCHS)
     if RANGE_DIVIDE.get(method) == 1.0:
-        if method in RANGE_STEPS:
-            fjob = {**fjob, "range_test": {**fjob.get("range_test", {}), "num_steps": RANGE_STEPS[method]}}
+        # each method's own sweep, whatever --range-test's rule of the day: a quarter of the run
+        # (rt_horizon_mean's records) or RANGE_STEPS; lrsearch train --range-test takes the longer
+        steps = RANGE_STEPS.get(method) or max(20, round(RANGE_ONLY[method] * horizon))
+        fjob = {**fjob, "range_test": {**fjob.get("range_test", {}), "num_steps": steps}}
         result = lrsearch.train({**fjob, "storage": {"path": storage}}, epochs=epochs, range_test=True,
                                 lr_scales=(1.0,), track=False)
         rt = result.range_test
@@ -457,7 +460,6 @@ def range_only(task_name: str, method: str, seed: int, record: dict[str, Any], s
         test = {"steps": rt["steps"], "run": rt["steps_run"], "bounds": [rt["low"], rt["high"]],
                 "suggestions": rt["suggestions"], "lr": rt["max_lr"]}
     else:
-        horizon = sq.steps_per_epoch(fjob["task"]) * (epochs or sq.MAX_EPOCHS)
         steps = max(20, round(RANGE_ONLY[method] * horizon))
         rjob = {**fjob, "storage": {"path": storage},
                 "range_test": {**fjob.get("range_test", {}), "num_steps": steps}}

@@ -144,11 +144,13 @@ def train(job: JobLike, search: SearchResult | BestConfig | Mapping[str, Any] | 
             runs instead of 3. Needs a horizon of at least 2 epochs. ``None`` (the default): halved
             when ``lr_scales`` is ``"auto"`` and the run has at least 8x the steps the config was
             searched at (the quarter-horizon rung then sees past the search's horizon).
-        range_test: train without a search: a range test a quarter of the run's optimizer steps long,
-            on the run's own task, gives ``max_lr`` (the geometric mean of its suggestions, within
-            its bounds), trained with the space's default schedule at the middle of its ranges.
-            A longer sweep points lower: it sees the horizon the run trains at. Costs about 1.25
-            runs. Give no ``search`` with it.
+        range_test: train without a search: a range test on the run's own task gives ``max_lr``
+            (the geometric mean of its suggestions, within its bounds), trained with the space's
+            default schedule at the middle of its ranges. The sweep is a quarter of the run's
+            optimizer steps, and at least 12.5 steps a decade of LR (100 over 1e-7..10; the job's
+            ``range_test.num_steps`` instead, where it gives a number): a longer sweep points
+            lower, and a short one reads high. Costs 1.25 runs from 400 steps, about 2 at 100.
+            Give no ``search`` with it.
         register: register the model in MLflow's Model Registry under this name (a new version,
             tagged with the config and the search's run id).
         resume: continue a killed final run from its last epoch checkpoint (the same MLflow run).

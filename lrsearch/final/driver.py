@@ -40,7 +40,13 @@ from lrsearch.final.found import (
     scaled,
 )
 from lrsearch.final.state import clear, end_run, final_dir, load_state, save_state
-from lrsearch.final.worker import Plan, RangeTestPlan, halving_rungs, train_on_worker
+from lrsearch.final.worker import (
+    MIN_STEPS_PER_DECADE,
+    Plan,
+    RangeTestPlan,
+    halving_rungs,
+    train_on_worker,
+)
 from lrsearch.infra.ray_runtime import check_resources, init_ray
 from lrsearch.infra.tracking import heal, resolve_tracking
 from lrsearch.infra.tracking.final import FinalRun
@@ -159,7 +165,8 @@ def run_final(job: JobConfig, *, search: SearchResult | str | None = None, epoch
                                 tags={"search_run_id": found.run_id or "-", "job": job.name})
             outcome = _get(ref, progress=out / "progress.json" if show_progress else None)
             if outcome["range_test"]:
-                notes.append(_range_test_note(outcome["range_test"], job.range_test.num_steps == "auto"))
+                notes.append(_range_test_note(outcome["range_test"], job.range_test.num_steps == "auto",
+                                              round(spec.share * horizon.total_steps)))
             best = trained_config(job.optimizer.model_dump(mode="json"), recipe, outcome)
             best_file = write_best_config(best, out)
             if run is not None:
@@ -196,9 +203,11 @@ def _at_horizon(plan: Plan, chosen: list[Candidate], horizon: Horizon, lr_scales
     return plan, list(lr_scales)
 
 
-def _range_test_note(rt: dict[str, Any], auto: bool) -> str:
-    return (f"range test: {rt['steps']} steps ({'a quarter of the run' if auto else 'range_test.num_steps'}) on its "
-            f"data; bounds {rt['low']:.2g}..{rt['high']:.2g}, LR {rt['max_lr']:.3g}")
+def _range_test_note(rt: dict[str, Any], auto: bool, quarter: int) -> str:
+    why = ("range_test.num_steps" if not auto else "a quarter of the run" if rt["steps"] <= quarter
+           else f"{MIN_STEPS_PER_DECADE:g} a decade of its sweep; a quarter of the run is {quarter}")
+    return (f"range test: {rt['steps']} steps ({why}) on its data; bounds {rt['low']:.2g}..{rt['high']:.2g}, "
+            f"LR {rt['max_lr']:.3g}")
 
 
 def _horizon_params(horizon: Horizon, plan: Plan, recipe: Recipe) -> dict[str, Any]:

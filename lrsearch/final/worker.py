@@ -4,6 +4,7 @@ validation kept, scored once on the held-out test split, logged."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,17 +65,25 @@ class RangeTestPlan:
 #: the shortest range test ``--range-test`` runs, whatever the horizon
 MIN_RANGE_TEST_STEPS = 20
 
+#: the fewest steps a decade of LR ``--range-test`` sweeps (fastai's 100 steps over 1e-7..10 are
+#: 12.5). With fewer, each LR gets too few steps for the loss to answer, and the sweep reads high:
+#: at 3 a decade (24 steps) it pointed 2-15x above the grid's best at 4x the trials' steps, at 12.5
+#: within it on 2 tasks of 3 (BENCHMARKS.md)
+MIN_STEPS_PER_DECADE = 12.5
+
 #: a cooldown branch lasts this share of the optimizer steps before it (Hägele et al. 2024: a
 #: cooldown of 10-20 % of the run scores as the schedule decayed over the whole run)
 COOLDOWN_SHARE = 0.2
 
 
-def range_test_steps(num_steps: int | str, share: float, total_steps: int) -> int:
+def range_test_steps(num_steps: int | str, share: float, total_steps: int, start_lr: float, end_lr: float) -> int:
     """``--range-test``'s sweep length: the job's ``range_test.num_steps`` where it gives one, else
-    (``auto``) ``share`` of the run's optimizer steps, at least :data:`MIN_RANGE_TEST_STEPS`."""
+    (``auto``) ``share`` of the run's optimizer steps, and at least :data:`MIN_STEPS_PER_DECADE` a
+    decade of the sweep from ``start_lr`` to ``end_lr`` (100 steps over 1e-7..10)."""
     if num_steps != "auto":
         return int(num_steps)
-    return max(MIN_RANGE_TEST_STEPS, round(share * total_steps))
+    decades = math.log10(end_lr / start_lr)
+    return max(MIN_RANGE_TEST_STEPS, round(share * total_steps), math.ceil(MIN_STEPS_PER_DECADE * decades - 1e-9))
 
 
 def halving_rungs(candidates: int, epochs: int) -> list[tuple[int, int]]:
@@ -154,7 +163,8 @@ def _from_range_test(plan: Plan, task: Task, horizon: Horizon, out: Path, device
     spec, training = plan.range_test, plan.training
     found = state.get("range_test")
     if found is None:
-        steps = range_test_steps(spec.settings.num_steps, spec.share, horizon.total_steps)
+        settings = spec.settings
+        steps = range_test_steps(settings.num_steps, spec.share, horizon.total_steps, settings.start_lr, settings.end_lr)
         recipe = replace(training.recipe, accumulation_steps=spec.settings.accumulation_steps
                          or training.recipe.accumulation_steps)
         result = measure(task, training.optimizer, spec.settings, recipe, steps, seed=training.seed, device=device)

@@ -83,7 +83,7 @@ class RangeTestConfig(Strict):
     end_lr: PositiveFloat = 10.0
     #: ``auto``: 5 % of the search's most compute (trials x epochs x steps per epoch), from 30 to
     #: 100 steps, so the test never eats a tiny search's budget; ``lrsearch train --range-test``:
-    #: a quarter of the run's optimizer steps. An integer sets both.
+    #: a quarter of the run's optimizer steps, at least 12.5 a decade of LR. An integer sets both.
     num_steps: Annotated[int, Field(ge=2)] | Literal["auto"] = "auto"
     mode: SweepMode = SweepMode.exp
     #: EMA weight of the newest loss; ``auto``: 5 / num_steps, at most 0.2 (0.05 at 100 steps)

@@ -215,13 +215,14 @@ def test_from_8x_the_searched_steps_auto_halves_the_scaled_configs(searched):
 
 
 def test_range_test_trains_once_at_the_lr_of_a_range_test_a_quarter_of_the_run_long(searched):
-    # no search: 8 epochs of 16 steps, so a 32-step range test on the run's own task gives max_lr
+    # no search: 8 epochs of 16 steps; a quarter of the run is 32 steps, but the sweep over
+    # 1e-7..10 takes at least 12.5 steps a decade: 100 steps on the run's own task give max_lr
     job = {**_job(searched["tmp"], "rtest", task={"num_train": 1024}), "range_test": {"num_steps": "auto"}}
     with pytest.raises(ConfigError, match="--range-test: trains without a search"):
         lrsearch.train(job, searched["result"], epochs=8, range_test=True)
     final = lrsearch.train(job, epochs=8, range_test=True)
     rt = final.range_test
-    assert rt["steps"] == 32 and 2 <= rt["steps_run"] <= 32 and rt["low"] < rt["max_lr"] <= rt["high"]
+    assert rt["steps"] == 100 and 2 <= rt["steps_run"] <= 100 and rt["low"] < rt["max_lr"] <= rt["high"]
     assert [c["trial_id"] for c in final.candidates] == ["range_test"] and final.trial_id == "range_test"
     assert final.lr_scales == [1.0] and final.halving is False and final.total_steps == 128
     assert final.config["max_lr"] == rt["max_lr"]
@@ -234,11 +235,12 @@ def test_range_test_trains_once_at_the_lr_of_a_range_test_a_quarter_of_the_run_l
     first = SpaceSampler(space).first_point(rt["max_lr"])
     assert final.config["schedule"] == first["schedule"] == space.default_schedule
     assert final.config[first["schedule"]] == {k.split("/")[1]: v for k, v in first.items() if "/" in k}
-    assert any(n.startswith("range test: 32 steps") for n in final.notes), final.notes
+    assert any(n.startswith("range test: 100 steps (12.5 a decade of its sweep; a quarter of the run is 32)")
+               for n in final.notes), final.notes
     params = MlflowClient(searched["uri"]).get_run(final.run_id).data.params
-    assert params["range_test.steps"] == "32" and float(params["range_test.max_lr"]) == rt["max_lr"]
+    assert params["range_test.steps"] == "100" and float(params["range_test.max_lr"]) == rt["max_lr"]
     # the same range test as lrsearch.find_lr's with those steps, on that task
-    again = lrsearch.find_lr({**job, "range_test": {"num_steps": 32}}, save=False)
+    again = lrsearch.find_lr({**job, "range_test": {"num_steps": 100}}, save=False)
     assert len(again.lrs) == rt["steps_run"] and again.consensus() == pytest.approx(rt["max_lr"], rel=1e-3)
     # the job's own range_test.num_steps, where it gives a number, sets the sweep instead
     given = lrsearch.train({**job, "name": "rtest-given", "range_test": {"num_steps": 24}}, epochs=2, range_test=True)
@@ -246,12 +248,14 @@ def test_range_test_trains_once_at_the_lr_of_a_range_test_a_quarter_of_the_run_l
     assert any(n.startswith("range test: 24 steps (range_test.num_steps)") for n in given.notes), given.notes
 
 
-def test_range_test_steps_are_a_quarter_of_the_run_unless_the_job_gives_them():
+def test_range_test_steps_are_a_quarter_of_the_run_at_least_12_5_a_decade_unless_the_job_gives_them():
     from lrsearch.final.worker import MIN_RANGE_TEST_STEPS, range_test_steps
 
-    assert range_test_steps("auto", 0.25, 128) == 32
-    assert range_test_steps("auto", 0.25, 40) == MIN_RANGE_TEST_STEPS == 20
-    assert range_test_steps(100, 0.25, 128) == 100
+    assert range_test_steps("auto", 0.25, 128, 1e-7, 10.0) == 100  # 12.5 a decade over 8 decades
+    assert range_test_steps("auto", 0.25, 1200, 1e-7, 10.0) == 300  # a quarter of the run
+    assert range_test_steps("auto", 0.25, 128, 1e-4, 1e-2) == 32  # 2 decades: 25 steps; a quarter: 32
+    assert range_test_steps("auto", 0.25, 40, 1e-3, 1e-2) == MIN_RANGE_TEST_STEPS == 20
+    assert range_test_steps(24, 0.25, 1200, 1e-7, 10.0) == 24  # the job's own number wins
 
 
 def test_auto_halves_only_auto_scales_from_8x_and_an_explicit_choice_wins():
