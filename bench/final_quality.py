@@ -609,7 +609,8 @@ def headline(data: dict[tuple[str, str], dict[int, dict[str, Any]]]) -> list[str
 
 #: the compute-at-parity table: lrsearch as a user runs it, then each alternative
 PARITY = ("lrsearch_short_lrscale", "lrsearch_short_halving", "lrsearch_short_halving_down", "lrsearch_short",
-          "lrsearch", "rt_horizon", "rt_horizon_mean", "table3", "one_epoch_topk", "peer_matched", "random_matched",
+          "lrsearch", "rt_horizon", "rt_horizon_mean", "rt_steps100", "table3", "one_epoch_topk", "peer_matched",
+          "random_matched",
           "peer", "random", "hf_default", "schedulefree", "family_default", "grid")
 
 
