@@ -177,7 +177,7 @@ def final_lines(result: Any) -> list[str]:
                           for x in result.candidates)
         lines.append(f"{len(result.candidates)} configs at this horizon, val_{m}: {shown} (kept the best)")
     test = "no test split (the task has no test_loader)" if result.test_metric is None else \
-        f"test_{m} {result.test_metric:.4f} (held out: the search never saw it)"
+        f"test_{m} {result.test_metric:.4f} (held out: the {'range test' if result.range_test else 'search'} never saw it)"
     lines.append(f"val_{m} {result.val_metric:.4f}, {test}")
     for note in result.notes:
         lines.append(f"note: {note}")
