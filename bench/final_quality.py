@@ -689,6 +689,50 @@ def multipliers() -> list[str]:
     return out + [""]
 
 
+#: ``lrsearch train --range-test`` as shipped sweeps the longer of a quarter of the run and 100
+#: steps: of these records, the one with the most steps per task and horizon
+RANGE_SHIPPED = ("rt_steps100", "rt_horizon_mean")
+#: what a search buys beyond ``--range-test``: (column, method; ``None``: lrsearch train's default)
+WITH_SEARCH = (("search B=6, one run", "lrsearch_short"), ("search B=18, one run", "lrsearch"),
+               ("search B=6, then `lrsearch train`'s default", None))
+
+
+def _range_test_as_shipped(data: dict[tuple[str, str], dict[int, dict[str, Any]]],
+                           task: str) -> dict[int, dict[str, Any]] | None:
+    options = [data[(task, m)] for m in RANGE_SHIPPED if (task, m) in data]
+    return max(options, key=lambda runs: float(np.median([r["range_test"]["steps"] for r in runs.values()])),
+               default=None)
+
+
+def search_adds() -> list[str]:
+    """What the TPE + ASHA search adds at each budget: ``--range-test`` (no search, one final run)
+    against the search and one final run, and the search and ``lrsearch train``'s default."""
+    out = ["## What the search adds, at each budget\n",
+           "Each cell: the median held-out test, the median compute in final runs, then the difference "
+           "from `--range-test` (no search) in points with the paired W/T/L on common seeds.\n",
+           "| horizon | task | no search: `--range-test` | "
+           + " | ".join(name for name, _ in WITH_SEARCH) + " |", "|---|---|---|" + "---|" * len(WITH_SEARCH)]
+    for scale in SCALES:
+        data = load(scale)
+        for task in TASKS:
+            base = _range_test_as_shipped(data, task)
+            if base is None:
+                continue
+            base_test = float(np.median([test_of(r) for r in base.values()]))
+            cells = [f"{base_test:.3f} ({float(np.median([final_runs(r) for r in base.values()])):.2f})"]
+            for _, method in WITH_SEARCH:
+                runs = data.get((task, method or shipped(scale)))
+                if not runs:
+                    cells.append("-")
+                    continue
+                test = float(np.median([test_of(r) for r in runs.values()]))
+                cost = float(np.median([final_runs(r) for r in runs.values()]))
+                wtl = _paired(runs, base, "test").split(",")[0]
+                cells.append(f"{test:.3f} ({cost:.2f}): {100 * (test - base_test):+.1f}, {wtl}")
+            out.append(f"| {scale}x | {task} | {' | '.join(cells)} |")
+    return out + [""]
+
+
 def _vertex(points: list[tuple[float, float]]) -> float:
     """The log2 LR multiple at which a parabola through ``(log2 multiple, score)`` peaks, kept within
     one doubling of the points; the best point when the parabola is not concave."""
@@ -714,8 +758,10 @@ def two_point() -> list[str]:
     data = load(16)
     for task in TASKS:
         grid = data.get((task, "grid"), {})
-        best = (f"{float(np.median([max(r['finals'], key=lambda f: f['val_metric'])['config']['max_lr'] for r in grid.values()])):.2g}"
-                if grid else "-")
+        picked = [max(r["finals"], key=lambda f: f["val_metric"])["config"]["max_lr"] for r in grid.values()]
+        best = f"{float(np.median(picked)):.2g}" if grid else "-"
+        if grid and float(np.median(picked)) == min(GRID_LRS[FAMILY[task]]):
+            best += " (its lowest LR)"
         for seed, r in sorted(data.get((task, "lrsearch_short_halving_down"), {}).items()):
             final = r["finals"][0]
             scales = [float(c["trial_id"].split("@")[1][:-1]) if "@" in c["trial_id"] else 1.0
@@ -744,7 +790,7 @@ def report() -> str:
            f"{BUDGET:g} trial-epochs; compute = search + final run, in trial-epochs. Median [IQR] over "
            f"seeds. The paired columns compare a reference with each method on their common seeds: W/T/L "
            f"(tie: within {TIE}), then the reference's test minus the method's, in accuracy points.\n",
-           *parity(), *multipliers(), *two_point(), *headline(data)]
+           *parity(), *search_adds(), *multipliers(), *two_point(), *headline(data)]
     for task in TASKS:
         rows = {m: data[(task, m)] for m in METHODS if (task, m) in data}
         if not rows:

@@ -191,7 +191,7 @@ def train(
     top_k: Annotated[int, typer.Option("--top-k", help="Train the K best configs; keep the best by validation.")] = 1,
     lr_scales: Annotated[str, typer.Option("--lr-scales", help="Train each config at these multiples of its max_lr (e.g. 1,0.5,0.25) and keep the best by validation; auto: 1,0.5,0.25 when the run is >= 4x the steps the config was searched at, else 1.")] = "auto",
     halving: Annotated[bool | None, typer.Option("--halving/--no-halving", help="Start every config (--top-k x --lr-scales) and halve them on the way, by a short cooldown branch at a quarter of the horizon, instead of training each the whole horizon. Default: with --lr-scales auto, halve from 8x the searched steps.", show_default=False)] = None,
-    range_test: Annotated[bool, typer.Option("--range-test", help="No search: a range test a quarter of the run long gives max_lr; the space's default schedule trains it.")] = False,
+    range_test: Annotated[bool, typer.Option("--range-test", help="No search: a range test on the run's data (a quarter of the run, at least 12.5 steps a decade of LR) gives max_lr; the space's default schedule trains it once. About 1.2-2 final runs in all.")] = False,
     register: Annotated[str | None, typer.Option(help="Register the model in MLflow's Model Registry under this name.")] = None,
     run_id: Annotated[str | None, typer.Option(help="Train from this search run (default: the job's latest search).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Train from this experiment's latest search.")] = None,
